@@ -1,0 +1,43 @@
+"""Loading mmengine `.py` configs with `--cfg-options` overrides, and the one-line config errors."""
+
+import argparse
+from pathlib import Path
+
+from mmengine.config import Config, DictAction
+
+from causalvdm.registry import ConfigError
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `--cfg-options key.sub=value ...` override flag shared by every entrypoint."""
+    parser.add_argument(
+        "--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
+        help="override config fields, e.g. model.depth=4 train.lr=1e-4 (values parsed as Python literals)",
+    )
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read an mmengine `.py` config and apply dotted-key overrides; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        cfg = Config.fromfile(str(path))
+    except Exception as err:  # mmengine wraps syntax and import errors in many types
+        raise ConfigError(f"{path}: cannot parse config: {err}".splitlines()[0]) from err
+    if overrides:
+        cfg.merge_from_dict(dict(overrides))
+    return cfg
+
+
+def require(cfg: Config, *keys: str):
+    """Return `cfg.<key>` for a dotted key, or fail with one line naming the key and the file."""
+    values = []
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            if part not in node:
+                raise ConfigError(f"{cfg.filename}: missing field '{key}'")
+            node = node[part]
+        values.append(node)
+    return values[0] if len(values) == 1 else tuple(values)

@@ -1,0 +1,183 @@
+"""The shared temporal KV cache: a bounded queue of the clean conditioning frames' keys and values.
+
+Every denoising step of a chunk reads the same cache; only `commit()` (after a t = 0 pass over
+the finished chunk) changes it. The queue is a ring buffer: frame at absolute position p lives in
+slot p % capacity, so appending evicts the oldest frames without moving any other.
+"""
+
+import copy
+
+import torch
+
+
+class KVCache:
+    """Per-layer temporal keys/values of the last `capacity` clean frames, preallocated.
+
+    Buffers are (num_layers, B*S, heads, capacity + chunk_size, head_dim): slots [0, capacity)
+    hold the queue in ring order, the last `chunk_size` slots stage the frames of the current
+    call so attention reads one contiguous view instead of concatenating the cache every step.
+    They are allocated on first use, when the token count S and the head shape are known.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, capacity: int, chunk_size: int):
+        if capacity < 1 or chunk_size < 1:
+            raise ValueError(f"KV cache needs capacity >= 1 and chunk_size >= 1, got {capacity}, {chunk_size}")
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.chunk_size = chunk_size
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.slot_pos = torch.full((capacity,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
+        self.next_position = 0  # absolute position of the next frame to be written
+        self._num_new = 0
+
+    def __len__(self) -> int:
+        return min(self.next_position, self.capacity)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers (0 before the first write)."""
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Absolute positions of the cached frames, oldest first -> (len,)."""
+        return torch.arange(self.next_position - len(self), self.next_position)
+
+    def reset(self) -> None:
+        """Forget every frame; buffers are kept for reuse."""
+        self.slot_pos.fill_(-1)
+        self.next_position = 0
+
+    def clone(self) -> "KVCache":
+        """An independent copy, to branch a generation."""
+        other = copy.copy(self)
+        other.k = None if self.k is None else self.k.clone()
+        other.v = None if self.v is None else self.v.clone()
+        other.slot_pos = self.slot_pos.clone()
+        return other
+
+    def state_dict(self) -> dict:
+        """The queue's contents and positions (the staging slots are scratch and not saved)."""
+        ring = slice(0, self.capacity)
+        return {
+            "k": None if self.k is None else self.k[:, :, :, ring].clone(),
+            "v": None if self.v is None else self.v[:, :, :, ring].clone(),
+            "slot_pos": self.slot_pos.clone(),
+            "next_position": self.next_position,
+            "capacity": self.capacity,
+            "batch_size": self.batch_size,
+            "num_layers": self.num_layers,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`; the cache must have the same capacity, batch size and depth."""
+        for name in ("capacity", "batch_size", "num_layers"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"cache state has {name}={state[name]}, this cache has {getattr(self, name)}")
+        self.slot_pos = state["slot_pos"].clone()
+        self.next_position = int(state["next_position"])
+        if state["k"] is None:
+            self.k = self.v = None
+            return
+        self._allocate(state["k"])
+        self.k[:, :, :, : self.capacity].copy_(state["k"])
+        self.v[:, :, :, : self.capacity].copy_(state["v"])
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        """Allocate both buffers from a (L or nothing, B*S, H, T, Dh) tensor's trailing shape."""
+        bs, heads, _, head_dim = like.shape[-4:]
+        if bs % self.batch_size:
+            raise ValueError(f"cache built for batch size {self.batch_size}, got {bs} token rows")
+        shape = (self.num_layers, bs, heads, self.capacity + self.chunk_size, head_dim)
+        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros_like(self.k)
+
+    def begin(self, num_frames: int) -> torch.Tensor:
+        """Start a call on `num_frames` new frames; returns their absolute positions (T,)."""
+        if num_frames > self.chunk_size:
+            raise ValueError(
+                f"{num_frames} frames in one call, but the cache stages at most chunk_size={self.chunk_size}; "
+                "pass a larger chunk_size to new_cache()"
+            )
+        self._num_new = num_frames
+        return torch.arange(self.next_position, self.next_position + num_frames)
+
+    def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
+        """Which keys each new frame sees -> (T, capacity + T) bool: filled slots, then staged frames."""
+        n = self._num_new
+        staged = torch.ones(n, n, dtype=torch.bool)
+        if not bidirectional:
+            staged = staged.tril()
+        filled = (self.slot_pos >= 0).expand(n, -1)
+        return torch.cat([filled, staged], dim=1).to(device)
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage this call's keys/values (B*S, H, T, Dh) -> views (B*S, H, capacity + T, Dh) to attend to."""
+        if self.k is None:
+            self._allocate(k)
+        if k.shape[0] != self.k.shape[1]:
+            raise ValueError(f"cache holds {self.k.shape[1]} token rows per frame, got {k.shape[0]}")
+        end = self.capacity + k.shape[2]
+        self.k[layer, :, :, self.capacity : end] = k
+        self.v[layer, :, :, self.capacity : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def commit(self) -> None:
+        """Append the staged frames of every layer to the queue, evicting the oldest when full."""
+        n = self._num_new
+        keep = min(n, self.capacity)  # of a call longer than the queue only the last frames survive
+        positions = torch.arange(self.next_position + n - keep, self.next_position + n)
+        slots = positions % self.capacity
+        staged = slice(self.capacity + n - keep, self.capacity + n)
+        index = slots.to(self.k.device)
+        self.k.index_copy_(3, index, self.k[:, :, :, staged].clone())
+        self.v.index_copy_(3, index, self.v[:, :, :, staged].clone())
+        self.slot_pos[slots] = positions
+        self.next_position += n
+        self._num_new = 0
+
+
+class ReferenceKVCache:
+    """A naive cache for verification: keeps every frame, concatenates, attends to the last `capacity`.
+
+    Same protocol as `KVCache` (begin / attn_mask / attend / commit); slow and unbounded on purpose.
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity = capacity
+        self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.staged: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.next_position = 0
+        self._num_new = 0
+
+    def __len__(self) -> int:
+        return min(self.next_position, self.capacity)
+
+    def begin(self, num_frames: int) -> torch.Tensor:
+        self._num_new = num_frames
+        return torch.arange(self.next_position, self.next_position + num_frames)
+
+    def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
+        n = self._num_new
+        staged = torch.ones(n, n, dtype=torch.bool)
+        if not bidirectional:
+            staged = staged.tril()
+        return torch.cat([torch.ones(n, len(self), dtype=torch.bool), staged], dim=1).to(device)
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.staged[layer] = (k, v)
+        all_k = torch.cat(self.keys[layer] + [k], dim=2)
+        all_v = torch.cat(self.values[layer] + [v], dim=2)
+        start = all_k.shape[2] - k.shape[2] - len(self)
+        return all_k[:, :, start:], all_v[:, :, start:]
+
+    def commit(self) -> None:
+        for layer, (k, v) in enumerate(self.staged):
+            self.keys[layer].append(k)
+            self.values[layer].append(v)
+        self.staged = [None] * len(self.staged)
+        self.next_position += self._num_new
+        self._num_new = 0

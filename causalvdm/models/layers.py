@@ -1,0 +1,153 @@
+"""Building blocks of the causal ST-DiT (PixArt / Open-Sora v1 layout, so pretrained keys map 1:1)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from causalvdm.models.positional import apply_rope
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation; x (B, T, S, D), shift/scale (B, T, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class PatchEmbed3D(nn.Module):
+    """Video latent (B, C, T, H, W) -> tokens (B, T, S, D) with a strided Conv3d, S = (H/ph)(W/pw)."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, T, h, w)
+        return x.flatten(3).permute(0, 2, 3, 1)  # (B, T, h*w, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps (N,) -> (N, D): sinusoidal features then a two-layer MLP (DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(N,) -> (N, dim) cos/sin features of the (possibly fractional) timesteps."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = self.sinusoidal(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)
+
+
+class Mlp(nn.Module):
+    """Two linear layers with tanh-GELU (the transformer MLP and the caption projection)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text tokens (B, L, C_text) -> (B, L, D), with a learned null caption for classifier-free guidance."""
+
+    def __init__(self, caption_channels: int, hidden_size: int, token_num: int):
+        super().__init__()
+        self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
+        self.register_parameter(
+            "y_embedding", nn.Parameter(torch.randn(token_num, caption_channels) / caption_channels**0.5)
+        )
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(y)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the second-to-last axis; x (N, L, D) -> (N, L, D)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, L, D) -> q, k, v each (N, H, L, D/H)."""
+        n, length, dim = x.shape
+        qkv = self.qkv(x).view(n, length, 3, self.num_heads, dim // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """(N, H, L, D/H) -> (N, L, D)."""
+        return self.proj(o.transpose(1, 2).flatten(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)
+        return self.out(F.scaled_dot_product_attention(q, k, v))
+
+
+class TemporalAttention(SelfAttention):
+    """Attention across frames at each spatial position, causal over frames, optionally through a cache.
+
+    x: (B*S, T, D) -> (B*S, T, D). `ctx` carries the mask, RoPE tables and cache of this call.
+    """
+
+    def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)  # (B*S, H, T, Dh)
+        if ctx.rope is not None:
+            cos, sin = ctx.rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.attend(layer, k, v)  # (B*S, H, cached + T, Dh)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask)
+        return self.out(o)
+
+
+class CrossAttention(nn.Module):
+    """Tokens (B, N, D) attend to text tokens (B, L, D) under a padding mask (B, L), True = keep."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+        b, n, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        q = self.q_linear(x).view(b, n, heads, head_dim).transpose(1, 2)  # (B, H, N, Dh)
+        kv = self.kv_linear(y).view(b, y.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=y_mask[:, None, None, :])
+        return self.proj(o.transpose(1, 2).reshape(b, n, dim))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-single output head: tokens (B, T, S, D) -> (B, T, S, prod(patch) * out_channels)."""
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        # t_emb: (B, T, D) per-frame timestep embedding
+        shift, scale = (self.scale_shift_table[None, None] + t_emb[:, :, None]).unbind(2)  # (B, T, D) each
+        x = modulate(self.norm_final(x), shift[:, :, None], scale[:, :, None])
+        return self.linear(x)

@@ -1,0 +1,68 @@
+"""Positional embeddings: 2D sin-cos over the patch grid and the temporal modes (absolute, cyclic, rope)."""
+
+import functools
+
+import torch
+
+TPE_MODES = ("absolute", "cyclic", "rope")
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Sin-cos embedding of `positions` (any shape) -> (*positions.shape, dim), float32."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.to(torch.float64)[..., None] * omega  # (..., dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Spatial embedding of an (h, w) patch grid, row-major -> (h*w, dim); half the channels per axis."""
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, ys.flatten()), sincos_1d(dim // 2, xs.flatten())], dim=-1)
+
+
+def tpe_index(positions: torch.Tensor, mode: str, max_len: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Table index of each frame for the absolute and cyclic modes.
+
+    positions: (T,) absolute frame positions; offset: (B,) random training offsets (cyclic only).
+    Returns (B, T) or (1, T). Cyclic: (position + offset) mod max_len, so a cache queue can roll forever.
+    """
+    if mode == "absolute":
+        if int(positions.max()) >= max_len:
+            raise ValueError(
+                f"frame position {int(positions.max())} is beyond max_tpe_len={max_len} in 'absolute' TPE mode; "
+                "use tpe_mode='cyclic' or 'rope' for longer videos"
+            )
+        return positions[None]
+    if mode == "cyclic":
+        shifted = positions[None] if offset is None else positions[None] + offset[:, None]
+        return shifted % max_len
+    raise ValueError(f"tpe_index is for 'absolute' and 'cyclic' modes, not {mode!r}")
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """Rotary tables for temporal positions (T,) -> cos, sin of shape (T, head_dim), float32."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq  # (T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, head_dim) by position; rotation of half-split pairs (GPT-NeoX layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def sincos_table(dim: int, length: int) -> torch.Tensor:
+    """The fixed temporal embedding table for the absolute and cyclic modes -> (length, dim)."""
+    return sincos_1d(dim, torch.arange(length))
+
+
+def check_tpe_mode(mode: str) -> str:
+    """Return `mode` if known, else raise a one-line ValueError."""
+    if mode not in TPE_MODES:
+        raise ValueError(f"tpe_mode must be one of {', '.join(TPE_MODES)}, got {mode!r}")
+    return mode
+

@@ -1,0 +1,45 @@
+"""Safe checkpoint reading and atomic writing: safetensors or `torch.load(weights_only=True)`, never pickle."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not a checkpoint; the message is one line naming the file."""
+
+
+def load_weights(path: str | Path) -> dict:
+    """Read a `.safetensors` file or a torch `.pt/.pth/.bin` file (weights only) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, bad header: all mean "not readable"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from err
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
+
+    A crash or a full disk mid-write leaves the previous file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment (or the active one), a CPU build of torch where no
+# GPU is present, then causalvdm in editable mode with its test extras. A second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.13.0
+
+if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
+  PY=python
+else
+  [[ -x .venv/bin/python ]] || python3 -m venv .venv
+  PY=.venv/bin/python
+fi
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    pip_install "torch==${TORCH_VERSION}"
+  else
+    # An unpinned or plain PyPI torch is the multi-GB CUDA stack; ask for the CPU wheel by its
+    # local version label, from a local wheel directory (pip's find-links) or PyTorch's CPU index.
+    pip_install --no-index "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
+      || pip_install --retries 1 --timeout 20 "torch==${TORCH_VERSION}+cpu" \
+        --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+# Reinstall only when the package metadata changed, so a second run is quick.
+stamp=".venv-stamp"
+digest=$(cat setup.py requirements.txt | sha256sum | cut -d' ' -f1)
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$digest" ]] || ! "$PY" -c "import causalvdm" 2>/dev/null; then
+  pip_install -e ".[test]"
+  echo "$digest" > "$stamp"
+fi
+echo "causalvdm set up with $("$PY" -c 'import sys, torch; print(sys.executable, "torch", torch.__version__)')"

@@ -1,0 +1,141 @@
+import pytest
+import torch
+
+from causalvdm.models import KVCache, ReferenceKVCache
+from tools.verify_cache import verify
+
+
+def _text(model, batch, gen):
+    """A CFG batch of text: conditional rows with a padding mask, then the null caption."""
+    half = batch // 2
+    y_null, m_null = model.null_text(batch - half)
+    y = torch.cat([torch.randn(half, *y_null.shape[1:], generator=gen), y_null])
+    mask = torch.cat([torch.arange(y.shape[1]).expand(half, -1) < 4, m_null])
+    return y, mask
+
+
+def _fill(cache, layer_values):
+    """Write frames whose keys equal their absolute position, one call per list entry."""
+    for n in layer_values:
+        positions = cache.begin(n)
+        k = positions.float().view(1, 1, n, 1).expand(1, 1, n, 2).contiguous()
+        for layer in range(cache.num_layers):
+            cache.attend(layer, k, k)
+        cache.commit()
+
+
+def test_capacity_and_eviction_order():
+    cache = KVCache(num_layers=2, batch_size=1, capacity=5, chunk_size=3)
+    assert len(cache) == 0 and cache.nbytes == 0
+    _fill(cache, [1, 3])
+    assert len(cache) == 4 and cache.positions.tolist() == [0, 1, 2, 3]
+    _fill(cache, [3])  # 7 frames written, the 2 oldest evicted
+    assert len(cache) == 5 and cache.positions.tolist() == [2, 3, 4, 5, 6]
+    held = sorted(cache.k[0, 0, 0, :5, 0].tolist())
+    assert held == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert sorted(cache.slot_pos.tolist()) == [2, 3, 4, 5, 6]
+    # slot of frame p is p % capacity: eviction overwrote slots of frames 0 and 1 in place
+    assert cache.slot_pos.tolist() == [5, 6, 2, 3, 4]
+    nbytes = cache.nbytes
+    assert nbytes == 2 * 2 * 1 * 1 * (5 + 3) * 2 * 4
+    _fill(cache, [3, 3, 3])
+    assert cache.nbytes == nbytes  # preallocated: never grows
+    with pytest.raises(ValueError, match="chunk_size=3"):
+        cache.begin(4)
+    cache.reset()
+    assert len(cache) == 0 and cache.next_position == 0
+
+
+def test_mask_sees_filled_slots_and_causal_chunk():
+    cache = KVCache(num_layers=1, batch_size=1, capacity=4, chunk_size=2)
+    _fill(cache, [2])
+    cache.begin(2)
+    mask = cache.attn_mask(bidirectional=False, device="cpu")
+    assert mask.tolist() == [[True, True, False, False, True, False], [True, True, False, False, True, True]]
+    assert cache.attn_mask(bidirectional=True, device="cpu")[0].tolist() == [True, True, False, False, True, True]
+
+
+@pytest.mark.parametrize("tpe_mode", ["absolute", "cyclic", "rope"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cached_chunks_match_reference(make_model, tpe_mode, bidirectional):
+    """Recompute baseline before eviction, naive keep-everything cache after, with text and a CFG batch."""
+    model = make_model(tpe_mode=tpe_mode, chunk_bidirectional=bidirectional)
+    steps = 3 if tpe_mode == "absolute" else 6  # absolute TPE: within its 33 frames
+    results = verify(model, ar_steps=steps, chunk=8, max_cond=17, latent_size=(4, 4), first_frames=1,
+                     denoise_calls=2, batch_size=2)
+    assert [r["reference"] for r in results][:3] == ["recompute", "recompute", "recompute"]
+    if tpe_mode != "absolute":
+        assert "naive" in {r["reference"] for r in results}
+    assert max(r["max_abs_diff"] for r in results) <= 1e-4
+
+
+def _generate(model, cache, chunks, y, mask, gen):
+    outs = []
+    for _ in range(chunks):
+        x = torch.randn(2, model.in_channels, 4, 4, 4, generator=gen)
+        t = torch.full((2, 4), 500)
+        out = model(x, t, y, mask, cache=cache)
+        model.write_cache(out[:, : model.in_channels], cache, y, mask)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
+def test_eviction_changes_output(make_model):
+    """The queue bound is real: a chunk after eviction differs from one that sees every frame."""
+    model = make_model()
+    gen = torch.Generator().manual_seed(1)
+    y, mask = _text(model, 2, gen)
+    first = torch.randn(2, 4, 1, 4, 4, generator=gen)
+    outs = []
+    for capacity in (5, 64):
+        cache = model.new_cache(2, capacity, chunk_size=4)
+        model.write_cache(first, cache, y, mask)
+        outs.append(_generate(model, cache, 4, y, mask, torch.Generator().manual_seed(2)))
+    per_frame = (outs[0] - outs[1]).abs().amax(dim=(0, 1, 3, 4))
+    assert per_frame[:4].max() <= 1e-5  # 1 + 0 frames cached: nothing evicted yet
+    assert per_frame[-4:].min() > 1e-4
+
+
+@torch.no_grad()
+def test_clone_and_state_dict_continue_exactly(make_model):
+    model = make_model()
+    gen = torch.Generator().manual_seed(0)
+    y, mask = _text(model, 2, gen)
+    cache = model.new_cache(2, 9, chunk_size=4)
+    model.write_cache(torch.randn(2, 4, 1, 4, 4, generator=gen), cache, y, mask)
+    _generate(model, cache, 3, y, mask, gen)  # 13 frames written: the queue has wrapped
+
+    branch = cache.clone()
+    restored = model.new_cache(2, 9, chunk_size=4)
+    restored.load_state_dict(cache.state_dict())
+    continued = [_generate(model, c, 3, y, mask, torch.Generator().manual_seed(7)) for c in (cache, branch, restored)]
+    assert torch.equal(continued[0], continued[1])
+    assert torch.equal(continued[0], continued[2])
+    assert branch.next_position == cache.next_position == 25
+    with pytest.raises(ValueError, match="capacity"):
+        model.new_cache(2, 10).load_state_dict(cache.state_dict())
+
+
+@torch.no_grad()
+def test_forward_with_cache_leaves_it_unchanged(make_model):
+    model = make_model()
+    gen = torch.Generator().manual_seed(0)
+    cache = model.new_cache(2, 6, chunk_size=4)
+    model.write_cache(torch.randn(2, 4, 3, 4, 4, generator=gen), cache)
+    before = cache.state_dict()
+    first = model(torch.randn(2, 4, 4, 4, 4, generator=gen), torch.full((2, 4), 10), cache=cache)
+    after = cache.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]) if torch.is_tensor(value) else value == after[key], key
+    assert len(cache) == 3 and cache.next_position == 3
+    assert first.abs().max() > 0
+
+
+def test_reference_cache_attends_to_last_frames():
+    ref = ReferenceKVCache(num_layers=1, capacity=3)
+    for n in (2, 2, 2):
+        positions = ref.begin(n)
+        k = positions.float().view(1, 1, n, 1)
+        keys, _ = ref.attend(0, k, k)
+        ref.commit()
+    assert keys[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]  # last 3 cached + 2 new

@@ -1,0 +1,148 @@
+import pytest
+import torch
+
+import causalvdm
+from causalvdm.config import load_config
+from causalvdm.models.utils import count_parameters
+from causalvdm.registry import ConfigError
+from conftest import ROOT
+
+
+def _inputs(model, batch=2, frames=6, size=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, model.in_channels, frames, size, size, generator=gen)
+    t = torch.randint(0, 1000, (batch, frames), generator=gen)
+    y = torch.randn(batch, model.model_max_length, model.caption_channels, generator=gen)
+    return x, t, y
+
+
+def test_tiny_shapes_and_zero_init(tiny_cfg):
+    model = causalvdm.build_model(tiny_cfg.model)
+    x, t, y = _inputs(model, frames=5)
+    out = model(x, t, y)
+    assert out.shape == (2, 8, 5, 4, 4)
+    assert out.abs().max() == 0  # DiT-style zero init of the output head
+
+
+def test_xl2_on_meta_device():
+    cfg = load_config(ROOT / "configs" / "debug" / "tiny.py")
+    with torch.device("meta"):
+        model = causalvdm.build_model(dict(type="CausalSTDiT-XL/2", caption_channels=4096))
+    n = count_parameters(model)
+    print(f"CausalSTDiT-XL/2 parameters: {n / 1e6:.1f}M")
+    assert len(model.blocks) == 28 and model.hidden_size == 1152 and model.num_heads == 16
+    assert 650e6 < n < 800e6  # Open-Sora v1 STDiT-XL/2 has about 724M
+    assert cfg.model.type == "CausalSTDiT"
+
+
+@pytest.mark.parametrize("name, depth, width", [("B/2", 12, 768), ("S/2", 12, 384)])
+def test_presets(name, depth, width):
+    with torch.device("meta"):
+        model = causalvdm.build_model(dict(type=f"CausalSTDiT-{name}", caption_channels=0))
+    assert len(model.blocks) == depth and model.hidden_size == width
+
+
+@pytest.mark.parametrize("tpe_mode", ["absolute", "cyclic", "rope"])
+def test_causal_over_frames(make_model, tpe_mode):
+    model = make_model(tpe_mode=tpe_mode)
+    x, t, y = _inputs(model, frames=7)
+    base = model(x, t, y)
+    for j in (0, 3, 6):
+        x2 = x.clone()
+        x2[:, :, j] += 1.0
+        out = model(x2, t, y)
+        assert torch.equal(out[:, :, :j], base[:, :, :j]), f"frame {j} leaked into earlier frames"
+        assert (out[:, :, j] - base[:, :, j]).abs().max() > 1e-3
+
+
+def test_chunk_bidirectional(make_model):
+    model = make_model(chunk_bidirectional=True)
+    x, t, y = _inputs(model, frames=9)
+    chunk = (3, 6)
+    base = model(x, t, y, chunk=chunk)
+    x2 = x.clone()
+    x2[:, :, 5] += 1.0  # last frame of the chunk
+    out = model(x2, t, y, chunk=chunk)
+    diff = (out - base).abs().amax(dim=(0, 1, 3, 4))  # per frame
+    assert torch.all(diff[:3] == 0), "the past must not see the chunk"
+    assert torch.all(diff[3:] > 1e-4), "chunk frames see each other; later frames see the chunk"
+    # Without the chunk span the same model is plain causal.
+    out_causal = model(x2, t, y)
+    assert torch.equal(out_causal[:, :, :5], model(x, t, y)[:, :, :5])
+
+
+def test_per_frame_timesteps_matter(make_model):
+    model = make_model()
+    x, t, y = _inputs(model, frames=4)
+    t2 = t.clone()
+    t2[:, 2] = (t2[:, 2] + 500) % 1000
+    diff = (model(x, t2, y) - model(x, t, y)).abs().amax(dim=(0, 1, 3, 4))
+    assert torch.all(diff[:2] == 0) and torch.all(diff[2:] > 1e-4)
+
+
+def test_text_padding_mask_and_unconditional(make_model):
+    model = make_model()
+    x, t, y = _inputs(model, frames=2)
+    mask = torch.ones(2, model.model_max_length, dtype=torch.bool)
+    mask[:, 3:] = False
+    y2 = y.clone()
+    y2[:, 3:] = 99.0  # padded tokens must not matter
+    assert torch.allclose(model(x, t, y, mask), model(x, t, y2, mask), atol=1e-6)
+    assert not torch.allclose(model(x, t, y, mask), model(x, t, y), atol=1e-4)
+    uncond = make_model(caption_channels=0)
+    assert uncond.y_embedder is None and uncond.blocks[0].cross_attn is None
+    assert uncond(x, t).shape == (2, 8, 2, 4, 4)
+
+
+def test_cfg_combines_halves(make_model):
+    model = make_model()
+    x, t, y = _inputs(model, frames=3)
+    scale = 4.0
+    guided = model.forward_with_cfg(x, t, y, None, scale)
+    cond = model(x, t, y)
+    uncond = model(x, t, None)  # missing text = the null caption
+    c = model.in_channels
+    assert torch.allclose(guided[:, :c], uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c]), atol=1e-5)
+    assert torch.allclose(guided[:, c:], cond[:, c:], atol=1e-6)
+
+
+def test_gradient_checkpointing_same_gradients(make_model):
+    grads = []
+    for ckpt in (False, True):
+        model = make_model(grad_checkpointing=ckpt).train()
+        x, t, y = _inputs(model, frames=4)
+        model(x, t, y).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 30
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_registry_builds_from_config_file(tiny_cfg):
+    model = causalvdm.build_model(tiny_cfg.model)
+    assert type(model).__name__ == "CausalSTDiT" and model.hidden_size == tiny_cfg.model.hidden_size
+
+
+def test_bad_config_keys_fail_in_one_line(tiny_cfg):
+    bad_type = dict(tiny_cfg.model, type="NoSuchModel")
+    with pytest.raises(ConfigError, match=r"^model\.type: unknown model type 'NoSuchModel' \(known: .*CausalSTDiT"):
+        causalvdm.build_model(bad_type)
+    bad_field = dict(tiny_cfg.model, hidden_sise=8)
+    with pytest.raises(ConfigError, match=r"^model: unknown field\(s\) hidden_sise for CausalSTDiT$"):
+        causalvdm.build_model(bad_field)
+    with pytest.raises(ConfigError, match=r"^model: missing field 'type'$"):
+        causalvdm.build_model(dict(depth=2))
+    bad_value = dict(tiny_cfg.model, tpe_mode="spiral")
+    with pytest.raises(ConfigError, match=r"tpe_mode must be one of absolute, cyclic, rope, got 'spiral'"):
+        causalvdm.build_model(bad_value)
+
+
+def test_config_overrides_and_missing_file(tmp_path):
+    cfg = load_config(ROOT / "configs" / "debug" / "tiny.py", {"model.depth": 3})
+    assert cfg.model.depth == 3
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.py")
+    broken = tmp_path / "broken.py"
+    broken.write_text("model = dict(\n")
+    with pytest.raises(ConfigError, match=r"broken\.py: cannot parse config"):
+        load_config(broken)

@@ -1,0 +1,1 @@
+"""Command-line tools (data preparation, benchmarks, verification); importable for tests."""
