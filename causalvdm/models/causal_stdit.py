@@ -41,7 +41,7 @@ class TemporalContext:
     """Per-call state of the temporal attention, shared by all blocks."""
 
     attn_mask: torch.Tensor  # (T, keys) bool, True = attend
-    tpe: torch.Tensor | None  # (B or 1, T, D) table embedding added to the temporal input
+    tpe: torch.Tensor | None  # (B or 1, T, D) table embedding added to the first block's temporal input
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, head_dim)
     cache: object | None  # KVCache (or the reference cache) read by this call
 
@@ -70,8 +70,8 @@ class STDiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa).reshape(b * t, s, d)  # (B*T, S, D)
         x = x + gate_msa * self.attn(h).view(b, t, s, d)
 
-        # Open-Sora v1 feeds the unnormalised stream plus the TPE to the temporal attention.
-        h = x if ctx.tpe is None else x + ctx.tpe[:, :, None]
+        # Open-Sora v1 feeds the unnormalised stream to the temporal attention, plus the TPE in block 0 only.
+        h = x + ctx.tpe[:, :, None] if ctx.tpe is not None and layer == 0 else x
         h = h.transpose(1, 2).reshape(b * s, t, d)  # (B*S, T, D)
         h = self.attn_temp(h, ctx, layer).view(b, s, t, d).transpose(1, 2)  # (B, T, S, D)
         x = x + gate_msa * h
@@ -86,6 +86,7 @@ class CausalSTDiT(nn.Module):
     """Causal ST-DiT over video latents: x (B, C, T, H, W), per-frame t (B, T) -> (B, 2C, T, H, W).
 
     tpe_mode: 'absolute' | 'cyclic' | 'rope' temporal positions, table length `max_tpe_len`.
+    space_scale: divides the spatial grid coordinates of the 2D sin-cos embedding (Open-Sora v1).
     chunk_bidirectional: frames of the chunk being denoised see each other; the past stays causal.
     caption_channels: width of the text-encoder tokens; 0 builds an unconditional model.
     """
@@ -103,6 +104,7 @@ class CausalSTDiT(nn.Module):
         learn_sigma: bool = True,
         tpe_mode: str = "cyclic",
         max_tpe_len: int = 33,
+        space_scale: float = 1.0,
         chunk_bidirectional: bool = False,
         grad_checkpointing: bool = False,
     ):
@@ -121,6 +123,7 @@ class CausalSTDiT(nn.Module):
         self.model_max_length = model_max_length
         self.tpe_mode = check_tpe_mode(tpe_mode)
         self.max_tpe_len = max_tpe_len
+        self.space_scale = space_scale
         self.chunk_bidirectional = chunk_bidirectional
         self.grad_checkpointing = grad_checkpointing
 
@@ -217,7 +220,7 @@ class CausalSTDiT(nn.Module):
         ctx = self._temporal_context(positions, cache, attn_mask, tpe_offset)
 
         h = self.x_embedder(x)  # (B, T, S, D)
-        h = h + sincos_2d(self.hidden_size, height // ph, width // pw).to(h)
+        h = h + sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(h)
         t_emb = self.t_embedder(t.reshape(-1)).view(b, num_frames, -1)  # (B, T, D)
         t0 = self.t_block(t_emb)  # (B, T, 6D)
         y, y_mask = self._embed_text(y, mask, b)

@@ -15,10 +15,16 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Spatial embedding of an (h, w) patch grid, row-major -> (h*w, dim); half the channels per axis."""
+def sincos_2d(dim: int, grid_h: int, grid_w: int, scale: float = 1.0) -> torch.Tensor:
+    """Spatial embedding of an (h, w) patch grid, row-major -> (h*w, dim).
+
+    Follows the PixArt / Open-Sora v1 convention so pretrained weights see the embedding they were
+    trained with: the first half of the channels encodes the column (x), the second the row (y), and
+    grid coordinates are divided by `scale` (Open-Sora's `space_scale`).
+    """
     ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, ys.flatten()), sincos_1d(dim // 2, xs.flatten())], dim=-1)
+    xs, ys = xs.flatten() / scale, ys.flatten() / scale
+    return torch.cat([sincos_1d(dim // 2, xs), sincos_1d(dim // 2, ys)], dim=-1)
 
 
 def tpe_index(positions: torch.Tensor, mode: str, max_len: int, offset: torch.Tensor | None = None) -> torch.Tensor:
