@@ -15,11 +15,11 @@ class ConfigError(ValueError):
     """A config names an unknown type, lacks a field or has a bad one; the message is one line."""
 
 
-def build(registry: Registry, cfg, key: str, **extra):
-    """Build `cfg` (a dict with `type`) from `registry`; `key` names the config field in errors.
+def validate(registry: Registry, cfg, key: str, **extra):
+    """Check `cfg` (a dict with `type`) against its builder's signature -> (builder, kwargs).
 
-    Fields are checked against the builder's signature so a typo fails with one line naming the
-    field, instead of a TypeError from deep inside a constructor.
+    A typo or a missing field fails here with one line naming the field, instead of a TypeError
+    from deep inside a constructor. `key` names the config field in errors.
     """
     if cfg is None or "type" not in cfg:
         raise ConfigError(f"{key}: missing field 'type'")
@@ -41,7 +41,13 @@ def build(registry: Registry, cfg, key: str, **extra):
     ]
     if missing:
         raise ConfigError(f"{key}: missing field(s) {', '.join(missing)} for {name}")
+    return builder, kwargs
+
+
+def build(registry: Registry, cfg, key: str, **extra):
+    """Build `cfg` (a dict with `type`) from `registry`; `key` names the config field in errors."""
+    builder, kwargs = validate(registry, cfg, key, **extra)
     try:
         return builder(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key} ({name}): {err}") from err
+        raise ConfigError(f"{key} ({cfg['type']}): {err}") from err

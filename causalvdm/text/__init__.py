@@ -1,0 +1,5 @@
+"""Text encoders: prompts -> token embeddings (B, L, C_text) and a padding mask (B, L)."""
+
+from causalvdm.text.t5 import NullTextEncoder, T5Encoder
+
+__all__ = ["NullTextEncoder", "T5Encoder"]
