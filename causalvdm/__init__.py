@@ -1,6 +1,6 @@
 """causalvdm: autoregressive video diffusion with causal generation and a shared KV-cache queue."""
 
-from causalvdm import autoencoders, models, text  # noqa: F401  (registers the builders)
+from causalvdm import autoencoders, data, diffusion, models, text  # noqa: F401  (registers the builders)
 from causalvdm.registry import MODELS, ConfigError, build
 
 __version__ = "0.1.0"

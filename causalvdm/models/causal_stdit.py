@@ -168,15 +168,23 @@ class CausalSTDiT(nn.Module):
         y = self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)
         return y, torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
 
-    def _embed_text(self, y, mask, batch_size):
-        """Project text tokens; missing text means the null caption. -> (B, L, D), (B, L) bool or Nones."""
+    def _embed_text(self, y, mask, batch_size, text_drop=None):
+        """Project text tokens; missing text means the null caption. -> (B, L, D), (B, L) bool or Nones.
+
+        text_drop (B,) bool swaps those rows for the null caption inside the forward (classifier-free
+        guidance training), where FSDP has gathered the null-caption parameter.
+        """
         if self.y_embedder is None:
             return None, None
         if y is None:
             y, mask = self.null_text(batch_size)
         elif mask is None:
             mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
-        return self.y_embedder(y), mask.bool()
+        mask = mask.bool()
+        if text_drop is not None:
+            y = torch.where(text_drop[:, None, None], self.y_embedder.y_embedding.to(y), y)
+            mask = mask | text_drop[:, None]
+        return self.y_embedder(y), mask
 
     # ------------------------------------------------------------------------------ positions
     def _temporal_context(self, positions, cache, attn_mask, tpe_offset) -> TemporalContext:
@@ -205,8 +213,8 @@ class CausalSTDiT(nn.Module):
         return mask.to(device)
 
     # -------------------------------------------------------------------------------- forward
-    def _trunk(self, x, t, y, mask, cache, chunk, tpe_offset, bidirectional) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed and run every block -> tokens (B, T, S, D) and per-frame timestep embedding (B, T, D)."""
+    def _trunk(self, x, t, y, mask, cache, chunk, tpe_offset, bidirectional, text_drop=None):
+        """Embed and run every block -> tokens (B, T, S, D), per-frame timestep embedding (B, T, D)."""
         b, _, num_frames, height, width = x.shape
         ph, pw = self.patch_size[1:]
         if height % ph or width % pw:
@@ -223,7 +231,7 @@ class CausalSTDiT(nn.Module):
         h = h + sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(h)
         t_emb = self.t_embedder(t.reshape(-1)).view(b, num_frames, -1)  # (B, T, D)
         t0 = self.t_block(t_emb)  # (B, T, 6D)
-        y, y_mask = self._embed_text(y, mask, b)
+        y, y_mask = self._embed_text(y, mask, b, text_drop)
         for layer, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, t0, y, y_mask, ctx, layer, use_reentrant=False)
@@ -231,16 +239,17 @@ class CausalSTDiT(nn.Module):
                 h = block(h, t0, y, y_mask, ctx, layer)
         return h, t_emb
 
-    def forward(self, x, t, y=None, mask=None, cache=None, chunk=None, tpe_offset=None) -> torch.Tensor:
+    def forward(self, x, t, y=None, mask=None, cache=None, chunk=None, tpe_offset=None, text_drop=None) -> torch.Tensor:
         """Predict noise (and variance) for every frame.
 
         x: (B, C, T, H, W); t: (B, T) per-frame timesteps; y: (B, L, C_text) text tokens, mask: (B, L).
         cache: read-only conditioning frames (x is then the chunk only); chunk: (start, end) span of the
         chunk being denoised when cache is None (used in chunk-bidirectional mode); tpe_offset: (B,)
-        random cyclic-TPE offsets for training. Returns (B, 2C, T, H, W).
+        random cyclic-TPE offsets for training; text_drop: (B,) bool rows whose text is replaced by the
+        null caption (training). Returns (B, 2C, T, H, W).
         """
         b, _, num_frames, height, width = x.shape
-        h, t_emb = self._trunk(x, t, y, mask, cache, chunk, tpe_offset, self.chunk_bidirectional)
+        h, t_emb = self._trunk(x, t, y, mask, cache, chunk, tpe_offset, self.chunk_bidirectional, text_drop)
         h = self.final_layer(h, t_emb)  # (B, T, S, ph*pw*C_out)
         ph, pw = self.patch_size[1:]
         h = h.view(b, num_frames, height // ph, width // pw, ph, pw, self.out_channels)

@@ -1,0 +1,88 @@
+"""Samplers for one chunk: the caller runs the model, a sampler turns its output into the next x.
+
+    sampler = make_sampler("dpm-solver++", diffusion, num_steps=25)
+    sampler.reset()                                   # at the start of every chunk
+    for i, t in enumerate(sampler.timesteps):         # model-input timesteps, high -> low
+        out = model(x, t.expand(B, k), ...)           # (B, 2C, k, H, W)
+        x = sampler.step(out, i, x, generator)
+"""
+
+import numpy as np
+import torch
+
+from causalvdm.diffusion.gaussian import GaussianDiffusion
+
+SAMPLERS = ("ddim", "dpm-solver++", "iddpm")
+
+
+class IDDPMSampler:
+    """Ancestral sampling with the learned variance over `num_steps` evenly respaced steps (IDDPM)."""
+
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int):
+        self.diffusion = diffusion.respaced(num_steps)
+        self.timesteps = torch.from_numpy(self.diffusion.timestep_map[::-1].copy()).long()  # (S,)
+
+    def reset(self) -> None:
+        """Nothing to reset: each ancestral step depends on the current x only."""
+
+    def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None) -> torch.Tensor:
+        """x at step i (B, C, ...) and the model output (B, 2C, ...) there -> x at step i + 1."""
+        t = torch.full((x_t.shape[0],), self.diffusion.num_timesteps - 1 - i, dtype=torch.long, device=x_t.device)
+        # Drawn on the generator's device: a seeded CPU generator gives the same video on any accelerator.
+        device = generator.device if generator is not None else x_t.device
+        noise = torch.randn(x_t.shape, generator=generator, device=device).to(x_t.device)
+        return self.diffusion.p_sample(model_output, x_t, t, noise)
+
+
+class DiffusersSampler:
+    """A diffusers scheduler driven by our betas; uses only the prediction half of a learned-sigma output."""
+
+    def __init__(self, scheduler, diffusion: GaussianDiffusion, num_steps: int):
+        self.scheduler = scheduler
+        self.num_steps = num_steps
+        scheduler.set_timesteps(num_steps)
+        # Scheduler indices are steps of `diffusion`; the model expects the original timesteps.
+        self.timesteps = torch.from_numpy(diffusion.timestep_map)[scheduler.timesteps].long()  # (S,)
+        self._next = 0
+
+    def reset(self) -> None:
+        """Start a new chunk: drop the multistep history of the previous one."""
+        self.scheduler.set_timesteps(self.num_steps)
+        self._next = 0
+
+    def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None) -> torch.Tensor:
+        """x at step i (B, C, ...) and the model output (B, C or 2C, ...) there -> x at step i + 1 (deterministic)."""
+        if i != self._next:
+            raise ValueError(f"sampler step {i} out of order (expected {self._next}); call reset() before a new chunk")
+        self._next += 1
+        pred = model_output[:, : x_t.shape[1]]
+        return self.scheduler.step(pred, self.scheduler.timesteps[i], x_t).prev_sample
+
+
+def make_sampler(name: str, diffusion: GaussianDiffusion, num_steps: int):
+    """A sampler over `num_steps` steps of `diffusion`: 'iddpm', 'ddim' or 'dpm-solver++'.
+
+    The result has .timesteps (S,) long model-input timesteps (high -> low), .reset() and
+    .step(model_output, i, x_t, generator=None) -> x_prev.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    if not 1 <= num_steps <= diffusion.num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {diffusion.num_timesteps}], got {num_steps}")
+    if name == "iddpm":
+        return IDDPMSampler(diffusion, num_steps)
+    # Imported here: diffusers takes seconds to import and training never needs it.
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(
+        num_train_timesteps=diffusion.num_timesteps,
+        trained_betas=np.asarray(diffusion.betas).tolist(),
+        prediction_type=diffusion.prediction_type,
+        thresholding=False,  # latents are not bounded like pixels
+    )
+    if name == "ddim":
+        # "trailing" spacing starts at the last training step, where pure noise matches the schedule.
+        scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    else:
+        scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+    return DiffusersSampler(scheduler, diffusion, num_steps)
