@@ -1,0 +1,341 @@
+"""Video datasets: clips of `num_frames` frames at a fixed stride from a random start, as diffusion inputs.
+
+Items: {"video": (3, T, H, W) float in [-1, 1]} or {"latents": (C, T, h, w)}, plus "caption" (str), "index"
+(the requested index) and "skipped" (unreadable files skipped to produce it). All randomness of item `i`
+comes from a generator seeded by (seed, epoch, i), so it does not depend on workers or batch layout.
+"""
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import Dataset
+
+from causalvdm.data.sampler import derive_seed
+from causalvdm.data.transforms import to_size, video_transform
+from causalvdm.data.video_io import (VideoReadError, first_line, iter_video_frames, probe_video, read_image,
+                                     read_image_frames, read_video_frames)
+from causalvdm.registry import DATASETS
+
+log = logging.getLogger("causalvdm.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+LATENT_INDEX_FILE = "index.json"  # written by tools/encode_latents.py next to its shards
+LATENT_FORMAT = "causalvdm-latents/1"
+
+
+class ClipDataset(Dataset):
+    """Base of every dataset: seeded clip sampling and deterministic skipping of unreadable items.
+
+    Subclasses implement `__len__`, `load(index, generator) -> dict` (raising VideoReadError for a bad
+    file) and `source(index) -> (path, caption)`.
+    """
+
+    def __init__(self, root, num_frames: int, sample_interval: int, seed: int):
+        if num_frames < 1 or sample_interval < 1:
+            raise ValueError(f"num_frames ({num_frames}) and sample_interval ({sample_interval}) must be >= 1")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root}: dataset root is not a directory")
+        self.num_frames, self.sample_interval, self.seed = num_frames, sample_interval, seed
+        self.epoch = 0
+        self._bad: set[int] = set()  # items already found unreadable (warned once) in this process
+
+    @property
+    def span(self) -> int:
+        """Source frames covered by one clip: (num_frames - 1) * sample_interval + 1."""
+        return (self.num_frames - 1) * self.sample_interval + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's clip starts and crops; call in the main process before iterating a DataLoader."""
+        self.epoch = epoch
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator of item `index` in the current epoch, seeded by (seed, epoch, index)."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
+
+    def clip_indices(self, total: int, generator: torch.Generator, name) -> range:
+        """Frame indices of a clip of a `total`-frame video: random start, stride sample_interval."""
+        if total < self.span:
+            raise VideoReadError(f"{name}: {total} frames, a clip needs {self.span} "
+                                 f"({self.num_frames} at interval {self.sample_interval})")
+        start = int(torch.randint(0, total - self.span + 1, (1,), generator=generator))
+        return range(start, start + self.span, self.sample_interval)
+
+    def load(self, index: int, generator: torch.Generator) -> dict:
+        """Item `index` without its "index"/"skipped" fields; raises VideoReadError if unreadable."""
+        raise NotImplementedError
+
+    def source(self, index: int) -> tuple[str, str]:
+        """(path as listed, caption) of item `index`."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        index %= n
+        for skipped in range(n):
+            j = (index + skipped) % n
+            if j in self._bad:
+                continue
+            try:
+                item = self.load(j, self.generator(j))
+            except VideoReadError as err:
+                self._bad.add(j)
+                log.warning("skipping unreadable item: %s", err)
+                continue
+            item.update(index=index, skipped=skipped)
+            return item
+        raise RuntimeError(f"{type(self).__name__}: none of the {n} items under {self.root} can be read "
+                           "(see the warnings above)")
+
+
+@dataclass(frozen=True)
+class _Video:
+    """One source video: a file, or (for frame folders) a clip directory and its sorted frame files."""
+
+    path: Path
+    name: str  # as listed (relative to the root), for the latent index and messages
+    caption: str
+    frames: tuple[Path, ...] | None = None
+    num_frames: int | None = None  # known without decoding (frame folders, manifest hint)
+
+
+class VideoClipDataset(ClipDataset):
+    """Base of the pixel datasets: decoding, resizing and cropping of `_Video` records."""
+
+    def __init__(self, root, num_frames, image_size, sample_interval, random_crop, seed):
+        super().__init__(root, num_frames, sample_interval, seed)
+        self.image_size = to_size(image_size)
+        self.random_crop = random_crop
+        self.videos: list[_Video] = []
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def source(self, index: int) -> tuple[str, str]:
+        video = self.videos[index]
+        return video.name, video.caption
+
+    def _count(self, video: _Video) -> int:
+        return video.num_frames if video.num_frames is not None else probe_video(video.path).num_frames
+
+    def load(self, index: int, generator: torch.Generator) -> dict:
+        video = self.videos[index]
+        indices = self.clip_indices(self._count(video), generator, video.path)
+        if video.frames is not None:
+            frames = read_image_frames([video.frames[i] for i in indices])
+        else:
+            frames = read_video_frames(video.path, indices)
+        crop_generator = generator if self.random_crop else None
+        return {"video": video_transform(frames, self.image_size, crop_generator), "caption": video.caption}
+
+    def full_video_chunks(self, index: int, chunk_frames: int) -> Iterator[torch.Tensor]:
+        """Every frame of video `index`, centre-cropped, as (3, t, H, W) chunks of up to `chunk_frames` frames.
+
+        Used to cache latents (tools/encode_latents.py): whole videos at stride 1, never held decoded in full.
+        Raises VideoReadError (possibly after some chunks) if the video cannot be read.
+        """
+        video = self.videos[index]
+        frames = (read_image(p) for p in video.frames) if video.frames is not None else iter_video_frames(video.path)
+        chunk, count = [], 0
+        for frame in frames:
+            chunk.append(torch.from_numpy(frame))
+            count += 1
+            if len(chunk) == chunk_frames:
+                yield video_transform(torch.stack(chunk), self.image_size)
+                chunk = []
+        if chunk:
+            yield video_transform(torch.stack(chunk), self.image_size)
+        if count == 0:
+            raise VideoReadError(f"{video.path}: no frames")
+
+
+def _natural_key(path: Path):
+    # frame_2.jpg before frame_10.jpg, whether or not the numbers are zero-padded
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Rows of a .jsonl or .csv manifest: dicts with "path", "caption" and optional "num_frames", "fps".
+
+    Raises a one-line ValueError naming the file (and line) for a missing, empty or malformed manifest.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path}: manifest not found")
+    if path.suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"{path}: manifest must be a .jsonl or .csv file")
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+                rows.append((line_no, row))
+        else:
+            reader = csv.DictReader(f)
+            missing = {"path", "caption"} - set(reader.fieldnames or ())
+            if reader.fieldnames is not None and missing:
+                raise ValueError(f"{path}: line 1: header lacks column(s) {', '.join(sorted(missing))}")
+            rows = [(reader.line_num, row) for row in reader]
+    if not rows:
+        raise ValueError(f"{path}: manifest has no rows")
+    return [_check_row(path, line_no, row) for line_no, row in rows]
+
+
+def _check_row(path: Path, line_no: int, row) -> dict:
+    where = f"{path}: line {line_no}"
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with 'path' and 'caption'")
+    if not isinstance(row.get("path"), str) or not row["path"]:
+        raise ValueError(f"{where}: missing or empty field 'path'")
+    if not isinstance(row.get("caption"), str):
+        raise ValueError(f"{where}: missing field 'caption' (use \"\" for none)")
+    out = {"path": row["path"], "caption": row["caption"], "num_frames": None}
+    if row.get("num_frames") not in (None, ""):  # a hint that saves probing the file; fps is accepted, unused
+        try:
+            out["num_frames"] = int(row["num_frames"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: num_frames must be an integer, got {row['num_frames']!r}") from None
+        if out["num_frames"] < 1:
+            raise ValueError(f"{where}: num_frames must be >= 1, got {out['num_frames']}")
+    return out
+
+
+@DATASETS.register_module()
+class VideoManifestDataset(VideoClipDataset):
+    """Videos listed in a manifest (.jsonl or .csv rows {path, caption[, num_frames, fps]}), paths relative to root.
+
+    `manifest` is absolute or relative to `root` (or, failing that, to the working directory).
+    """
+
+    def __init__(self, root: str, manifest: str, num_frames: int, image_size: int | tuple[int, int],
+                 sample_interval: int = 1, random_crop: bool = True, seed: int = 0):
+        super().__init__(root, num_frames, image_size, sample_interval, random_crop, seed)
+        manifest_path = self.root / manifest
+        if not manifest_path.is_file() and Path(manifest).is_file():
+            manifest_path = Path(manifest)
+        self.manifest = manifest_path
+        self.videos = [_Video(self.root / row["path"], row["path"], row["caption"], num_frames=row["num_frames"])
+                       for row in read_manifest(manifest_path)]
+
+
+@DATASETS.register_module()
+class FrameFolderDataset(VideoClipDataset):
+    """Clips stored as image folders, SkyTimelapse layout root/<video>/<clip>/*.jpg; one item per clip.
+
+    Clips shorter than a sampled clip are left out when the dataset is built (their length is known).
+    """
+
+    def __init__(self, root: str, num_frames: int, image_size: int | tuple[int, int], sample_interval: int = 1,
+                 random_crop: bool = True, seed: int = 0, caption: str = ""):
+        super().__init__(root, num_frames, image_size, sample_interval, random_crop, seed)
+        clips = []
+        for clip_dir in sorted(d for d in self.root.glob("*/*") if d.is_dir()):
+            frames = sorted((p for p in clip_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
+            if frames:
+                clips.append(_Video(clip_dir, clip_dir.relative_to(self.root).as_posix(), caption,
+                                    tuple(frames), len(frames)))
+        if not clips:
+            raise ValueError(f"{self.root}: no frame folders found (expected root/<video>/<clip>/*.jpg)")
+        self.videos = [c for c in clips if c.num_frames >= self.span]
+        if len(self.videos) < len(clips):
+            log.warning("%s: %d of %d clips have fewer than %d frames and are not used",
+                        self.root, len(clips) - len(self.videos), len(clips), self.span)
+        if not self.videos:
+            raise ValueError(f"{self.root}: no clip has the {self.span} frames a sample needs")
+
+
+def class_caption(name: str) -> str:
+    """A class folder name as words: "ApplyEyeMakeup" -> "apply eye makeup", "YoYo" -> "yo yo"."""
+    words = re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+", name)
+    return " ".join(words).lower()
+
+
+@DATASETS.register_module()
+class ClassFolderDataset(VideoClipDataset):
+    """Videos grouped by class, UCF-101 layout root/<Class>/*.avi; the caption is the class name in words."""
+
+    def __init__(self, root: str, num_frames: int, image_size: int | tuple[int, int], sample_interval: int = 1,
+                 random_crop: bool = True, seed: int = 0, extensions: tuple[str, ...] = (".avi", ".mp4")):
+        super().__init__(root, num_frames, image_size, sample_interval, random_crop, seed)
+        extensions = tuple(e.lower() for e in extensions)
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        for name in self.classes:
+            for path in sorted((self.root / name).iterdir()):
+                if path.is_file() and path.suffix.lower() in extensions:
+                    self.videos.append(_Video(path, f"{name}/{path.name}", class_caption(name)))
+        if not self.videos:
+            raise ValueError(f"{self.root}: no {'/'.join(extensions)} files in class folders root/<Class>/")
+
+
+@dataclass(frozen=True)
+class _Latent:
+    shard: Path
+    key: str
+    caption: str
+    num_frames: int
+
+
+@DATASETS.register_module()
+class LatentDataset(ClipDataset):
+    """Latent videos cached by tools/encode_latents.py (root = its --out directory); clips as for pixels.
+
+    Reads only the clip's frames from the memory-mapped safetensors shards; never builds a VAE. Items
+    have "latents" (C, num_frames, h, w) float32. Latent videos shorter than a clip are left out.
+    """
+
+    def __init__(self, root: str, num_frames: int, sample_interval: int = 1, seed: int = 0):
+        super().__init__(root, num_frames, sample_interval, seed)
+        index_path = self.root / LATENT_INDEX_FILE
+        if not index_path.is_file():
+            raise ValueError(f"{index_path}: not found (write it with tools/encode_latents.py)")
+        try:
+            index = json.loads(index_path.read_text())
+            if index.get("format") != LATENT_FORMAT:
+                raise ValueError(f"format is {index.get('format')!r}, expected {LATENT_FORMAT!r}")
+            items = [_Latent(self.root / it["shard"], it["key"], it["caption"], int(it["num_frames"]))
+                     for it in index["items"]]
+            self.sources = {it["key"]: it["path"] for it in index["items"]}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index_path}: not a latent index ({first_line(err)})") from None
+        self.latents = [it for it in items if it.num_frames >= self.span]
+        if len(self.latents) < len(items):
+            log.warning("%s: %d of %d latent videos have fewer than %d frames and are not used",
+                        index_path, len(items) - len(self.latents), len(items), self.span)
+        if not self.latents:
+            raise ValueError(f"{index_path}: no latent video has the {self.span} frames a sample needs")
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def source(self, index: int) -> tuple[str, str]:
+        item = self.latents[index]
+        return self.sources[item.key], item.caption
+
+    def load(self, index: int, generator: torch.Generator) -> dict:
+        item = self.latents[index]
+        name = f"{item.shard}[{item.key}]"
+        frames = self.clip_indices(item.num_frames, generator, name)
+        try:
+            with safe_open(os.fspath(item.shard), framework="pt") as f:
+                z = f.get_slice(item.key)[:, frames.start:frames.stop]  # (C, span, h, w)
+        except (OSError, SafetensorError) as err:
+            raise VideoReadError(f"{name}: cannot read latents ({first_line(err)})") from err
+        if z.dim() != 4 or z.shape[1] != self.span:
+            raise VideoReadError(f"{name}: stored shape {tuple(z.shape)} does not hold {item.num_frames} frames")
+        return {"latents": z[:, ::self.sample_interval].float().contiguous(), "caption": item.caption}

@@ -1,0 +1,116 @@
+"""Reading video frames: video files decoded with PyAV, frame folders read with PIL.
+
+Every reader returns uint8 RGB frames `(T, H, W, 3)` and turns any decoding failure into a one-line
+`VideoReadError` naming the file, so datasets can skip the file instead of crashing a worker.
+"""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+# What FFmpeg, PIL and the file system raise on a missing, truncated or foreign file.
+_READ_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+class VideoReadError(RuntimeError):
+    """A video, frame or latent file is missing, unreadable or too short; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file's header says: frame count, frames per second (None if unknown), frame size."""
+
+    num_frames: int
+    fps: float | None
+    height: int
+    width: int
+
+
+def first_line(err: Exception) -> str:
+    """An exception's message cut to one line of at most 200 characters (its type name if empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _video_stream(container, path):
+    if not container.streams.video:
+        raise VideoReadError(f"{path}: no video stream")
+    return container.streams.video[0]
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Frame count, fps and size of a video file, from its header (packets are counted if it has no count)."""
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container, path)
+            num_frames = stream.frames
+            if num_frames <= 0:  # e.g. Matroska/WebM store no frame count: count packets, decoding nothing
+                num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+            rate = stream.average_rate or stream.guessed_rate
+            return VideoInfo(num_frames, float(rate) if rate else None, stream.height, stream.width)
+    except _READ_ERRORS as err:
+        raise VideoReadError(f"{path}: cannot read video ({first_line(err)})") from err
+
+
+def read_video_frames(path: str | Path, indices: Sequence[int]) -> torch.Tensor:
+    """Decode the frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), H, W, 3).
+
+    Decodes sequentially from the start and stops after the last requested frame: no seeking, which is
+    exact for every codec and cheap for the short clips used in training.
+    """
+    if not indices:
+        raise ValueError("read_video_frames: no frame indices given")
+    wanted = set(indices)
+    last = max(wanted)
+    frames = {}
+    decoded = 0
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container, path)
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(container.decode(stream)):
+                decoded = i + 1
+                if i in wanted:
+                    frames[i] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                if i >= last:
+                    break
+    except _READ_ERRORS as err:
+        raise VideoReadError(f"{path}: cannot decode video ({first_line(err)})") from err
+    if last not in frames:
+        raise VideoReadError(f"{path}: has {decoded} decodable frames, need frame {last}")
+    return torch.from_numpy(np.stack([frames[i] for i in indices]))  # (T, H, W, 3)
+
+
+def iter_video_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """Yield every frame of a video file in order, each uint8 (H, W, 3)."""
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container, path)
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+    except _READ_ERRORS as err:
+        raise VideoReadError(f"{path}: cannot decode video ({first_line(err)})") from err
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file (jpg, png, ...) -> uint8 (H, W, 3) RGB."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise VideoReadError(f"{path}: cannot read image ({first_line(err)})") from err
+
+
+def read_image_frames(paths: Sequence[str | Path]) -> torch.Tensor:
+    """Image files of one clip -> uint8 (T, H, W, 3); all frames must have the same size."""
+    frames = [read_image(p) for p in paths]
+    for path, frame in zip(paths, frames):
+        if frame.shape != frames[0].shape:
+            raise VideoReadError(f"{path}: frame size {frame.shape[:2]} differs from {frames[0].shape[:2]}")
+    return torch.from_numpy(np.stack(frames))

@@ -1,0 +1,163 @@
+"""Encode every video of a dataset with the VAE once, so that training reads latents instead of pixels.
+
+    python tools/encode_latents.py --config CFG --out DIR [--batch-size 16] [--shard-size 256]
+
+Builds cfg.vae and cfg.dataset and encodes each video whole: every frame at stride 1, centre-cropped to the
+dataset's image_size, in calls of --batch-size frames (the VAE is frame-wise, so splitting in time is exact).
+DIR receives shards latents-00000.safetensors, ... of --shard-size videos, one (C, T, h, w) tensor per video
+keyed by its dataset index, and index.json (shard, key, path, caption, num_frames of every video). Train on
+them with dataset = dict(type="LatentDataset", root=DIR, num_frames=...).
+
+Shards are written atomically and record the config and source files they hold: a rerun keeps the ones that
+still match, so an interrupted run resumes where it stopped. Unreadable videos are skipped with a warning.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import causalvdm.data  # noqa: F401  (registers the datasets; importing the package registers the VAEs)
+from causalvdm.config import add_config_args, load_config, require
+from causalvdm.data.datasets import LATENT_FORMAT, LATENT_INDEX_FILE, VideoClipDataset
+from causalvdm.data.video_io import VideoReadError, first_line
+from causalvdm.registry import DATASETS, VAES, ConfigError, build
+
+log = logging.getLogger("causalvdm.data")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_META_KEY = "causalvdm"  # safetensors header metadata entry holding the shard's JSON description
+
+
+def shard_name(k: int) -> str:
+    """File name of shard `k`."""
+    return f"latents-{k:05d}.safetensors"
+
+
+def _atomic(path: Path, write) -> None:
+    # write to a temporary file beside `path`, then rename: a crash never leaves a half shard that looks whole
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_shard_meta(path: Path) -> dict | None:
+    """The JSON description stored in a shard's header, or None if the shard is absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return json.loads(f.metadata()[_META_KEY])
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
+        log.warning("%s: unreadable shard, encoding it again (%s)", path, first_line(err))
+        return None
+
+
+@torch.no_grad()
+def encode_dataset(dataset: VideoClipDataset, vae, out_dir: Path, config: dict, shard_size: int = 256,
+                   frames_per_call: int = 16, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Encode all videos of `dataset` into shards under `out_dir` and write the index; returns counts.
+
+    `config` (JSON-able) identifies what produced the latents; shards written under another config are an
+    error (so cached latents are never silently mixed), shards whose source files changed are re-encoded.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    num_shards = math.ceil(n / shard_size)
+    metas = [read_shard_meta(out_dir / shard_name(k)) for k in range(num_shards)]
+    for k, meta in enumerate(metas):
+        if meta is not None and meta["config"] != config:
+            raise ConfigError(f"{out_dir / shard_name(k)}: written from another vae/dataset config; "
+                              "use another --out or delete it")
+    items, skipped, reused = [], [], 0
+    with tqdm(total=n, unit="video", desc="encoding latents") as bar:
+        for k, meta in enumerate(metas):
+            lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
+            sources = [dataset.source(i)[0] for i in range(lo, hi)]
+            if meta is not None and meta["sources"] == sources:
+                items += meta["items"]
+                skipped += meta["skipped"]
+                reused += 1
+                bar.update(hi - lo)
+                continue
+            path = out_dir / shard_name(k)
+            tensors, shard_items, shard_skipped = {}, [], []
+            for i in range(lo, hi):
+                name, caption = dataset.source(i)
+                try:
+                    chunks = [vae.encode(x[None].to(device))[0].to("cpu", dtype)  # (C, t, h, w)
+                              for x in dataset.full_video_chunks(i, frames_per_call)]
+                except VideoReadError as err:
+                    log.warning("skipping unreadable video: %s", err)
+                    shard_skipped.append(name)
+                else:
+                    z = torch.cat(chunks, dim=1).contiguous()  # (C, T, h, w)
+                    tensors[str(i)] = z
+                    shard_items.append(dict(shard=path.name, key=str(i), index=i, path=name, caption=caption,
+                                            num_frames=z.shape[1]))
+                bar.update(1)
+            meta = dict(config=config, sources=sources, items=shard_items, skipped=shard_skipped)
+            _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)}))
+            items += shard_items
+            skipped += shard_skipped
+    index = dict(format=LATENT_FORMAT, config=config, latent_channels=vae.out_channels,
+                 downsample=vae.downsample, image_size=list(dataset.image_size), items=items, skipped=skipped)
+    _write_text(out_dir / LATENT_INDEX_FILE, json.dumps(index, indent=1))
+    return dict(encoded=len(items), skipped=len(skipped), shards=num_shards, reused=reused)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="mmengine config with `vae` and `dataset` (a pixel dataset)")
+    parser.add_argument("--out", required=True, help="output directory for the shards and index.json")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="frames per VAE call; bounds memory, not the result (default 16)")
+    parser.add_argument("--shard-size", type=int, default=256, help="videos per shard file (default 256)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="storage dtype of the latents (default float32; LatentDataset returns float32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the VAE (default: cuda if available, else cpu)")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.batch_size < 1 or args.shard_size < 1:
+        parser.error("--batch-size and --shard-size must be >= 1")
+
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+        vae_cfg, dataset_cfg = require(cfg, "vae", "dataset")
+        dataset = build(DATASETS, dataset_cfg, "dataset")
+        if not isinstance(dataset, VideoClipDataset):
+            raise ConfigError(f"dataset.type: {dataset_cfg['type']} is not a pixel video dataset")
+        vae = build(VAES, vae_cfg, "vae").to(args.device).eval()
+        config = json.loads(json.dumps(dict(vae=vae_cfg, dataset=dataset_cfg, dtype=args.dtype), default=str))
+        counts = encode_dataset(dataset, vae, Path(args.out), config, args.shard_size, args.batch_size,
+                                args.device, DTYPES[args.dtype])
+    except (ConfigError, OSError) as err:
+        message = first_line(err)
+        sys.exit(f"error: {message}" if args.config in message else f"error: {args.config}: {message}")
+    print(f"encoded {counts['encoded']} videos ({counts['skipped']} unreadable skipped) into {counts['shards']} "
+          f"shards ({counts['reused']} already done) in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
