@@ -30,3 +30,16 @@ def make_model(tiny_cfg):
         return randomize_weights(causalvdm.build_model(cfg), seed=seed).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory):
+    """A tiny T5 encoder and a ByT5 tokenizer saved like a t5-v1_1-xxl folder."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, vocab_size=384)
+    path = tmp_path_factory.mktemp("t5")
+    T5EncoderModel(config).save_pretrained(path)
+    ByT5Tokenizer().save_pretrained(path)  # one token per UTF-8 byte (id = byte + 3), needs no vocabulary file
+    return path

@@ -22,18 +22,6 @@ def vae_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    config = T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, vocab_size=384)
-    path = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(config).save_pretrained(path)
-    ByT5Tokenizer().save_pretrained(path)  # one token per UTF-8 byte (id = byte + 3), needs no vocabulary file
-    return path
-
-
 def build_vae(path, **kwargs):
     return build(VAES, dict(type="SDVAE", from_pretrained=str(path), **kwargs), "vae")
 

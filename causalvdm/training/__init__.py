@@ -1,0 +1,1 @@
+"""Training: run settings, distributed set-up and wrapping, EMA, checkpoints, logging."""

@@ -1,0 +1,86 @@
+"""Training checkpoints: one directory per step, written under a temporary name and renamed when complete.
+
+outputs/<exp>/checkpoints/step_00001000/
+    model.safetensors   raw weights          ema.safetensors   EMA weights (what sampling loads)
+    train_state.pt      optimizer, LR schedule, step, data position, RNG states (weights-only loadable)
+    config.py           the resolved config of the run
+A directory is complete exactly when it carries its final name, so `--resume auto` never picks a
+half-written one, and a failed write (a full disk, a kill) leaves the previous checkpoints usable.
+"""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from causalvdm.utils.io import CheckpointError, load_weights
+
+log = logging.getLogger("causalvdm.train")
+
+FILES = ("model.safetensors", "ema.safetensors", "train_state.pt")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
+                    config_text: str, keep_last: int) -> Path:
+    """Write a complete checkpoint for `step` atomically, then prune all but the newest `keep_last`."""
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f".step_{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+        torch.save(train_state, tmp / "train_state.pt")
+        (tmp / "config.py").write_text(config_text)
+        for name in (*FILES, "config.py"):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and all((p / f).is_file() for f in FILES)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
+    """`--resume auto` -> newest complete checkpoint (or None to start fresh); a path must exist."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not all((path / f).is_file() for f in FILES):
+        raise CheckpointError(f"{path}: not a complete checkpoint directory (needs {', '.join(FILES)})")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """Read (model state, EMA state, train state) with the safe loaders."""
+    return load_weights(path / "model.safetensors"), load_weights(path / "ema.safetensors"), load_weights(
+        path / "train_state.pt"
+    )

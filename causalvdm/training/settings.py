@@ -1,0 +1,52 @@
+"""The trainer's settings (`train = dict(...)` in a config), with every default declared once here."""
+
+from dataclasses import dataclass, field, fields
+
+from causalvdm.registry import ConfigError
+
+
+@dataclass
+class TrainSettings:
+    """Everything the training loop reads from `cfg.train`; unknown keys are config errors."""
+
+    seed: int = 0
+    outputs_dir: str = "outputs"
+    max_steps: int = 1000
+    batch_size: int = 1  # per process
+    grad_accum_steps: int = 1
+    num_workers: int = 2
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    txt_dropout_prob: float = 0.1
+    parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard per block)
+    mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+    validation_every: int = 0  # 0 disables validation sampling
+    validation: dict = field(default_factory=dict)  # overrides of the config's `sample` dict for validation clips
+    wandb: bool = False  # log to wandb in offline mode as well (pip install -e ".[wandb]")
+
+    @classmethod
+    def from_cfg(cls, train_cfg) -> "TrainSettings":
+        """Validate `cfg.train` against the declared fields -> TrainSettings."""
+        given = dict(train_cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ConfigError(f"train: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        settings = cls(**given)
+        if settings.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {settings.parallel!r}")
+        if settings.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.mixed_precision must be 'auto', 'bf16' or 'fp32', got {settings.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_last"):
+            if getattr(settings, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(settings, name)}")
+        return settings

@@ -1,0 +1,156 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from causalvdm.registry import ConfigError
+from causalvdm.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+from causalvdm.training.settings import TrainSettings
+from conftest import ROOT
+
+CONFIG = """
+model = dict(type="CausalSTDiT", in_channels=12, hidden_size=32, depth=2, num_heads=2, mlp_ratio=2.0,
+             caption_channels=16, model_max_length=8, tpe_mode="cyclic", max_tpe_len=9)
+vae = dict(type="PixelVAE", factor=2)
+text_encoder = dict(type="T5Encoder", from_pretrained="{t5}", model_max_length=8)
+diffusion = dict(type="IDDPM", prediction_type="epsilon")
+dataset = dict(type="VideoManifestDataset", root="{root}", manifest="manifest.jsonl", num_frames=9, image_size=(8, 8))
+autoregressive = dict(chunk_size=4, max_cond_frames=5, prefix_perturb_t=20)
+train = dict(outputs_dir="{out}", max_steps={steps}, batch_size=4, num_workers=0, lr=1e-3, warmup_steps=2,
+             log_every=1, ckpt_every={ckpt_every}, keep_last=2, ema_decay=0.9, txt_dropout_prob=0.5)
+"""
+
+
+def _write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        base = rng.integers(0, 255, (1, 12, 12, 3))
+        drift = np.arange(12)[:, None, None, None] * rng.integers(-8, 8, (1, 1, 1, 3))
+        frames = np.clip(base + drift, 0, 255).astype(np.uint8)
+        _write_video(root / f"clip{i}.mp4", frames)
+        rows.append(json.dumps({"path": f"clip{i}.mp4", "caption": f"clip {i}"}))
+    (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _config(tmp_path, video_root, t5_dir, steps=6, ckpt_every=2) -> Path:
+    path = tmp_path / "train_cfg.py"
+    path.write_text(CONFIG.format(root=video_root, out=tmp_path / "outputs", t5=t5_dir, steps=steps,
+                                  ckpt_every=ckpt_every))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows]
+
+
+def test_settings_reject_unknown_and_bad_values():
+    assert TrainSettings.from_cfg(dict(lr=1e-4)).lr == 1e-4
+    with pytest.raises(ConfigError, match=r"^train: unknown field\(s\) lrr"):
+        TrainSettings.from_cfg(dict(lrr=1e-4))
+    with pytest.raises(ConfigError, match="train.parallel must be 'ddp' or 'fsdp'"):
+        TrainSettings.from_cfg(dict(parallel="zero3"))
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    state = {"w": torch.ones(2)}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, state, state, {"step": step}, "x = 1\n", keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    (tmp_path / "step_00000009").mkdir()  # a half-written directory is never picked
+    assert resolve_resume("auto", tmp_path).name == "step_00000003"
+    assert resolve_resume("auto", tmp_path / "nothing") is None
+
+
+def test_distributed_matches_single_process(tmp_path, video_root, t5_dir):
+    """DDP and FSDP2 over 2 gloo processes follow the same loss curve as 1 process with the same global batch
+    (text-conditioned, with caption dropout, which swaps in the FSDP-sharded null caption)."""
+    cfg = _config(tmp_path, video_root, t5_dir)
+    runs = {}
+    single = subprocess.run([sys.executable, "scripts/train.py", str(cfg), "--exp-name", "single"],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    runs["single"] = tmp_path / "outputs" / "single"
+    for mode in ("ddp", "fsdp"):
+        cmd = ["bash", "scripts/train.sh", str(cfg), mode, str(_free_port()),
+               "--cfg-options", "train.batch_size=2", f"train.parallel={mode}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), NPROC_PER_NODE="2"), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = tmp_path / "outputs" / mode
+    reference = _losses(runs["single"])
+    assert len(reference) == 6 and reference[0] > 0
+    final = load_file(str(runs["single"] / "checkpoints" / "step_00000006" / "model.safetensors"))
+    for mode in ("ddp", "fsdp"):
+        np.testing.assert_allclose(_losses(runs[mode]), reference, rtol=1e-4, atol=1e-6, err_msg=mode)
+        weights = load_file(str(runs[mode] / "checkpoints" / "step_00000006" / "model.safetensors"))
+        for name, value in final.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {name}")
+    assert (runs["single"] / "loss.png").is_file() and (runs["single"] / "config.py").is_file()
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, video_root, t5_dir):
+    steps = 60
+    cfg = _config(tmp_path, video_root, t5_dir, steps=steps, ckpt_every=5)
+    base = [sys.executable, "scripts/train.py", str(cfg)]
+    full = subprocess.run(base + ["--exp-name", "full"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    ckpts = tmp_path / "outputs" / "killed" / "checkpoints"
+    proc = subprocess.Popen(base + ["--exp-name", "killed"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (ckpts / "step_00000010").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = [p.name for p in list_checkpoints(ckpts)]
+    assert f"step_{steps:08d}" not in done, "the run finished before it was killed"
+
+    resumed = subprocess.run(base + ["--exp-name", "killed", "--resume", "auto"], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "outputs" / "full" / "checkpoints" / f"step_{steps:08d}" / name))
+        b = load_file(str(ckpts / f"step_{steps:08d}" / name))
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key}"
+    assert _losses(tmp_path / "outputs" / "killed") == _losses(tmp_path / "outputs" / "full")
