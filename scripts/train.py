@@ -147,6 +147,10 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
         log.info("--resume %s: no complete checkpoint in %s, starting fresh", args.resume, ckpt_dir)
 
     sampler = StatefulSampler(len(dataset), info.rank, info.world_size, settings.seed)
+    sampler.set_epoch(0)
+    if len(sampler) < settings.batch_size:
+        raise ConfigError(f"dataset: {len(sampler)} clip(s) per process, fewer than train.batch_size="
+                          f"{settings.batch_size}; wrap it in dict(type='RepeatDataset', dataset=..., times=N)")
 
     def loader_for_epoch(ep: int, start: int):
         sampler.set_epoch(ep, start)

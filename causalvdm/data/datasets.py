@@ -22,7 +22,7 @@ from causalvdm.data.sampler import derive_seed
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import (VideoReadError, first_line, iter_video_frames, probe_video, read_image,
                                      read_image_frames, read_video_frames)
-from causalvdm.registry import DATASETS
+from causalvdm.registry import DATASETS, build
 
 log = logging.getLogger("causalvdm.data")
 
@@ -339,3 +339,32 @@ class LatentDataset(ClipDataset):
         if z.dim() != 4 or z.shape[1] != self.span:
             raise VideoReadError(f"{name}: stored shape {tuple(z.shape)} does not hold {item.num_frames} frames")
         return {"latents": z[:, ::self.sample_interval].float().contiguous(), "caption": item.caption}
+
+
+@DATASETS.register_module()
+class RepeatDataset(Dataset):
+    """A dataset (config dict) listed `times` times per epoch, to overfit a few clips with a larger batch.
+
+    Copies share the inner item's clip start and crop within an epoch; "index" is the outer index, so
+    the trainer's per-sample noise and timesteps still differ between copies.
+    """
+
+    def __init__(self, dataset: dict, times: int):
+        if times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
+        self.dataset = build(DATASETS, dataset, "dataset.dataset")
+        self.times = times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def source(self, index: int) -> tuple[str, str]:
+        return self.dataset.source(index % len(self.dataset))
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index % len(self.dataset)]
+        item["index"] = index
+        return item

@@ -1,0 +1,48 @@
+# Overfit demo: a small causal ST-DiT memorises one real 17-frame clip at 32x32 on a 2-core CPU, then
+# continues the clip from its first frame with the shared KV cache (scripts/demo.sh runs it all).
+# Pixels go through the lossless space-to-depth PixelVAE, so no neural autoencoder is needed.
+data_root = "data/demo"
+
+model = dict(
+    type="CausalSTDiT",
+    in_channels=12,  # PixelVAE factor 2: 3 * 2 * 2 channels at 16x16
+    hidden_size=192,
+    depth=6,
+    num_heads=6,
+    mlp_ratio=4.0,
+    caption_channels=0,
+    tpe_mode="cyclic",
+    max_tpe_len=17,
+)
+vae = dict(type="PixelVAE", factor=2)
+text_encoder = dict(type="NullTextEncoder")
+diffusion = dict(type="IDDPM", prediction_type="v_prediction")
+dataset = dict(
+    type="RepeatDataset",
+    times=64,
+    dataset=dict(
+        type="VideoManifestDataset",
+        root=data_root,
+        manifest="overfit.jsonl",  # one clip; scripts/demo.sh writes it
+        num_frames=17,
+        image_size=(32, 32),
+        sample_interval=1,
+        random_crop=False,
+    ),
+)
+autoregressive = dict(chunk_size=4, max_cond_frames=13, prefix_perturb_t=0)
+train = dict(
+    seed=0,
+    max_steps=1500,
+    batch_size=8,
+    num_workers=1,
+    lr=1e-3,
+    warmup_steps=50,
+    grad_clip=1.0,
+    ema_decay=0.99,
+    txt_dropout_prob=0.0,
+    log_every=25,
+    ckpt_every=250,
+    keep_last=2,
+)
+sample = dict(sampler="ddim", num_steps=25, cfg_scale=1.0, num_frames=51, fps=12, image_size=(32, 32))
