@@ -91,16 +91,17 @@ def main(argv=None) -> int:
         cfg.dump(str(run_dir / "config.py"))
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    if info.is_main:
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger().addHandler(handler)
+    handler = logging.FileHandler(run_dir / "train.log") if info.is_main else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
     try:
         return train(cfg, settings, args, info, run_dir, ckpt_dir)
     except (ConfigError, CheckpointError) as err:
         log.error("%s: %s", args.config, err)
         return 2
     finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -164,17 +165,25 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
     signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))  # cluster pre-emption: save, then exit
 
     def checkpoint() -> None:
+        """Save on the main process; a failed write (a full disk) stops every process, older checkpoints intact."""
         model_state = get_model_state_dict(model, options=FULL)
         optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
         ema_state = ema.state_dict()
+        failure = ""
         if info.is_main:
             train_state = dict(step=step, epoch=epoch, consumed=consumed, optimizer=optim_state,
                                scheduler=scheduler.state_dict(), nonfinite_total=nonfinite_total,
                                rng_cpu=torch.get_rng_state())
-            path = save_checkpoint(ckpt_dir, step, model_state, ema_state, train_state, cfg.pretty_text,
-                                   settings.keep_last)
-            run_logger.plot_loss()
-            log.info("saved %s", path)
+            try:
+                path = save_checkpoint(ckpt_dir, step, model_state, ema_state, train_state, cfg.pretty_text,
+                                       settings.keep_last)
+                run_logger.plot_loss()
+                log.info("saved %s", path)
+            except OSError as err:
+                failure = str(err) or type(err).__name__
+        if any_process(bool(failure), info):
+            raise CheckpointError(f"writing the step-{step} checkpoint failed ({failure or 'on the main process'}); "
+                                  f"earlier checkpoints in {ckpt_dir} are intact: free space and rerun with --resume auto")
 
     def encode(batch) -> torch.Tensor:
         nonlocal vae
@@ -223,7 +232,7 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
         if any_process(not finite, info):
             nonfinite_run += 1
             nonfinite_total += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, nonfinite_run)
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step + 1, nonfinite_run)
         else:
             nonfinite_run = 0
             optimizer.step()
@@ -234,11 +243,7 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
         window_steps += 1
         bar.update(1)
 
-        if nonfinite_run >= settings.max_nonfinite_steps:
-            log.error("stopping: %d non-finite steps in a row; the last good checkpoint in %s is intact",
-                      nonfinite_run, ckpt_dir)
-            return 3
-        if step % settings.log_every == 0 or step == settings.max_steps:
+        if step % settings.log_every == 0 or step == settings.max_steps or nonfinite_run:
             elapsed = time.time() - window_start
             metrics = dict(loss=all_reduce_mean(loss_sum, info), mse=all_reduce_mean(mse_sum, info),
                            vb=all_reduce_mean(vb_sum, info), grad_norm=float(grad_norm),
@@ -249,6 +254,10 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
                 run_logger.log(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             window_start, window_steps = time.time(), 0
+        if nonfinite_run >= settings.max_nonfinite_steps:
+            log.error("stopping: %d non-finite steps in a row; the last good checkpoint in %s is intact",
+                      nonfinite_run, ckpt_dir)
+            return 3
         pre_empted = any_process(stop["sigterm"], info)
         if step % settings.ckpt_every == 0 or step == settings.max_steps or pre_empted:
             checkpoint()
