@@ -31,7 +31,7 @@ import causalvdm
 from causalvdm import data as _data  # noqa: F401  (registers datasets)
 from causalvdm import diffusion as _diffusion  # noqa: F401  (registers schedulers)
 from causalvdm import text as _text  # noqa: F401  (registers text encoders)
-from causalvdm.config import add_config_args, load_config
+from causalvdm.config import add_config_args, load_config, require
 from causalvdm.data import StatefulSampler, build_dataloader
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config
@@ -40,7 +40,7 @@ from causalvdm.training.checkpoint import load_checkpoint, resolve_resume, save_
 from causalvdm.training.distributed import all_reduce_mean, any_process, init_distributed, parallelize, unwrap
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
-from causalvdm.training.settings import TrainSettings
+from causalvdm.training.settings import TrainSettings, check_clip_shape
 from causalvdm.utils.io import CheckpointError
 
 log = logging.getLogger("causalvdm.train")
@@ -78,10 +78,14 @@ def batches(loader_for_epoch, epoch: int, consumed: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.cfg_options)
-        settings = TrainSettings.from_cfg(cfg.get("train"))
+        cfg = load_config(args.config, args.cfg_options)  # these errors name the file themselves
+        require(cfg, "model", "diffusion", "dataset")
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    try:
+        settings = TrainSettings.from_cfg(cfg.get("train"))
+    except ConfigError as err:
+        sys.exit(f"error: {args.config}: {err}")
     info = init_distributed()
     exp_name = args.exp_name or Path(args.config).stem
     run_dir = Path(settings.outputs_dir) / exp_name
@@ -195,6 +199,9 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
             return vae.encode(batch["video"].to(info.device)).float()
 
     # ---- the loop
+    first = dataset[0]  # pre-flight: one clip through the VAE, so a shape mistake fails now in one line
+    first_latents = encode({k: v[None] for k, v in first.items() if k in ("video", "latents")})
+    check_clip_shape(core, tuple(first_latents.shape[1:]), ar_size)
     model.train()
     if isinstance(text_encoder, torch.nn.Module):
         text_encoder.to(info.device)

@@ -43,3 +43,14 @@ def t5_dir(tmp_path_factory):
     T5EncoderModel(config).save_pretrained(path)
     ByT5Tokenizer().save_pretrained(path)  # one token per UTF-8 byte (id = byte + 3), needs no vocabulary file
     return path
+
+
+@pytest.fixture
+def train_script():
+    """scripts/train.py loaded as a module, so tests can call main(argv) in-process and patch it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

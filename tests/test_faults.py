@@ -1,7 +1,6 @@
 """Faults injected into training: non-finite losses, a checkpoint write that fails half-way, SIGTERM."""
 
 import errno
-import importlib.util
 import json
 import logging
 import signal
@@ -17,14 +16,6 @@ from causalvdm.training import checkpoint as checkpoint_module
 from causalvdm.training.checkpoint import list_checkpoints
 from conftest import ROOT
 from test_training import _config, _env, video_root  # noqa: F401  (video_root is a fixture)
-
-
-@pytest.fixture
-def train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _steps(ckpt_dir):

@@ -50,3 +50,20 @@ class TrainSettings:
             if getattr(settings, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(settings, name)}")
         return settings
+
+
+def check_clip_shape(model, latent_shape, ar_size: int) -> None:
+    """Fail before training if one clip's latents (C, T, h, w) cannot go through `model` with chunks of `ar_size`."""
+    channels, frames, height, width = latent_shape
+    ph, pw = model.patch_size[1:]
+    if channels != model.in_channels:
+        raise ConfigError(f"model.in_channels={model.in_channels}, but the VAE gives {channels} latent channels")
+    if height % ph or width % pw:
+        raise ConfigError(f"dataset.image_size gives {height}x{width} latents, not a multiple of the {ph}x{pw} patch: "
+                          "the image size must be a multiple of the VAE factor times the patch size")
+    if model.tpe_mode != "rope" and frames > model.max_tpe_len:
+        raise ConfigError(f"dataset.num_frames={frames} exceeds model.max_tpe_len={model.max_tpe_len} "
+                          f"({model.tpe_mode} TPE); use at most {model.max_tpe_len} frames or a longer table")
+    if frames < 1 + ar_size:
+        raise ConfigError(f"dataset.num_frames={frames} must hold one clean frame plus a chunk of "
+                          f"autoregressive.chunk_size={ar_size}")

@@ -1,0 +1,135 @@
+"""Every bad input we know of gets one line that says what is wrong and where, never a bare stack trace.
+
+Each case below is tried against the real entrypoint (in-process) or the real component.
+"""
+
+import logging
+import re
+
+import pytest
+import torch
+
+from causalvdm.registry import ConfigError, build, TEXT_ENCODERS
+from test_training import CONFIG, _config, video_root  # noqa: F401  (video_root is a fixture)
+
+# (case, --cfg-options overrides, message expected in the single ERROR line)
+TRAIN_CASES = [
+    ("unknown model type", ["model.type=NoSuchModel"], r"model\.type: unknown model type 'NoSuchModel'"),
+    ("unknown vae type", ["vae.type=NoSuchVAE"], r"vae\.type: unknown vae type 'NoSuchVAE'"),
+    ("unknown diffusion field", ["diffusion.steps=10"], r"diffusion: unknown field\(s\) steps for IDDPM"),
+    ("unknown dataset field", ["dataset.colour=1"], r"dataset: unknown field\(s\) colour for VideoManifestDataset"),
+    ("unknown train field", ["train.lrr=0.1"], r"train: unknown field\(s\) lrr"),
+    ("bad train value", ["train.parallel=zero3"], r"train\.parallel must be 'ddp' or 'fsdp'"),
+    ("bad prediction type", ["diffusion.prediction_type=x0"], r"diffusion \(IDDPM\): .*prediction_type"),
+    ("image size not a multiple of VAE factor x patch", ["dataset.image_size=(10,10)"],
+     r"dataset\.image_size gives 5x5 latents, not a multiple of the 2x2 patch"),
+    ("latent channels differ from the model", ["model.in_channels=4"],
+     r"model\.in_channels=4, but the VAE gives 12 latent channels"),
+    ("clip longer than the TPE table", ["dataset.num_frames=12"],
+     r"dataset\.num_frames=12 exceeds model\.max_tpe_len=9 \(cyclic TPE\)"),
+    ("chunk larger than the clip allows", ["autoregressive.chunk_size=9"],
+     r"dataset\.num_frames=9 must hold one clean frame plus a chunk of autoregressive\.chunk_size=9"),
+    ("missing pretrained checkpoint", ["model.from_pretrained=/nonexistent/init.pth"], r"/nonexistent/init\.pth"),
+    ("missing T5 folder", ["text_encoder.from_pretrained=/nonexistent/t5"],
+     r"/nonexistent/t5.*text_encoder\.from_pretrained"),
+    ("missing data root", ["dataset.root=/nonexistent/videos"], r"/nonexistent/videos: dataset root is not a directory"),
+    ("batch larger than the dataset", ["train.batch_size=64"], r"fewer than train\.batch_size=64"),
+]
+
+
+def _run_train(train_script, cfg, overrides, caplog, extra=()):
+    """Run the trainer; -> (exit code, error lines). Config-level errors exit before logging starts."""
+    caplog.clear()
+    argv = [str(cfg), "--exp-name", "bad", *extra] + (["--cfg-options", *overrides] if overrides else [])
+    try:
+        code = train_script.main(argv)
+    except SystemExit as stop:
+        return 2, [str(stop.code)]
+    return code, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("case, overrides, message", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_bad_training_config(case, overrides, message, tmp_path, video_root, t5_dir, train_script, caplog):
+    cfg = _config(tmp_path, video_root, t5_dir)
+    code, errors = _run_train(train_script, cfg, overrides, caplog)
+    assert code == 2, case
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert str(cfg) in errors[0]  # where: the config file
+    assert re.search(message, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"manifest has no rows"),
+    ('{"path": "clip0.mp4", "caption": "a"}\nnot json\n', r"line 2: invalid JSON"),
+    ('{"caption": "a"}\n', r"line 1: missing or empty field 'path'"),
+    ('{"path": "clip0.mp4"}\n', r"line 1: missing field 'caption'"),
+], ids=["empty", "malformed", "no path", "no caption"])
+def test_bad_manifests(content, message, tmp_path, video_root, t5_dir, train_script, caplog):
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text(content)
+    cfg = _config(tmp_path, video_root, t5_dir)
+    code, errors = _run_train(train_script, cfg, [f"dataset.manifest={manifest}"], caplog)
+    assert code == 2 and len(errors) == 1
+    assert str(manifest) in errors[0] and re.search(message, errors[0]), errors[0]
+
+
+def test_missing_top_level_field(tmp_path, video_root, t5_dir, train_script):
+    cfg = _config(tmp_path, video_root, t5_dir)
+    text = cfg.read_text()
+    cfg.write_text(text[: text.index("dataset = ")] + text[text.index("autoregressive = "):])
+    with pytest.raises(SystemExit, match=r"error: .*train_cfg\.py: missing field 'dataset'"):
+        train_script.main([str(cfg)])
+
+
+def test_missing_field_of_a_component(tmp_path, video_root, t5_dir, train_script, caplog):
+    cfg = _config(tmp_path, video_root, t5_dir)
+    cfg.write_text(cfg.read_text().replace(f'root="{video_root}", ', ""))
+    code, errors = _run_train(train_script, cfg, [], caplog)
+    assert code == 2 and "dataset: missing field(s) root for VideoManifestDataset" in errors[0]
+
+
+def test_missing_and_unparsable_config_files(tmp_path, train_script):
+    with pytest.raises(SystemExit, match=r"error: .*nope\.py: config file not found"):
+        train_script.main([str(tmp_path / "nope.py")])
+    broken = tmp_path / "broken.py"
+    broken.write_text("model = dict(\n")
+    with pytest.raises(SystemExit, match=r"error: .*broken\.py: cannot parse config"):
+        train_script.main([str(broken)])
+
+
+def test_truncated_checkpoint_to_resume(tmp_path, video_root, t5_dir, train_script, caplog):
+    cfg = _config(tmp_path, video_root, t5_dir, steps=2, ckpt_every=2)
+    assert train_script.main([str(cfg), "--exp-name", "trunc"]) == 0
+    ckpt = tmp_path / "outputs" / "trunc" / "checkpoints" / "step_00000002"
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, errors = _run_train(train_script, cfg, [], caplog, extra=("--resume", str(ckpt)))
+    assert code == 2 and len(errors) == 1
+    assert "model.safetensors: not a readable checkpoint" in errors[0]
+    code, errors = _run_train(train_script, cfg, [], caplog, extra=("--resume", str(tmp_path)))
+    assert code == 2 and "not a complete checkpoint directory" in errors[0]
+
+
+def test_prompt_longer_than_tokenizer_limit_warns_once(t5_dir, caplog):
+    encoder = build(TEXT_ENCODERS, dict(type="T5Encoder", from_pretrained=str(t5_dir), model_max_length=8), "text_encoder")
+    with caplog.at_level(logging.WARNING):
+        y, mask = encoder.encode(["a prompt that is much longer than eight byte tokens", "short"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "longer than model_max_length=8" in warnings[0]
+    assert y.shape[1] == 8 and mask[0].all()
+
+
+def test_unknown_registry_type_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"^text_encoder\.type: unknown text_encoder type 'T6' \(known: .*T5Encoder"):
+        build(TEXT_ENCODERS, dict(type="T6"), "text_encoder")
+
+
+def test_model_rejects_bad_shapes(make_model):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"latent size 5x4 is not a multiple of the patch size 2x2"):
+        model(torch.randn(1, 4, 2, 5, 4), torch.zeros(1, 2, dtype=torch.long))
+    cache = model.new_cache(1, 4, chunk_size=2)
+    with pytest.raises(ValueError, match=r"3 frames in one call, but the cache stages at most chunk_size=2"):
+        model.write_cache(torch.randn(1, 4, 3, 4, 4), cache)
+    with pytest.raises(ValueError, match=r"beyond max_tpe_len=33 in 'absolute' TPE mode"):
+        make_model(tpe_mode="absolute")(torch.randn(1, 4, 34, 2, 2), torch.zeros(1, 34, dtype=torch.long))

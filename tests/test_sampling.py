@@ -1,0 +1,267 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from causalvdm.diffusion import IDDPM
+from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, psnr, to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _inputs(model, batch=2, n0=1, size=4, seed=1):
+    """First latents, and text tokens with a padding mask (the second caption shorter)."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randn(batch, model.in_channels, n0, size, size, generator=gen)
+    y = torch.randn(batch, model.model_max_length, model.caption_channels, generator=gen)
+    mask = torch.ones(batch, model.model_max_length, dtype=torch.bool)
+    mask[1, 3:] = False
+    return first, y, mask
+
+
+def _bounded(make_model, **overrides):
+    """A random model and diffusion whose samples stay O(1): v-prediction, fixed variance.
+
+    (With random weights an epsilon model's x0 estimates reach hundreds, and a random learned variance
+    makes ancestral noise explode, so an absolute tolerance would say little.)
+    """
+    return make_model(learn_sigma=False, **overrides), IDDPM(prediction_type="v_prediction", learn_sigma=False)
+
+
+@pytest.mark.parametrize("sampler", ["iddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_cache_matches_recompute_until_eviction(make_model, sampler, cfg_scale):
+    model, diffusion = _bounded(make_model)
+    first, y, mask = _inputs(model)
+    videos = {}
+    for mode in ("cache", "recompute"):
+        gen = AutoregressiveGenerator(model, diffusion, sampler, num_steps=4, chunk_size=4, max_cond_frames=9,
+                                      cfg_scale=cfg_scale, prefix_perturb_t=30, mode=mode)
+        videos[mode] = gen.generate(first, 17, y, mask, seed=3)
+    cache, recompute = videos["cache"], videos["recompute"]
+    assert cache.shape == (2, 4, 17, 4, 4)
+    # chunks 0-2 see 1, 5, 9 <= 9 conditioning frames; chunk 3 would see 13: the queue has evicted 4
+    assert cache[:, :, 1:].std() > 0.3
+    torch.testing.assert_close(cache[:, :, :13], recompute[:, :, :13], atol=1e-4, rtol=0)
+    assert (cache[:, :, 13:] - recompute[:, :, 13:]).abs().max() > 1e-2  # the comparison is not vacuous
+
+
+def test_guidance_changes_the_video(make_model):
+    model, diffusion = _bounded(make_model)
+    first, y, mask = _inputs(model)
+    runs = [AutoregressiveGenerator(model, diffusion, "ddim", 3, 4, 9, cfg_scale=s).generate(first, 9, y, mask)
+            for s in (1.0, 4.0)]
+    assert (runs[0] - runs[1]).abs().max() > 1e-2
+    unconditional, diffusion = _bounded(make_model, caption_channels=0)
+    gen = AutoregressiveGenerator(unconditional, diffusion, "ddim", 3, 4, 9, cfg_scale=4.0)
+    gen.generate(first, 9, y, mask)
+    assert gen.cache.batch_size == 2  # no guidance for an unconditional model: no null-text rows
+
+
+def test_seed_determines_the_video(make_model):
+    model, diffusion = _bounded(make_model)
+    first, y, mask = _inputs(model)
+    gen = AutoregressiveGenerator(model, diffusion, "iddpm", 3, 4, 9, prefix_perturb_t=20)
+    a, b, c = (gen.generate(first, 13, y, mask, seed=s) for s in (5, 5, 6))
+    assert torch.equal(a, b)
+    assert (a[:, :, 1:] - c[:, :, 1:]).abs().min(dim=2).values.max() > 1e-3  # every new frame differs
+    assert torch.equal(a[:, :, :1], first)
+
+
+def test_resume_from_saved_cache_after_wrap(make_model, tmp_path):
+    model, diffusion = _bounded(make_model)
+    first, y, mask = _inputs(model)
+    args = dict(sampler="iddpm", num_steps=3, chunk_size=4, max_cond_frames=9, cfg_scale=3.0, prefix_perturb_t=20)
+    full = AutoregressiveGenerator(model, diffusion, **args).generate(first, 33, y, mask, seed=7)  # 8 chunks
+
+    first_run = AutoregressiveGenerator(model, diffusion, **args)
+    for j, _ in enumerate(first_run.iter_chunks(first, 33, y, mask, seed=7)):
+        if j == 4:  # 21 frames written to a 9-frame queue: it has wrapped twice
+            assert first_run.cache.next_position == 21 and len(first_run.cache) == 9
+            torch.save(first_run.cache.state_dict(), tmp_path / "cache.pt")
+            break
+    state = torch.load(tmp_path / "cache.pt", weights_only=True)
+    resumed = AutoregressiveGenerator(model, diffusion, **args)
+    rest = torch.cat(list(resumed.iter_chunks(first, 33, y, mask, seed=7, cache_state=state)), dim=2)
+    assert len(resumed.chunk_times) == 3
+    torch.testing.assert_close(rest, full[:, :, 21:], atol=1e-6, rtol=0)
+
+
+def test_generator_rejects_bad_settings(make_model):
+    model, diffusion = _bounded(make_model)
+    first, _, _ = _inputs(model)
+    with pytest.raises(ValueError, match="chunk_size >= 1"):
+        AutoregressiveGenerator(model, diffusion, chunk_size=0)
+    with pytest.raises(ValueError, match="exceed max_tpe_len=33"):
+        AutoregressiveGenerator(model, diffusion, chunk_size=8, max_cond_frames=26)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        AutoregressiveGenerator(model, diffusion, sampler="euler")
+    with pytest.raises(ValueError, match="max_cond_frames=4"):
+        AutoregressiveGenerator(model, diffusion, chunk_size=4, max_cond_frames=4).generate(first.repeat(1, 1, 5, 1, 1), 9)
+    absolute, _ = _bounded(make_model, tpe_mode="absolute")
+    with pytest.raises(ValueError, match="absolute TPE"):
+        AutoregressiveGenerator(absolute, diffusion, chunk_size=8, max_cond_frames=8).generate(first, 34)
+    with pytest.raises(ValueError, match="mode='cache'"):
+        AutoregressiveGenerator(model, diffusion, mode="recompute").iter_chunks(first, 9, cache_state={})
+
+
+def _read_mp4(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return frames, stream.average_rate
+
+
+def test_writer_mp4_and_contact_sheet(tmp_path):
+    rng = np.random.default_rng(0)
+    collector = ContactSheetCollector(num_frames=13, count=4)
+    with StreamingVideoWriter(tmp_path / "v.mp4", fps=12, width=32, height=24) as writer:
+        for start in range(0, 13, 5):
+            frames = np.repeat(rng.integers(0, 256, (min(5, 13 - start), 1, 1, 3), dtype=np.uint8), 24, 1).repeat(32, 2)
+            writer.write(frames)
+            collector.add(frames)
+    frames, fps = _read_mp4(tmp_path / "v.mp4")
+    assert len(frames) == 13 and frames[0].shape == (24, 32, 3) and fps == 12
+    assert sorted(collector.frames) == [0, 4, 8, 12]
+    collector.save(tmp_path / "sheet.png")
+    assert Image.open(tmp_path / "sheet.png").size == (4 * 32 + 5 * 2, 24 + 2 * 2)
+    with pytest.raises(RuntimeError), StreamingVideoWriter(tmp_path / "broken.mp4", 8, 32, 24) as writer:
+        writer.write(frames[0][None])
+        raise RuntimeError("generation failed")
+    assert list(tmp_path.glob("*broken*")) == []  # no partial file that batch mode would take as done
+    with pytest.raises(ValueError, match="even"):
+        StreamingVideoWriter(tmp_path / "odd.mp4", 8, 31, 24)
+
+
+def test_psnr():
+    a = torch.zeros(3, 2, 4, 4)
+    b = a.clone()
+    b[:, 1] = 0.2  # mse 0.04 with a data range of 2 -> 10 log10(4 / 0.04) = 20 dB
+    assert psnr(b, a).tolist() == pytest.approx([100.0, 20.0])
+
+
+def _rss_mb():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+
+def test_streaming_memory_is_flat(make_model, tmp_path):
+    """999 frames generated, decoded and written: memory after frame 992 is what it was at frame 96.
+
+    Frames are upsampled to 128x128 for the writer, so keeping them would add ~45 MB of pixels.
+    """
+    from causalvdm.autoencoders import PixelVAE
+
+    model, diffusion = _bounded(make_model, in_channels=12, caption_channels=0)
+    vae = PixelVAE(factor=2)
+    gen = AutoregressiveGenerator(model, diffusion, "ddim", 1, chunk_size=8, max_cond_frames=25)
+    collector = ContactSheetCollector(999)
+    rss = {}
+    with StreamingVideoWriter(tmp_path / "long.mp4", 8, 128, 128) as writer:
+        for latents in gen.iter_chunks(torch.randn(1, 12, 1, 8, 8), 1000):
+            frames = to_uint8(vae.decode(latents)[0]).repeat(8, axis=1).repeat(8, axis=2)  # (8, 128, 128, 3)
+            writer.write(frames)
+            collector.add(frames)
+            if writer.num_frames in (96, 992):
+                rss[writer.num_frames] = _rss_mb()
+    assert writer.num_frames == 999 and len(collector.frames) == 8 and gen.cache.next_position == 1001
+    assert rss[992] - rss[96] < 10, rss
+
+
+# ------------------------------------------------------------------------------------------- sample.py
+CONFIG = """
+model = dict(type="CausalSTDiT", in_channels=12, hidden_size=32, depth={depth}, num_heads=2, mlp_ratio=2.0,
+             caption_channels=0, tpe_mode="cyclic", max_tpe_len=17)
+vae = dict(type="PixelVAE", factor=2)
+text_encoder = dict(type="NullTextEncoder")
+diffusion = dict(type="IDDPM")
+autoregressive = dict(chunk_size=4, max_cond_frames=9, prefix_perturb_t=20)
+sample = dict(sampler="ddim", num_steps=2, num_frames=14, fps=6, image_size=(16, 16))
+"""
+
+
+@pytest.fixture(scope="module")
+def sample_setup(tmp_path_factory):
+    """A tiny config, a random training checkpoint directory, one of another depth, an image and a video."""
+    import causalvdm
+    from causalvdm.config import load_config
+    from causalvdm.models.utils import randomize_weights
+
+    root = tmp_path_factory.mktemp("sample")
+    for depth in (2, 3):
+        (root / f"cfg{depth}.py").write_text(CONFIG.format(depth=depth))
+        model = randomize_weights(causalvdm.build_model(load_config(root / f"cfg{depth}.py").model), seed=depth)
+        (root / f"ckpt{depth}").mkdir()
+        for name in ("model", "ema"):
+            save_file(model.state_dict(), str(root / f"ckpt{depth}" / f"{name}.safetensors"))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / "first.png")
+    with StreamingVideoWriter(root / "real.mp4", 6, 16, 16) as writer:
+        writer.write(np.repeat(rng.integers(0, 256, (20, 16, 16, 1), dtype=np.uint8), 3, axis=3))
+    return root
+
+
+def test_sample_script_end_to_end(sample_setup, tmp_path, monkeypatch):
+    import sample
+
+    root = sample_setup
+    assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-image", str(root / "first.png"),
+                        "--out", str(tmp_path), "--seed", "3"]) == 0
+    frames, fps = _read_mp4(tmp_path / "first.mp4")
+    assert len(frames) == 14 and frames[0].shape == (16, 16, 3) and fps == 6
+    assert (tmp_path / "first.png").is_file()
+    sidecar = json.loads((tmp_path / "first.json").read_text())
+    assert sidecar["seed"] == 3 and sidecar["frames"] == 14 and len(sidecar["chunk_seconds"]) == 4
+    assert sidecar["settings"]["sampler"] == "ddim" and sidecar["autoregressive"]["max_cond_frames"] == 9
+
+    # first frames from a video: PSNR against the real frames and the repeat-the-last-frame baseline
+    assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2" / "model.safetensors"),
+                        "--first-video", str(root / "real.mp4"), "--first-frames", "2", "--num-frames", "24",
+                        "--out", str(tmp_path), "--name", "vid"]) == 0
+    metrics = json.loads((tmp_path / "vid.json").read_text())["metrics"]
+    assert metrics["frames"] == list(range(2, 20)) and len(metrics["psnr"]) == 18  # the real video has 20 frames
+    assert metrics["eval_len"] == 17 and 0 < metrics["psnr_repeat_last_mean_eval"] < 100
+
+    # batch mode: rank 1 of 2 takes the second row; a second run skips what exists
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text(json.dumps({"first_image": str(root / "first.png"), "name": "a"}) + "\n"
+                        + json.dumps({"first_video": os.path.relpath(root / "real.mp4", tmp_path), "name": "b"}) + "\n")
+    batch = tmp_path / "batch"
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--manifest", str(manifest),
+                            "--out", str(batch)]) == 0
+        assert (batch / "b.mp4").is_file() and (batch / "a.mp4").is_file() == (rank == "0")
+    stamp = (batch / "b.mp4").stat().st_mtime_ns
+    monkeypatch.setenv("RANK", "1")
+    assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--manifest", str(manifest),
+                        "--out", str(batch)]) == 0
+    assert (batch / "b.mp4").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ckpt", "{root}/nowhere"], "checkpoint not found"),
+    (["--ckpt", "{root}/ckpt3"], "not a checkpoint of this model architecture"),
+    (["--ckpt", "{root}/ckpt2", "--sampler", "euler"], "unknown sampler 'euler'"),
+    (["--ckpt", "{root}/ckpt2", "--first-image", "{root}/cfg2.py"], "cannot read image"),
+])
+def test_sample_script_one_line_errors(sample_setup, tmp_path, extra, message):
+    import sample
+
+    argv = [str(sample_setup / "cfg2.py"), "--out", str(tmp_path)] + [a.format(root=sample_setup) for a in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    text = str(exit_info.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not list(tmp_path.glob("*.mp4"))
