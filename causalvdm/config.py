@@ -1,6 +1,7 @@
 """Loading mmengine `.py` configs with `--cfg-options` overrides, and the one-line config errors."""
 
 import argparse
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mmengine.config import Config, DictAction
@@ -41,3 +42,23 @@ def require(cfg: Config, *keys: str):
             node = node[part]
         values.append(node)
     return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass
+class AutoregressiveSettings:
+    """`cfg.autoregressive`, shared by training and sampling: chunk size k, cache queue size, prefix perturbation."""
+
+    chunk_size: int = 8
+    max_cond_frames: int = 25
+    prefix_perturb_t: int = 0
+
+    @classmethod
+    def from_cfg(cls, ar_cfg) -> "AutoregressiveSettings":
+        given = dict(ar_cfg or {})
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"autoregressive: unknown field(s) {', '.join(unknown)}")
+        settings = cls(**given)
+        if settings.chunk_size < 1 or settings.max_cond_frames < 1:
+            raise ConfigError("autoregressive.chunk_size and max_cond_frames must be >= 1")
+        return settings

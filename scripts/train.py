@@ -31,10 +31,12 @@ import causalvdm
 from causalvdm import data as _data  # noqa: F401  (registers datasets)
 from causalvdm import diffusion as _diffusion  # noqa: F401  (registers schedulers)
 from causalvdm import text as _text  # noqa: F401  (registers text encoders)
-from causalvdm.config import add_config_args, load_config, require
+from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.data import StatefulSampler, build_dataloader
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config
+from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.sampling.writer import StreamingVideoWriter, to_uint8
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from causalvdm.training.distributed import all_reduce_mean, any_process, init_distributed, parallelize, unwrap
@@ -112,8 +114,8 @@ def main(argv=None) -> int:
 
 def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Path) -> int:
     torch.manual_seed(settings.seed)
-    ar = cfg.get("autoregressive", {})
-    ar_size, prefix_perturb_t = ar.get("chunk_size", 8), ar.get("prefix_perturb_t", 0)
+    ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
+    ar_size, prefix_perturb_t = ar.chunk_size, ar.prefix_perturb_t
     use_bf16 = settings.mixed_precision == "bf16" or (settings.mixed_precision == "auto" and info.device.type == "cuda")
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -123,7 +125,7 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
     diffusion = build(SCHEDULERS, cfg.diffusion, "diffusion")
     text_encoder = build(TEXT_ENCODERS, cfg.get("text_encoder", dict(type="NullTextEncoder")), "text_encoder")
     dataset = build(DATASETS, cfg.dataset, "dataset")
-    vae = None  # built on the first pixel batch only: training from cached latents never touches the VAE
+    vae = None  # see get_vae()
     log.info("model: %.2fM parameters, %d training clips, %d process(es) on %s",
              sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), info.world_size, info.device)
 
@@ -189,14 +191,39 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
             raise CheckpointError(f"writing the step-{step} checkpoint failed ({failure or 'on the main process'}); "
                                   f"earlier checkpoints in {ckpt_dir} are intact: free space and rerun with --resume auto")
 
-    def encode(batch) -> torch.Tensor:
+    def get_vae():
+        """The VAE, built on first use: training from cached latents never touches it."""
         nonlocal vae
-        if "latents" in batch:
-            return batch["latents"].to(info.device)
         if vae is None:
             vae = build(VAES, cfg.vae, "vae").to(info.device).eval()
+        return vae
+
+    def encode(batch) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(info.device)
         with torch.no_grad(), autocast:
-            return vae.encode(batch["video"].to(info.device)).float()
+            return get_vae().encode(batch["video"].to(info.device)).float()
+
+    def validate() -> None:
+        """Sample a clip from the first frame of the first training clip with the EMA weights, into samples/."""
+        ema_state = ema.state_dict()  # a collective under FSDP: every rank takes part
+        if not info.is_main:
+            return
+        val_model = causalvdm.build_model({k: v for k, v in cfg.model.items() if k != "from_pretrained"})
+        val_model.load_state_dict(ema_state)
+        val_model.to(info.device).eval()
+        generator = AutoregressiveGenerator(val_model, diffusion, settings.validation_sampler, settings.validation_steps,
+                                            ar.chunk_size, ar.max_cond_frames, prefix_perturb_t=ar.prefix_perturb_t)
+        with torch.no_grad():
+            y, mask = text_encoder.encode([first["caption"]])
+        latents = generator.generate(first_latents[:, :, :1], settings.validation_frames or 2 * core.max_tpe_len,
+                                     y, mask, seed=settings.seed)
+        with torch.no_grad():
+            video = get_vae().decode(latents)[0]  # (3, T, H, W)
+        path = run_dir / "samples" / f"step_{step:08d}.mp4"
+        with StreamingVideoWriter(path, 8, video.shape[-1], video.shape[-2]) as writer:
+            writer.write(to_uint8(video))
+        log.info("validation clip: %s", path)
 
     # ---- the loop
     first = dataset[0]  # pre-flight: one clip through the VAE, so a shape mistake fails now in one line
@@ -271,6 +298,8 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
         if pre_empted:
             log.info("SIGTERM: checkpoint saved at step %d, exiting", step)
             return 0
+        if settings.validation_every and step % settings.validation_every == 0:
+            validate()
     bar.close()
     if info.is_main:
         log.info("done: %d steps; skipped unreadable files: %d; non-finite steps: %d", step, skipped_files, nonfinite_total)

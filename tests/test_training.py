@@ -154,3 +154,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, video_root, t5_dir)
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key}"
     assert _losses(tmp_path / "outputs" / "killed") == _losses(tmp_path / "outputs" / "full")
+
+
+def test_validation_sampling_writes_a_clip(tmp_path, video_root, t5_dir, train_script):
+    cfg = _config(tmp_path, video_root, t5_dir, steps=2, ckpt_every=2)
+    code = train_script.main([str(cfg), "--exp-name", "val", "--cfg-options", "train.validation_every=2",
+                              "train.validation_frames=9", "train.validation_steps=3"])
+    assert code == 0
+    clip = tmp_path / "outputs" / "val" / "samples" / "step_00000002.mp4"
+    with av.open(str(clip)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (8, 8, 3)

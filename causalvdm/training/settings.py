@@ -1,6 +1,6 @@
 """The trainer's settings (`train = dict(...)` in a config), with every default declared once here."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from causalvdm.registry import ConfigError
 
@@ -29,8 +29,10 @@ class TrainSettings:
     ckpt_every: int = 500
     keep_last: int = 3
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
-    validation_every: int = 0  # 0 disables validation sampling
-    validation: dict = field(default_factory=dict)  # overrides of the config's `sample` dict for validation clips
+    validation_every: int = 0  # sample a clip every N steps into samples/ (0: never)
+    validation_frames: int = 0  # frames of that clip (0: twice model.max_tpe_len)
+    validation_sampler: str = "ddim"
+    validation_steps: int = 25
     wandb: bool = False  # log to wandb in offline mode as well (pip install -e ".[wandb]")
 
     @classmethod
