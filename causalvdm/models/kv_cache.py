@@ -10,6 +10,12 @@ import copy
 import torch
 
 
+def staged_mask(num_new: int, bidirectional: bool) -> torch.Tensor:
+    """Which of this call's frames each new frame sees -> (T, T) bool: causal, or all of them."""
+    mask = torch.ones(num_new, num_new, dtype=torch.bool)
+    return mask if bidirectional else mask.tril()
+
+
 class KVCache:
     """Per-layer temporal keys/values of the last `capacity` clean frames, preallocated.
 
@@ -106,12 +112,8 @@ class KVCache:
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
         """Which keys each new frame sees -> (T, capacity + T) bool: filled slots, then staged frames."""
-        n = self._num_new
-        staged = torch.ones(n, n, dtype=torch.bool)
-        if not bidirectional:
-            staged = staged.tril()
-        filled = (self.slot_pos >= 0).expand(n, -1)
-        return torch.cat([filled, staged], dim=1).to(device)
+        filled = (self.slot_pos >= 0).expand(self._num_new, -1)
+        return torch.cat([filled, staged_mask(self._num_new, bidirectional)], dim=1).to(device)
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage this call's keys/values (B*S, H, T, Dh) -> views (B*S, H, capacity + T, Dh) to attend to."""
@@ -161,11 +163,8 @@ class ReferenceKVCache:
         return torch.arange(self.next_position, self.next_position + num_frames)
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
-        n = self._num_new
-        staged = torch.ones(n, n, dtype=torch.bool)
-        if not bidirectional:
-            staged = staged.tril()
-        return torch.cat([torch.ones(n, len(self), dtype=torch.bool), staged], dim=1).to(device)
+        past = torch.ones(self._num_new, len(self), dtype=torch.bool)
+        return torch.cat([past, staged_mask(self._num_new, bidirectional)], dim=1).to(device)
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.staged[layer] = (k, v)
