@@ -1,0 +1,246 @@
+"""Autoregressive chunk-by-chunk generation, through the shared KV cache or the recompute baseline.
+
+Split gpt-fast style: `prefill` writes the given clean frames to the cache once, `denoise_chunk` is
+the hot loop (the model runs on the k chunk frames only and reads the cache, which it never changes),
+`commit` appends the finished chunk with one t = 0 pass. The queue holds `max_cond_frames` frames and
+evicts the oldest, so the cost of a chunk and the memory stay constant however long the video.
+
+mode="recompute" is the baseline without a cache: every denoising step runs the model on
+[last <= max_cond_frames written frames | chunk]. Both modes draw the same noise from the same seeds,
+so before the first eviction they produce the same video (fp32: to ~1e-5).
+"""
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from causalvdm.diffusion import make_sampler
+
+MODES = ("cache", "recompute")
+
+
+def chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    """The CPU generator of chunk `chunk` (-1: the given frames), independent of every other chunk's.
+
+    One stream per chunk, so a generation resumed at chunk j draws what the uninterrupted run drew.
+    """
+    state = np.random.SeedSequence([seed, chunk + 1]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class AutoregressiveGenerator:
+    """Generate video latents chunk by chunk from n0 given frames.
+
+    model: CausalSTDiT (eval mode); diffusion: the training GaussianDiffusion (1000 steps);
+    sampler: 'iddpm' | 'ddim' | 'dpm-solver++' over `num_steps` steps; chunk_size: k frames per chunk;
+    max_cond_frames: queue length; cfg_scale: classifier-free guidance (skipped at 1 or for an
+    unconditional model); prefix_perturb_t: forward-noise level of the written clean frames (as in
+    training; their timestep input stays 0); mode: 'cache' | 'recompute'; progress: tqdm over steps.
+    """
+
+    def __init__(self, model, diffusion, sampler: str = "iddpm", num_steps: int = 100, chunk_size: int = 8,
+                 max_cond_frames: int = 25, cfg_scale: float = 1.0, prefix_perturb_t: int = 0, mode: str = "cache",
+                 progress: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if chunk_size < 1 or max_cond_frames < 1:
+            raise ValueError(f"need chunk_size >= 1 and max_cond_frames >= 1, got {chunk_size}, {max_cond_frames}")
+        if model.tpe_mode == "cyclic" and max_cond_frames + chunk_size > model.max_tpe_len:
+            raise ValueError(f"cyclic TPE: max_cond_frames + chunk_size = {max_cond_frames + chunk_size} frames in view "
+                             f"exceed max_tpe_len={model.max_tpe_len}, so two of them would share a position")
+        if not 0 <= prefix_perturb_t < diffusion.num_timesteps:
+            raise ValueError(f"prefix_perturb_t must be in [0, {diffusion.num_timesteps}), got {prefix_perturb_t}")
+        self.model = model
+        self.diffusion = diffusion
+        self.sampler = make_sampler(sampler, diffusion, num_steps)
+        self.chunk_size = chunk_size
+        self.max_cond_frames = max_cond_frames
+        self.cfg_scale = cfg_scale
+        self.prefix_perturb_t = prefix_perturb_t
+        self.mode = mode
+        self.progress = progress
+        if mode == "recompute" and self._guidable and model.chunk_bidirectional:
+            # forward_with_cfg takes no `chunk`, so the baseline would be causal inside the chunk.
+            raise ValueError("mode='recompute' with guidance needs a causal model (chunk_bidirectional=False)")
+        self.cache = None  # KVCache of the current video (cache mode)
+        self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
+        self.prefill_time = 0.0
+        self._window = None  # recompute mode: the written frames in view (B, C, <= max_cond_frames, h, w)
+        self._text = (None, None, False)  # y, mask, guided
+
+    @property
+    def _guidable(self) -> bool:
+        return self.cfg_scale != 1.0 and self.model.caption_channels > 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------ phases
+    @torch.inference_mode()
+    def prefill(self, first_latents: torch.Tensor, y=None, mask=None, generator: torch.Generator | None = None) -> None:
+        """Start a video: set its text and write the n0 given clean frames (B, C, n0, h, w) once (n0 may be 0).
+
+        y (B, L, C_text), mask (B, L): the caption (None: the null caption); with guidance the cache holds
+        2B rows, conditional then null text. generator draws the perturbation noise of the given frames.
+        """
+        self._check_first(first_latents)
+        b, _, n0 = first_latents.shape[:3]
+        self._start(b, n0, y, mask)
+        frames = self._perturb(first_latents.to(self.device), generator)
+        if self.mode == "recompute":
+            self._window = frames
+        elif n0:
+            self._write(frames)
+
+    @torch.inference_mode()
+    def denoise_chunk(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoise one chunk from pure noise (B, C, k, h, w) -> clean latents (B, C, k, h, w); the cache is read only."""
+        b, _, k = noise.shape[:3]
+        x = noise.to(self.device)
+        cond = self._window if self.mode == "recompute" else None
+        p = 0 if cond is None else cond.shape[2]
+        self.sampler.reset()
+        steps = self.sampler.timesteps.tolist()
+        for i, t in enumerate(tqdm(steps, desc="denoise", leave=False, disable=not self.progress)):
+            t_chunk = torch.full((b, k), t, dtype=torch.long, device=self.device)  # (B, k)
+            if cond is None:
+                out = self._predict(x, t_chunk, cache=self.cache)  # (B, 2C, k, h, w)
+            else:
+                t_all = torch.cat([torch.zeros(b, p, dtype=torch.long, device=self.device), t_chunk], dim=1)
+                out = self._predict(torch.cat([cond, x], dim=2), t_all, chunk=(p, p + k))[:, :, p:]
+            x = self.sampler.step(out, i, x, generator)
+        return x
+
+    @torch.inference_mode()
+    def commit(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Append a finished chunk (B, C, k, h, w): perturb (if configured), one t = 0 pass, the queue evicts."""
+        frames = self._perturb(latents, generator)
+        if self.mode == "recompute":
+            self._window = torch.cat([self._window, frames], dim=2)[:, :, -self.max_cond_frames :]
+        else:
+            self._write(frames)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _check_first(self, first_latents: torch.Tensor) -> None:
+        if first_latents.dim() != 5 or first_latents.shape[1] != self.model.in_channels:
+            raise ValueError(f"first_latents must be (B, {self.model.in_channels}, n0, h, w), "
+                             f"got {tuple(first_latents.shape)}")
+        if first_latents.shape[2] > self.max_cond_frames:
+            raise ValueError(f"{first_latents.shape[2]} given frames do not fit max_cond_frames={self.max_cond_frames}")
+
+    def _start(self, batch_size: int, n0: int, y, mask) -> None:
+        """Set the text of a new video and, in cache mode, a fresh cache (guidance: 2B rows)."""
+        guided = self._guidable and y is not None
+        if self.model.caption_channels == 0:
+            y = mask = None
+        elif y is not None:
+            y = y.to(self.device)
+            mask = torch.ones(y.shape[:2], dtype=torch.bool, device=self.device) if mask is None else mask.to(self.device)
+        self._text = (y, mask, guided)
+        self._window = None
+        self.cache = None
+        if self.mode == "cache":
+            rows = 2 * batch_size if guided else batch_size
+            self.cache = self.model.new_cache(rows, self.max_cond_frames, max(self.chunk_size, n0))
+
+    def _perturb(self, frames: torch.Tensor, generator) -> torch.Tensor:
+        """Forward-noise clean frames to level prefix_perturb_t, as the training prefix was (noise drawn on CPU)."""
+        if self.prefix_perturb_t == 0 or frames.shape[2] == 0:
+            return frames
+        noise = torch.randn(frames.shape, generator=generator, dtype=frames.dtype).to(frames.device)
+        t = torch.full((frames.shape[0],), self.prefix_perturb_t, dtype=torch.long, device=frames.device)
+        return self.diffusion.q_sample(frames, t, noise)
+
+    def _write(self, frames: torch.Tensor) -> None:
+        y, mask, guided = self._text
+        if guided:
+            y_null, mask_null = self.model.null_text(frames.shape[0])
+            frames, y, mask = torch.cat([frames, frames]), torch.cat([y, y_null]), torch.cat([mask, mask_null])
+        self.model.write_cache(frames, self.cache, y, mask)
+
+    def _predict(self, x, t, cache=None, chunk=None) -> torch.Tensor:
+        """The model output (B, 2C, T, h, w), guided when this video has a caption and cfg_scale != 1."""
+        y, mask, guided = self._text
+        if guided:
+            return self.model.forward_with_cfg(x, t, y, mask, self.cfg_scale, cache=cache)
+        return self.model(x, t, y, mask, cache=cache, chunk=chunk)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # wall times must include the queued kernels
+
+    # -------------------------------------------------------------------------------- loops
+    def num_chunks(self, n0: int, num_frames: int) -> int:
+        """Chunks needed to reach `num_frames` frames from n0 given ones (the last one may be cut short)."""
+        return -(-(num_frames - n0) // self.chunk_size)
+
+    def iter_chunks(self, first_latents: torch.Tensor, num_frames: int, y=None, mask=None, seed: int = 0,
+                    cache_state: dict | None = None):
+        """Yield the latents (B, C, k, h, w) of each new chunk until `num_frames` frames (given ones included).
+
+        A chunk is committed to the cache before it is yielded, so `self.cache.state_dict()` taken then can
+        be passed as `cache_state` to a new generator with the same arguments: it skips the prefill and
+        resumes at the next chunk, drawing the same noise as the uninterrupted run. The last chunk is cut to
+        the requested length. Nothing kept here grows with the video's length.
+        """
+        self._check_first(first_latents)
+        n0 = first_latents.shape[2]
+        if num_frames < n0:
+            raise ValueError(f"num_frames={num_frames} is fewer than the {n0} given frames")
+        total = self.num_chunks(n0, num_frames)
+        end = n0 + total * self.chunk_size
+        if self.model.tpe_mode == "absolute" and end > self.model.max_tpe_len:
+            raise ValueError(f"absolute TPE covers max_tpe_len={self.model.max_tpe_len} frames, but {num_frames} frames "
+                             f"in chunks of {self.chunk_size} need {end}; use a cyclic or rope model for longer videos")
+        start = self._resume(first_latents, y, mask, cache_state) if cache_state is not None else None
+        return self._chunks(first_latents, num_frames, y, mask, seed, start)
+
+    def _chunks(self, first_latents, num_frames, y, mask, seed, start):
+        """The loop of `iter_chunks` (a generator, so its checks above run at call time)."""
+        b, c, n0, h, w = first_latents.shape
+        self.chunk_times = []
+        if start is None:
+            t0 = time.perf_counter()
+            self.prefill(first_latents, y, mask, chunk_generator(seed, -1))
+            self._sync()
+            self.prefill_time = time.perf_counter() - t0
+            start = 0
+        for j in range(start, self.num_chunks(n0, num_frames)):
+            t0 = time.perf_counter()
+            gen = chunk_generator(seed, j)
+            noise = torch.randn((b, c, self.chunk_size, h, w), generator=gen, dtype=first_latents.dtype)
+            latents = self.denoise_chunk(noise, gen)
+            self.commit(latents, gen)
+            self._sync()
+            self.chunk_times.append(time.perf_counter() - t0)
+            keep = min(self.chunk_size, num_frames - n0 - j * self.chunk_size)
+            yield latents[:, :, :keep]
+
+    def _resume(self, first_latents, y, mask, cache_state: dict) -> int:
+        """Load a cache state saved after some chunk -> index of the next chunk to generate."""
+        if self.mode != "cache":
+            raise ValueError("resuming from a cache state needs mode='cache'")
+        n0 = first_latents.shape[2]
+        done, rest = divmod(int(cache_state["next_position"]) - n0, self.chunk_size)
+        if done < 0 or rest:
+            raise ValueError(f"cache state at frame {cache_state['next_position']} is not a chunk boundary "
+                             f"after {n0} given frames in chunks of {self.chunk_size}")
+        self._start(first_latents.shape[0], n0, y, mask)
+        self.cache.load_state_dict(cache_state)
+        return done
+
+    def generate(self, first_latents: torch.Tensor, num_frames: int, y=None, mask=None, seed: int = 0,
+                 callback=None) -> torch.Tensor:
+        """The whole video's latents (B, C, num_frames, h, w), given frames first.
+
+        callback(chunk_index, latents) is called on each chunk as it is finished.
+        """
+        chunks = [first_latents.to(self.device)]
+        for j, latents in enumerate(self.iter_chunks(first_latents, num_frames, y, mask, seed)):
+            if callback is not None:
+                callback(j, latents)
+            chunks.append(latents)
+        return torch.cat(chunks, dim=2)
