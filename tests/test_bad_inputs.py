@@ -1,6 +1,9 @@
 """Every bad input we know of gets one line that says what is wrong and where, never a bare stack trace.
 
-Each case below is tried against the real entrypoint (in-process) or the real component.
+Each case is tried against the real entrypoint (scripts/train.py or scripts/sample.py, in-process) or
+the real component: TRAIN_CASES (config overrides), the manifest cases, missing top-level and
+component fields, missing and unparsable config files, truncated and incomplete checkpoints, a prompt
+longer than the tokenizer limit, an unknown registry type, bad model input shapes, and SAMPLE_CASES.
 """
 
 import logging
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 from causalvdm.registry import ConfigError, build, TEXT_ENCODERS
-from test_training import CONFIG, _config, video_root  # noqa: F401  (video_root is a fixture)
+from test_sampling import sample_setup  # noqa: F401  (a fixture: tiny config, checkpoints, image, video)
+from test_training import _config, video_root  # noqa: F401  (video_root is a fixture)
 
 # (case, --cfg-options overrides, message expected in the single ERROR line)
 TRAIN_CASES = [
@@ -133,3 +137,32 @@ def test_model_rejects_bad_shapes(make_model):
         model.write_cache(torch.randn(1, 4, 3, 4, 4), cache)
     with pytest.raises(ValueError, match=r"beyond max_tpe_len=33 in 'absolute' TPE mode"):
         make_model(tpe_mode="absolute")(torch.randn(1, 4, 34, 2, 2), torch.zeros(1, 34, dtype=torch.long))
+
+
+# (case, sample.py flags, message expected in the single "error:" line)
+SAMPLE_CASES = [
+    ("missing checkpoint", ["--ckpt", "{root}/nowhere"], "checkpoint not found"),
+    ("checkpoint of another architecture", ["--ckpt", "{root}/ckpt3"], "not a checkpoint of this model architecture"),
+    ("unknown sampler", ["--ckpt", "{root}/ckpt2", "--sampler", "euler"], "unknown sampler 'euler'"),
+    ("unreadable first image", ["--ckpt", "{root}/ckpt2", "--first-image", "{root}/cfg2.py"], "cannot read image"),
+    ("missing first image", ["--ckpt", "{root}/ckpt2", "--first-image", "{root}/none.png"], "none.png"),
+    ("more given frames than the video has", ["--ckpt", "{root}/ckpt2", "--first-video", "{root}/real.mp4",
+                                              "--first-frames", "30"], "has 20 frames, --first-frames asks for 30"),
+    ("chunk and queue beyond the cyclic TPE", ["--ckpt", "{root}/ckpt2", "--cfg-options",
+                                               "autoregressive.max_cond_frames=16"],
+     "max_cond_frames + chunk_size = 20 frames in view exceed max_tpe_len=17"),
+    ("unknown sample field", ["--ckpt", "{root}/ckpt2", "--cfg-options", "sample.steps=3"],
+     "sample: unknown field(s) steps"),
+]
+
+
+@pytest.mark.parametrize("case, extra, message", SAMPLE_CASES, ids=[c[0] for c in SAMPLE_CASES])
+def test_bad_sampling_input(case, extra, message, sample_setup, tmp_path):
+    import sample
+
+    argv = [str(sample_setup / "cfg2.py"), "--out", str(tmp_path)] + [a.format(root=sample_setup) for a in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    text = str(exit_info.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text, text
+    assert not list(tmp_path.glob("*.mp4"))

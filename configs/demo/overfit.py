@@ -1,25 +1,27 @@
 # Overfit demo: a small causal ST-DiT memorises one real 17-frame clip at 32x32 on a 2-core CPU, then
 # continues the clip from its first frame with the shared KV cache (scripts/demo.sh runs it all).
-# Pixels go through the lossless space-to-depth PixelVAE, so no neural autoencoder is needed.
+# Pixels go through the lossless space-to-depth PixelVAE, so no neural autoencoder is needed. The
+# width must exceed the values per token (2x2 patches of 48 channels = 192): below it the model cannot
+# pass the noisy input through, and v/epsilon prediction fails at low noise levels.
 data_root = "data/demo"
 
 model = dict(
     type="CausalSTDiT",
-    in_channels=12,  # PixelVAE factor 2: 3 * 2 * 2 channels at 16x16
-    hidden_size=192,
-    depth=6,
-    num_heads=6,
+    in_channels=48,  # PixelVAE factor 4: 3 * 4 * 4 channels at 8x8, so 16 tokens per frame
+    hidden_size=256,  # > 192 values per token, see above
+    depth=4,
+    num_heads=4,
     mlp_ratio=4.0,
     caption_channels=0,
     tpe_mode="cyclic",
     max_tpe_len=17,
 )
-vae = dict(type="PixelVAE", factor=2)
+vae = dict(type="PixelVAE", factor=4)
 text_encoder = dict(type="NullTextEncoder")
 diffusion = dict(type="IDDPM", prediction_type="v_prediction")
 dataset = dict(
     type="RepeatDataset",
-    times=64,
+    times=1000,
     dataset=dict(
         type="VideoManifestDataset",
         root=data_root,
@@ -33,16 +35,16 @@ dataset = dict(
 autoregressive = dict(chunk_size=4, max_cond_frames=13, prefix_perturb_t=0)
 train = dict(
     seed=0,
-    max_steps=1500,
+    max_steps=1200,
     batch_size=8,
-    num_workers=1,
-    lr=1e-3,
+    num_workers=0,
+    lr=6e-4,
     warmup_steps=50,
     grad_clip=1.0,
     ema_decay=0.99,
     txt_dropout_prob=0.0,
     log_every=25,
-    ckpt_every=250,
+    ckpt_every=300,
     keep_last=2,
 )
 sample = dict(sampler="ddim", num_steps=25, cfg_scale=1.0, num_frames=51, fps=12, image_size=(32, 32))
