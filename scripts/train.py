@@ -233,6 +233,7 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
     if isinstance(text_encoder, torch.nn.Module):
         text_encoder.to(info.device)
     nonfinite_run, skipped_files, window_start, window_steps = 0, 0, time.time(), 0
+    window = dict(loss=0.0, mse=0.0, vb=0.0)  # sums over the steps since the last log line
     bar = tqdm(total=settings.max_steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True)
     while step < settings.max_steps:
         loss_sum, mse_sum, vb_sum = 0.0, 0.0, 0.0
@@ -275,12 +276,14 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
         scheduler.step()
         step += 1
         window_steps += 1
+        for key, value in (("loss", loss_sum), ("mse", mse_sum), ("vb", vb_sum)):
+            window[key] += value
         bar.update(1)
 
         if step % settings.log_every == 0 or step == settings.max_steps or nonfinite_run:
             elapsed = time.time() - window_start
-            metrics = dict(loss=all_reduce_mean(loss_sum, info), mse=all_reduce_mean(mse_sum, info),
-                           vb=all_reduce_mean(vb_sum, info), grad_norm=float(grad_norm),
+            metrics = {key: all_reduce_mean(total / window_steps, info) for key, total in window.items()}
+            metrics.update(grad_norm=float(grad_norm),
                            lr=scheduler.get_last_lr()[0], steps_per_s=window_steps / max(elapsed, 1e-9),
                            memory_gb=memory_gb(info.device), prefix_len=prefix_len, skipped_files=skipped_files,
                            nonfinite_steps=nonfinite_total)
@@ -288,6 +291,7 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
                 run_logger.log(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             window_start, window_steps = time.time(), 0
+            window = dict.fromkeys(window, 0.0)
         if nonfinite_run >= settings.max_nonfinite_steps:
             log.error("stopping: %d non-finite steps in a row; the last good checkpoint in %s is intact",
                       nonfinite_run, ckpt_dir)
