@@ -23,8 +23,6 @@ import torch
 from tqdm import tqdm
 
 import causalvdm
-from causalvdm import diffusion as _diffusion  # noqa: F401  (registers schedulers)
-from causalvdm import text as _text  # noqa: F401  (registers text encoders)
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image

@@ -28,22 +28,20 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm import tqdm
 
 import causalvdm
-from causalvdm import data as _data  # noqa: F401  (registers datasets)
-from causalvdm import diffusion as _diffusion  # noqa: F401  (registers schedulers)
-from causalvdm import text as _text  # noqa: F401  (registers text encoders)
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.data import StatefulSampler, build_dataloader
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config
+from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.writer import StreamingVideoWriter, to_uint8
-from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from causalvdm.training.distributed import all_reduce_mean, any_process, init_distributed, parallelize, unwrap
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
 from causalvdm.training.settings import TrainSettings, check_clip_shape
 from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.memory import peak_memory_mb
 
 log = logging.getLogger("causalvdm.train")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -285,7 +283,7 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
             metrics = {key: all_reduce_mean(total / window_steps, info) for key, total in window.items()}
             metrics.update(grad_norm=float(grad_norm),
                            lr=scheduler.get_last_lr()[0], steps_per_s=window_steps / max(elapsed, 1e-9),
-                           memory_gb=memory_gb(info.device), prefix_len=prefix_len, skipped_files=skipped_files,
+                           memory_gb=peak_memory_mb(info.device) / 1024, prefix_len=prefix_len, skipped_files=skipped_files,
                            nonfinite_steps=nonfinite_total)
             if info.is_main:
                 run_logger.log(step, metrics)
@@ -309,17 +307,6 @@ def train(cfg, settings: TrainSettings, args, info, run_dir: Path, ckpt_dir: Pat
         log.info("done: %d steps; skipped unreadable files: %d; non-finite steps: %d", step, skipped_files, nonfinite_total)
         run_logger.close()
     return 0
-
-
-def memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory, or the process's peak resident memory on the CPU, in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return 0.0
 
 
 if __name__ == "__main__":

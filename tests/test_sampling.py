@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from causalvdm.diffusion import IDDPM
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, psnr, to_uint8
+from causalvdm.utils.memory import proc_status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -160,12 +161,6 @@ def test_psnr():
     assert psnr(b, a).tolist() == pytest.approx([100.0, 20.0])
 
 
-def _rss_mb():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-
-
 def test_streaming_memory_is_flat(make_model, tmp_path):
     """999 frames generated, decoded and written: memory after frame 992 is what it was at frame 96.
 
@@ -184,7 +179,7 @@ def test_streaming_memory_is_flat(make_model, tmp_path):
             writer.write(frames)
             collector.add(frames)
             if writer.num_frames in (96, 992):
-                rss[writer.num_frames] = _rss_mb()
+                rss[writer.num_frames] = proc_status_mb("VmRSS")
     assert writer.num_frames == 999 and len(collector.frames) == 8 and gen.cache.next_position == 1001
     assert rss[992] - rss[96] < 10, rss
 

@@ -31,34 +31,13 @@ from pathlib import Path
 import torch
 
 import causalvdm
-from causalvdm import diffusion as _diffusion  # noqa: F401  (registers schedulers)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.utils.memory import peak_memory_mb, proc_status_mb, reset_peak_memory
 
 log = logging.getLogger("benchmark_ar")
-
-
-def proc_status_kb(field: str) -> int:
-    """A memory field of /proc/self/status (VmHWM, VmRSS) in kB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return proc_status_kb("VmHWM") / 1024
 
 
 def frame_passes(n0: int, chunks: int, k: int, max_cond: int, steps: int) -> tuple[int, int]:
@@ -137,7 +116,7 @@ def long_run(args, model, diffusion, ar, first) -> tuple[dict, str]:
     clock = time.process_time()
     for j, _ in enumerate(gen.iter_chunks(first, frames, seed=args.seed)):
         cpu.append(time.process_time() - clock)  # CPU seconds of this process: what other load cannot inflate much
-        rss.append(proc_status_kb("VmRSS") / 1024)
+        rss.append(proc_status_mb("VmRSS"))
         print(f"{j:5d} {min(n0 + j * k, max_cond):6d} {gen.chunk_times[-1]:8.3f} {cpu[-1]:7.3f} {rss[-1]:8.1f}", flush=True)
         clock = time.process_time()
     full = [j for j in range(args.long) if n0 + j * k >= max_cond]  # chunks that start with the queue full

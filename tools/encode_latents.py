@@ -26,7 +26,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import causalvdm.data  # noqa: F401  (registers the datasets; importing the package registers the VAEs)
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.data.datasets import LATENT_FORMAT, LATENT_INDEX_FILE, VideoClipDataset
 from causalvdm.data.video_io import VideoReadError, first_line
