@@ -41,7 +41,7 @@ from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
 from causalvdm.training.settings import TrainSettings, check_clip_shape
 from causalvdm.utils.io import CheckpointError
-from causalvdm.utils.memory import peak_memory_mb
+from causalvdm.utils.memory import keep_freed_memory, peak_memory_mb
 
 log = logging.getLogger("causalvdm.train")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     handler = logging.FileHandler(run_dir / "train.log") if info.is_main else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
+    keep_freed_memory()
     try:
         return train(cfg, settings, args, info, run_dir, ckpt_dir)
     except (ConfigError, CheckpointError) as err:

@@ -132,10 +132,11 @@ class KVCache:
         keep = min(n, self.capacity)  # of a call longer than the queue only the last frames survive
         positions = torch.arange(self.next_position + n - keep, self.next_position + n)
         slots = positions % self.capacity
-        staged = slice(self.capacity + n - keep, self.capacity + n)
-        index = slots.to(self.k.device)
-        self.k.index_copy_(3, index, self.k[:, :, :, staged].clone())
-        self.v.index_copy_(3, index, self.v[:, :, :, staged].clone())
+        # Frame by frame: a staged slot never is a queue slot, and copying the whole staged block at once
+        # would need a clone of it (all layers, tens of MB) allocated and page-faulted on every commit.
+        for slot, staged in zip(slots.tolist(), range(self.capacity + n - keep, self.capacity + n)):
+            self.k[:, :, :, slot].copy_(self.k[:, :, :, staged])
+            self.v[:, :, :, slot].copy_(self.v[:, :, :, staged])
         self.slot_pos[slots] = positions
         self.next_position += n
         self._num_new = 0

@@ -1,8 +1,17 @@
 """Process memory figures for logs and benchmarks: the accelerator's allocator on CUDA, resident memory on the CPU."""
 
+import ctypes
+import ctypes.util
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest value glibc accepts on 64-bit
 
 
 def proc_status_mb(field: str) -> float:
@@ -26,3 +35,22 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed CPU blocks up to 32 MiB in the process for reuse; True if it took effect.
+
+    By default it hands them back to the kernel, so every forward pass page-faults its activations in
+    again: on a 2-core CPU that was 7% of the sampling time and most of the jitter between equal chunks.
+    Resident memory then stays at its peak, which is what the process needs anyway. No-op off glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    if not ok:
+        log.warning("mallopt refused the allocator settings; freed memory goes back to the kernel")
+    return bool(ok)
