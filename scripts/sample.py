@@ -31,7 +31,8 @@ from causalvdm.models.pretrained import extract_state_dict, load_pretrained
 from causalvdm.registry import SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, psnr, to_uint8
-from causalvdm.utils.io import CheckpointError, load_weights
+from causalvdm.utils.io import CheckpointError, iter_jsonl, load_weights
+from causalvdm.utils.memory import keep_freed_memory
 
 log = logging.getLogger("causalvdm.sample")
 
@@ -325,24 +326,20 @@ def read_jobs(manifest: str, settings: SampleSettings) -> list[Job]:
         raise ConfigError(f"{path}: manifest not found")
     root = path.parent
     jobs, names = [], set()
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{line_no}: not JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{line_no}: a row must be a JSON object")
+    try:
+        rows = list(iter_jsonl(path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for line_no, row in rows:
         unknown = sorted(set(row) - {"first_image", "first_video", "prompt", "name", "first_frames", "seed"})
         if unknown:
-            raise ConfigError(f"{path}:{line_no}: unknown field(s) {', '.join(unknown)}")
+            raise ConfigError(f"{path}: line {line_no}: unknown field(s) {', '.join(unknown)}")
         if row.get("first_image") and row.get("first_video"):
-            raise ConfigError(f"{path}:{line_no}: give first_image or first_video, not both")
+            raise ConfigError(f"{path}: line {line_no}: give first_image or first_video, not both")
         source = row.get("first_image") or row.get("first_video")
         name = str(row.get("name") or f"{len(jobs):05d}" + (f"_{Path(source).stem}" if source else ""))
         if name in names:
-            raise ConfigError(f"{path}:{line_no}: duplicate name {name!r}")
+            raise ConfigError(f"{path}: line {line_no}: duplicate name {name!r}")
         names.add(name)
         jobs.append(Job(
             name=name, prompt=row.get("prompt", settings.prompt), seed=int(row.get("seed", settings.seed)),
@@ -358,6 +355,7 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s" if world > 1 else "%(asctime)s %(message)s")
+    keep_freed_memory()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -23,6 +23,7 @@ from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import (VideoReadError, first_line, iter_video_frames, probe_video, read_image,
                                      read_image_frames, read_video_frames)
 from causalvdm.registry import DATASETS, build
+from causalvdm.utils.io import iter_jsonl
 
 log = logging.getLogger("causalvdm.data")
 
@@ -175,18 +176,10 @@ def read_manifest(path: Path) -> list[dict]:
         raise ValueError(f"{path}: manifest not found")
     if path.suffix not in (".jsonl", ".csv"):
         raise ValueError(f"{path}: manifest must be a .jsonl or .csv file")
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
-                rows.append((line_no, row))
-        else:
+    if path.suffix == ".jsonl":
+        rows = list(iter_jsonl(path))
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             missing = {"path", "caption"} - set(reader.fieldnames or ())
             if reader.fieldnames is not None and missing:
@@ -199,8 +192,6 @@ def read_manifest(path: Path) -> list[dict]:
 
 def _check_row(path: Path, line_no: int, row) -> dict:
     where = f"{path}: line {line_no}"
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with 'path' and 'caption'")
     if not isinstance(row.get("path"), str) or not row["path"]:
         raise ValueError(f"{where}: missing or empty field 'path'")
     if not isinstance(row.get("caption"), str):

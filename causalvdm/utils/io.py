@@ -1,5 +1,7 @@
-"""Safe checkpoint reading and atomic writing: safetensors or `torch.load(weights_only=True)`, never pickle."""
+"""Reading files safely: checkpoints through safetensors or `torch.load(weights_only=True)`, never pickle, written
+atomically; JSON-lines manifests with errors that name the file and line."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -43,3 +45,21 @@ def atomic_save(obj, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def iter_jsonl(path: str | Path):
+    """Yield (line number, object) for each non-blank line of a JSON-lines file.
+
+    Raises a one-line ValueError naming the file and line for a line that is not a JSON object.
+    """
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {line_no}: expected an object, got {type(row).__name__}")
+            yield line_no, row
