@@ -67,6 +67,15 @@ def test_cache_matches_recompute_with_other_given_counts(make_model, n0):
     torch.testing.assert_close(videos[0], videos[1], atol=1e-4, rtol=0)
 
 
+def test_cache_matches_recompute_chunk_bidirectional_guided(make_model):
+    """Frames of a chunk see each other in both modes, guidance included (forward_with_cfg passes `chunk`)."""
+    model, diffusion = _bounded(make_model, chunk_bidirectional=True)
+    first, y, mask = _inputs(model)
+    videos = [AutoregressiveGenerator(model, diffusion, "ddim", 3, 4, 9, cfg_scale=3.0, mode=mode)
+              .generate(first, 9, y, mask) for mode in ("cache", "recompute")]
+    torch.testing.assert_close(videos[0], videos[1], atol=1e-4, rtol=0)
+
+
 def test_guidance_changes_the_video(make_model):
     model, diffusion = _bounded(make_model)
     first, y, mask = _inputs(model)

@@ -255,18 +255,19 @@ class CausalSTDiT(nn.Module):
         h = h.view(b, num_frames, height // ph, width // pw, ph, pw, self.out_channels)
         return h.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, num_frames, height, width)
 
-    def forward_with_cfg(self, x, t, y, mask, cfg_scale: float, cache=None) -> torch.Tensor:
+    def forward_with_cfg(self, x, t, y, mask, cfg_scale: float, cache=None, chunk=None) -> torch.Tensor:
         """Classifier-free guidance in one batch: conditional and null text side by side.
 
-        x: (B, C, T, H, W), t: (B, T); the cache (if any) must hold 2B rows, conditional first.
-        Returns (B, 2C, T, H, W): guided prediction, variance from the conditional half.
+        x: (B, C, T, H, W), t: (B, T); the cache (if any) must hold 2B rows, conditional first; chunk as
+        in `forward`. Returns (B, 2C, T, H, W): guided prediction, variance from the conditional half.
         """
         b = x.shape[0]
         y_null, mask_null = self.null_text(b)
         if y.shape[1:] != y_null.shape[1:]:
             raise ValueError(f"text tokens must be (B, {self.model_max_length}, {self.caption_channels}), got {tuple(y.shape)}")
         mask = torch.ones_like(mask_null) if mask is None else mask.bool()
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), torch.cat([mask, mask_null]), cache=cache)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), torch.cat([mask, mask_null]), cache=cache,
+                   chunk=chunk)
         cond, uncond = out.chunk(2)
         c = self.in_channels
         guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])

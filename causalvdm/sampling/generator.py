@@ -61,9 +61,6 @@ class AutoregressiveGenerator:
         self.prefix_perturb_t = prefix_perturb_t
         self.mode = mode
         self.progress = progress
-        if mode == "recompute" and self._guidable and model.chunk_bidirectional:
-            # forward_with_cfg takes no `chunk`, so the baseline would be causal inside the chunk.
-            raise ValueError("mode='recompute' with guidance needs a causal model (chunk_bidirectional=False)")
         self.cache = None  # KVCache of the current video (cache mode)
         self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
         self.prefill_time = 0.0
@@ -165,7 +162,7 @@ class AutoregressiveGenerator:
         """The model output (B, 2C, T, h, w), guided when this video has a caption and cfg_scale != 1."""
         y, mask, guided = self._text
         if guided:
-            return self.model.forward_with_cfg(x, t, y, mask, self.cfg_scale, cache=cache)
+            return self.model.forward_with_cfg(x, t, y, mask, self.cfg_scale, cache=cache, chunk=chunk)
         return self.model(x, t, y, mask, cache=cache, chunk=chunk)
 
     def _sync(self) -> None:
