@@ -13,16 +13,20 @@ generated before the first eviction. Wall times on a shared machine are only as 
 cores: the 1-minute load average before and after each run is printed beside them. Last line:
     speedup=<x> bound=<y> ratio=<x/y> frames=<F> chunk=<k> max_cond=<P> denoise_steps=<S>
 
---long N is its own run: N chunks in cache mode only, per-chunk wall time, CPU time of the process (less
-sensitive to other load) and RSS, the ratio of the slowest to the fastest chunk (wall) once the queue is
-full and the RSS growth over those chunks; its last line is
+--long N is its own run: N chunks in cache mode only, per-chunk wall time, CPU time of the process, minor
+page faults (memory the allocator had to take from the kernel again) and RSS, the ratio of the slowest to
+the fastest chunk (wall) once the queue is full and the RSS growth over those chunks. --control adds, after
+each of those chunks, a replay of the first full-queue chunk from a copy of its cache with the same noise:
+identical work every time, so its spread is the machine's. The last line is
     long_chunks=<N> slowest_over_fastest=<r> rss_growth_mb=<m> frames=<F> chunk=<k> max_cond=<P> denoise_steps=<S>
+with control_slowest_over_fastest=<c> appended under --control.
 """
 
 import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import sys
 import time
@@ -35,9 +39,14 @@ from causalvdm.config import add_config_args, load_config
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.utils.memory import peak_memory_mb, proc_status_mb, reset_peak_memory
+from causalvdm.utils.memory import keep_freed_memory, peak_memory_mb, proc_status_mb, reset_peak_memory
 
 log = logging.getLogger("benchmark_ar")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def frame_passes(n0: int, chunks: int, k: int, max_cond: int, steps: int) -> tuple[int, int]:
@@ -105,21 +114,45 @@ def compare(args, model, diffusion, ar, first) -> dict:
     return summary, line
 
 
+def replay_chunk(gen: AutoregressiveGenerator, cache, noise: torch.Tensor) -> float:
+    """Wall seconds to denoise and commit `noise` (B, C, k, h, w) against a copy of `cache`; gen's own cache is kept."""
+    live, gen.cache = gen.cache, cache.clone()
+    start = time.perf_counter()
+    gen.commit(gen.denoise_chunk(noise, torch.Generator().manual_seed(0)))
+    if noise.device.type == "cuda":
+        torch.cuda.synchronize(noise.device)
+    seconds = time.perf_counter() - start
+    gen.cache = live
+    return seconds
+
+
 def long_run(args, model, diffusion, ar, first) -> tuple[dict, str]:
     k, max_cond = ar["chunk_size"], ar["max_cond_frames"]
     n0 = first.shape[2]
     frames = n0 + args.long * k
     gen = AutoregressiveGenerator(model, diffusion, "iddpm", args.denoise_steps, k, max_cond,
                                   prefix_perturb_t=ar["prefix_perturb_t"], mode="cache")
-    rss, cpu = [], []
-    print(f"{'chunk':>5} {'cached':>6} {'seconds':>8} {'cpu_s':>7} {'rss_mb':>8}")
-    clock = time.process_time()
-    for j, _ in enumerate(gen.iter_chunks(first, frames, seed=args.seed)):
-        cpu.append(time.process_time() - clock)  # CPU seconds of this process: what other load cannot inflate much
-        rss.append(proc_status_mb("VmRSS"))
-        print(f"{j:5d} {min(n0 + j * k, max_cond):6d} {gen.chunk_times[-1]:8.3f} {cpu[-1]:7.3f} {rss[-1]:8.1f}", flush=True)
-        clock = time.process_time()
     full = [j for j in range(args.long) if n0 + j * k >= max_cond]  # chunks that start with the queue full
+    if len(full) < 2:
+        raise ValueError(f"--long {args.long} is too short: the queue of {max_cond} frames is full from chunk "
+                         f"{-(-(max_cond - n0) // k)}, and the ratio needs two chunks after that")
+    rss, cpu, faults, control = [], [], [], []
+    reference = noise = None
+    print(f"{'chunk':>5} {'cached':>6} {'seconds':>8} {'cpu_s':>7} {'faults':>7} {'rss_mb':>8}"
+          + (f" {'control_s':>9}" if args.control else ""))
+    clock, faulted = time.process_time(), minor_faults()
+    for j, latents in enumerate(gen.iter_chunks(first, frames, seed=args.seed)):
+        cpu.append(time.process_time() - clock)
+        faults.append(minor_faults() - faulted)
+        if args.control and j == full[0]:  # the queue is full now and stays full
+            reference = gen.cache.clone()
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed)).to(latents.device)
+        if reference is not None:
+            control.append(replay_chunk(gen, reference, noise))
+        rss.append(proc_status_mb("VmRSS"))  # after the control's copy of the cache, so that does not count as growth
+        print(f"{j:5d} {min(n0 + j * k, max_cond):6d} {gen.chunk_times[-1]:8.3f} {cpu[-1]:7.3f} {faults[-1]:7d} "
+              f"{rss[-1]:8.1f}" + (f" {control[-1]:9.3f}" if reference is not None else ""), flush=True)
+        clock, faulted = time.process_time(), minor_faults()
     times = [gen.chunk_times[j] for j in full]
     cpu_times = [cpu[j] for j in full]
     ratio = max(times) / min(times)
@@ -129,14 +162,20 @@ def long_run(args, model, diffusion, ar, first) -> tuple[dict, str]:
     print(f"queue full from chunk {full[0]}: wall seconds min {min(times):.3f} median {statistics.median(times):.3f} "
           f"max {max(times):.3f}; CPU seconds min {min(cpu_times):.3f} median {statistics.median(cpu_times):.3f} "
           f"max {max(cpu_times):.3f} (slowest/fastest {max(cpu_times) / min(cpu_times):.3f}); "
-          f"RSS {rss[full[0]]:.1f} -> {rss[-1]:.1f} MB (min {min(rss[full[0]:]):.1f}, max {max(rss[full[0]:]):.1f}); "
-          f"cache {gen.cache.nbytes / 2**20:.2f} MB")
+          f"page faults {sum(faults[j] for j in full)}; RSS {rss[full[0]]:.1f} -> {rss[-1]:.1f} MB "
+          f"(min {min(rss[full[0]:]):.1f}, max {max(rss[full[0]:]):.1f}); cache {gen.cache.nbytes / 2**20:.2f} MB")
+    if control:
+        print(f"control (chunk {full[0]} replayed {len(control)} times, identical work): wall seconds min "
+              f"{min(control):.3f} median {statistics.median(control):.3f} max {max(control):.3f}")
     summary = dict(long_chunks=args.long, slowest_over_fastest=ratio, rss_growth_mb=growth, frames=frames, chunk=k,
                    max_cond=max_cond, denoise_steps=args.denoise_steps, chunk_times=gen.chunk_times, cpu_seconds=cpu,
-                   cpu_slowest_over_fastest=max(cpu_times) / min(cpu_times), rss_mb=rss,
+                   cpu_slowest_over_fastest=max(cpu_times) / min(cpu_times), minor_faults=faults, rss_mb=rss,
                    cache_bytes=gen.cache.nbytes, device=str(first.device), threads=torch.get_num_threads())
     line = (f"long_chunks={args.long} slowest_over_fastest={ratio:.3f} rss_growth_mb={growth:.1f} frames={frames} "
             f"chunk={k} max_cond={max_cond} denoise_steps={args.denoise_steps}")
+    if control:
+        summary.update(control_seconds=control, control_slowest_over_fastest=max(control) / min(control))
+        line += f" control_slowest_over_fastest={max(control) / min(control):.3f}"
     return summary, line
 
 
@@ -147,6 +186,10 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=81, help="frames of the video, the first one given (default 81)")
     parser.add_argument("--denoise-steps", type=int, default=10, help="iddpm steps per chunk, S (default 10)")
     parser.add_argument("--long", type=int, metavar="N", help="instead: N chunks in cache mode, per-chunk time and RSS")
+    parser.add_argument("--control", action="store_true", help="with --long: after each full-queue chunk, time a "
+                        "replay of the first one (identical work), to show the machine's own spread")
+    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice, one per core); "
+                        "one thread leaves a core to the rest of the machine, so its interruptions stall no barrier")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the sampling noise")
     parser.add_argument("--weight-scale", type=float, default=0.25,
@@ -155,6 +198,9 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     try:
         cfg = load_config(args.config, args.cfg_options)

@@ -1,0 +1,43 @@
+"""tools/benchmark_ar.py on the tiny config: the printed summary lines and the JSON figures (no timing targets)."""
+
+import json
+import re
+
+import pytest
+
+from tools.benchmark_ar import frame_passes, main
+
+TINY = "configs/debug/tiny.py"
+
+
+def test_frame_passes_match_the_cost_model():
+    # 81 frames, 1 given, chunks of 8 and 25 cached: the first three chunks see 1, 9, 17 frames, the rest 25
+    recompute, cache = frame_passes(1, 10, 8, 25, 10)
+    assert recompute == 10 * ((1 + 9 + 17) + 7 * 25 + 10 * 8) == 2820
+    assert cache == 10 * 10 * 8 + 10 * 8 + 1 == 881
+
+
+def test_compare_mode(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--config", TINY, "--frames", "41", "--denoise-steps", "2", "--json", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"speedup=\S+ bound=\S+ ratio=\S+ frames=41 chunk=8 max_cond=25 denoise_steps=2", last), last
+    figures = json.loads(out.read_text())
+    assert figures["max_rel_diff"] < 1e-4  # cache and recompute agree before the first eviction
+    assert len(figures["cache"]["chunk_times"]) == len(figures["recompute"]["chunk_times"]) == 5
+
+
+def test_long_mode_with_control(tmp_path, capsys):
+    out = tmp_path / "long.json"
+    assert main(["--config", TINY, "--long", "6", "--denoise-steps", "1", "--control", "--json", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"long_chunks=6 slowest_over_fastest=\S+ rss_growth_mb=\S+ frames=49 chunk=8 max_cond=25 "
+                        r"denoise_steps=1 control_slowest_over_fastest=\S+", last), last
+    figures = json.loads(out.read_text())
+    assert len(figures["chunk_times"]) == len(figures["minor_faults"]) == 6
+    assert len(figures["control_seconds"]) == 3  # chunks 3, 4, 5 start with the queue of 25 full
+
+
+def test_long_mode_too_short():
+    with pytest.raises(SystemExit, match="too short"):
+        main(["--config", TINY, "--long", "3"])
