@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import causalvdm
-from causalvdm.config import add_config_args, load_config
+from causalvdm.config import AutoregressiveSettings, add_config_args, load_config
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
@@ -56,6 +56,12 @@ def frame_passes(n0: int, chunks: int, k: int, max_cond: int, steps: int) -> tup
     return recompute, cache
 
 
+def make_generator(args, model, diffusion, ar: AutoregressiveSettings, mode: str) -> AutoregressiveGenerator:
+    """The iddpm generator of both modes, with --denoise-steps and the config's autoregressive settings."""
+    return AutoregressiveGenerator(model, diffusion, "iddpm", args.denoise_steps, ar.chunk_size, ar.max_cond_frames,
+                                   prefix_perturb_t=ar.prefix_perturb_t, mode=mode)
+
+
 def run(gen: AutoregressiveGenerator, first, num_frames: int, seed: int, compare_chunks: int) -> dict:
     """Generate one video -> timings, peak memory, cache bytes and the first `compare_chunks` chunks."""
     device = gen.device
@@ -72,12 +78,11 @@ def run(gen: AutoregressiveGenerator, first, num_frames: int, seed: int, compare
 
 
 def compare(args, model, diffusion, ar, first) -> dict:
-    k, max_cond = ar["chunk_size"], ar["max_cond_frames"]
+    k, max_cond = ar.chunk_size, ar.max_cond_frames
     n0 = first.shape[2]
     results = {}
     for mode in ("recompute", "cache"):
-        gen = AutoregressiveGenerator(model, diffusion, "iddpm", args.denoise_steps, k, max_cond,
-                                      prefix_perturb_t=ar["prefix_perturb_t"], mode=mode)
+        gen = make_generator(args, model, diffusion, ar, mode)
         chunks = gen.num_chunks(n0, args.frames)
         no_eviction = sum(1 for j in range(chunks) if n0 + j * k <= max_cond)
         log.info("%s: %d chunks ...", mode, chunks)
@@ -127,11 +132,10 @@ def replay_chunk(gen: AutoregressiveGenerator, cache, noise: torch.Tensor) -> fl
 
 
 def long_run(args, model, diffusion, ar, first) -> tuple[dict, str]:
-    k, max_cond = ar["chunk_size"], ar["max_cond_frames"]
+    k, max_cond = ar.chunk_size, ar.max_cond_frames
     n0 = first.shape[2]
     frames = n0 + args.long * k
-    gen = AutoregressiveGenerator(model, diffusion, "iddpm", args.denoise_steps, k, max_cond,
-                                  prefix_perturb_t=ar["prefix_perturb_t"], mode="cache")
+    gen = make_generator(args, model, diffusion, ar, "cache")
     full = [j for j in range(args.long) if n0 + j * k >= max_cond]  # chunks that start with the queue full
     if len(full) < 2:
         raise ValueError(f"--long {args.long} is too short: the queue of {max_cond} frames is full from chunk "
@@ -208,17 +212,16 @@ def main(argv=None) -> int:
         model_cfg.pop("from_pretrained", None)
         model = causalvdm.build_model(model_cfg)
         diffusion = build(SCHEDULERS, cfg.get("diffusion") or dict(type="IDDPM"), "diffusion")
+        ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
     except ConfigError as err:
         sys.exit(f"error: {args.config}: {err}")
-    ar = dict(chunk_size=8, max_cond_frames=25, prefix_perturb_t=0)
-    ar.update({key: cfg.autoregressive[key] for key in ar if key in (cfg.get("autoregressive") or {})})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     randomize_weights(model, seed=args.seed, scale=args.weight_scale).to(device).eval()
     h, w = cfg.get("latent_size", (32, 32))
     first = torch.randn(1, model.in_channels, 1, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device)
     log.info("%s: %.1fM parameters, latents %dx%d, %s, %d threads, k=%d, max_cond=%d, S=%d",
              cfg.model.type, sum(p.numel() for p in model.parameters()) / 1e6, h, w, device,
-             torch.get_num_threads(), ar["chunk_size"], ar["max_cond_frames"], args.denoise_steps)
+             torch.get_num_threads(), ar.chunk_size, ar.max_cond_frames, args.denoise_steps)
     args.load_before = os.getloadavg()[0]
     with torch.inference_mode():  # warm-up: first-call allocations stay out of both timings
         model(first, torch.zeros(1, 1, dtype=torch.long, device=device))

@@ -99,14 +99,14 @@ class AutoregressiveGenerator:
         x = noise.to(self.device)
         cond = self._window if self.mode == "recompute" else None
         p = 0 if cond is None else cond.shape[2]
+        t_all = torch.zeros(b, p + k, dtype=torch.long, device=x.device)  # (B, p + k): the written frames stay at 0
         self.sampler.reset()
         steps = self.sampler.timesteps.tolist()
         for i, t in enumerate(tqdm(steps, desc="denoise", leave=False, disable=not self.progress)):
-            t_chunk = torch.full((b, k), t, dtype=torch.long, device=self.device)  # (B, k)
+            t_all[:, p:] = t
             if cond is None:
-                out = self._predict(x, t_chunk, cache=self.cache)  # (B, 2C, k, h, w)
+                out = self._predict(x, t_all, cache=self.cache)  # (B, 2C, k, h, w)
             else:
-                t_all = torch.cat([torch.zeros(b, p, dtype=torch.long, device=self.device), t_chunk], dim=1)
                 out = self._predict(torch.cat([cond, x], dim=2), t_all, chunk=(p, p + k))[:, :, p:]
             x = self.sampler.step(out, i, x, generator)
         return x

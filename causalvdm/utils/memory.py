@@ -1,7 +1,7 @@
-"""Process memory figures for logs and benchmarks: the accelerator's allocator on CUDA, resident memory on the CPU."""
+"""Process memory: figures for logs and benchmarks (the accelerator's allocator on CUDA, resident memory on the
+CPU), and the glibc allocator setting that stops CPU forward passes from page-faulting their memory in again."""
 
 import ctypes
-import ctypes.util
 import logging
 from pathlib import Path
 
@@ -44,11 +44,8 @@ def keep_freed_memory() -> bool:
     again: on a 2-core CPU that was 7% of the sampling time and most of the jitter between equal chunks.
     Resident memory then stays at its peak, which is what the process needs anyway. No-op off glibc.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library already loaded into this process
+    if mallopt is None:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     if not ok:
