@@ -64,6 +64,7 @@ class GaussianDiffusion:
         self.prediction_type = prediction_type
         self.learn_sigma = learn_sigma
         self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
+        self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
         alphas = 1.0 - betas
         self.log_betas = np.log(betas)
@@ -87,11 +88,16 @@ class GaussianDiffusion:
         self.fixed_log_variance = np.log(fixed_large)
 
     # ------------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _extract(table: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        """table[t] as float32 (B, 1, ..., 1) with `ndim` axes, on t's device."""
-        values = torch.from_numpy(table).to(t.device)[t].float()
-        return values.view(-1, *([1] * (ndim - 1)))
+    def _extract(self, table: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """table[t] as float32 (B, 1, ..., 1) with `ndim` axes, on t's device.
+
+        Each table is copied to a device once: a host-to-device copy at every sampling step would make the
+        host wait for the device.
+        """
+        key = (id(table), t.device)
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.from_numpy(table).to(t.device)
+        return self._device_tables[key][t].float().view(-1, *([1] * (ndim - 1)))
 
     def _split(self, model_output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model output (B, C or 2C, ...) -> prediction (B, C, ...), variance values (B, C, ...) or None."""

@@ -25,12 +25,26 @@ class IDDPMSampler:
     def reset(self) -> None:
         """Nothing to reset: each ancestral step depends on the current x only."""
 
-    def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None) -> torch.Tensor:
-        """x at step i (B, C, ...) and the model output (B, 2C, ...) there -> x at step i + 1."""
+    def step_noise(self, shape, generator=None, device=None) -> torch.Tensor:
+        """The noise of every step of a chunk at once -> (S, *shape) on `device`.
+
+        Drawn on the generator's device step by step (one draw of the whole block would give other numbers), so it
+        equals drawing at each step: a seeded CPU generator gives the same video on any accelerator, with one
+        host-to-device copy per chunk instead of one per step.
+        """
+        draw_on = generator.device if generator is not None else device
+        noise = [torch.randn(shape, generator=generator, device=draw_on) for _ in range(len(self.timesteps))]
+        return torch.stack(noise).to(device)
+
+    def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """x at step i (B, C, ...) and the model output (B, 2C, ...) there -> x at step i + 1.
+
+        noise: this step's noise (B, C, ...), e.g. from `step_noise`; else it is drawn from `generator`.
+        """
         t = torch.full((x_t.shape[0],), self.diffusion.num_timesteps - 1 - i, dtype=torch.long, device=x_t.device)
-        # Drawn on the generator's device: a seeded CPU generator gives the same video on any accelerator.
-        device = generator.device if generator is not None else x_t.device
-        noise = torch.randn(x_t.shape, generator=generator, device=device).to(x_t.device)
+        if noise is None:
+            device = generator.device if generator is not None else x_t.device
+            noise = torch.randn(x_t.shape, generator=generator, device=device).to(x_t.device)
         return self.diffusion.p_sample(model_output, x_t, t, noise)
 
 
@@ -50,7 +64,11 @@ class DiffusersSampler:
         self.scheduler.set_timesteps(self.num_steps)
         self._next = 0
 
-    def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None) -> torch.Tensor:
+    def step_noise(self, shape, generator=None, device=None) -> None:
+        """Deterministic steps draw no noise."""
+        return None
+
+    def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
         """x at step i (B, C, ...) and the model output (B, C or 2C, ...) there -> x at step i + 1 (deterministic)."""
         if i != self._next:
             raise ValueError(f"sampler step {i} out of order (expected {self._next}); call reset() before a new chunk")
@@ -62,8 +80,9 @@ class DiffusersSampler:
 def make_sampler(name: str, diffusion: GaussianDiffusion, num_steps: int):
     """A sampler over `num_steps` steps of `diffusion`: 'iddpm', 'ddim' or 'dpm-solver++'.
 
-    The result has .timesteps (S,) long model-input timesteps (high -> low), .reset() and
-    .step(model_output, i, x_t, generator=None) -> x_prev.
+    The result has .timesteps (S,) long model-input timesteps (high -> low), .reset(),
+    .step_noise(shape, generator, device) -> (S, *shape) or None and
+    .step(model_output, i, x_t, generator=None, noise=None) -> x_prev.
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")

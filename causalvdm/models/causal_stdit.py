@@ -37,13 +37,25 @@ PRESETS = {
 
 
 @dataclass
-class TemporalContext:
-    """Per-call state of the temporal attention, shared by all blocks."""
+class TextContext:
+    """A caption as the cross-attention reads it; from `model.encode_text`, constant for a whole video."""
+
+    tokens: torch.Tensor  # (B, L, D) output of the caption MLP
+    mask: torch.Tensor  # (B, 1, 1, L) bool, True = attend
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block k, v (B, H, L, Dh); None: projected per call
+
+
+@dataclass
+class CallContext:
+    """Everything a model call needs besides x and t, from `model.prepare`: the same for every denoising step
+    of a chunk, so it is built once per chunk on the device and the per-step call is pure tensor work."""
 
     attn_mask: torch.Tensor  # (T, keys) bool, True = attend
     tpe: torch.Tensor | None  # (B or 1, T, D) table embedding added to the first block's temporal input
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, head_dim)
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, head_dim) float32
+    pos_spatial: torch.Tensor  # (S, D) 2D sin-cos embedding of the patch grid
     cache: object | None  # KVCache (or the reference cache) read by this call
+    text: TextContext | None  # None for an unconditional model
 
 
 class STDiTBlock(nn.Module):
@@ -62,7 +74,8 @@ class STDiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x, t0, y, y_mask, ctx: TemporalContext, layer: int) -> torch.Tensor:
+    def forward(self, x, t0, ctx: CallContext, layer: int, kv_only: bool = False) -> torch.Tensor:
+        """kv_only: stop once the temporal keys/values are in the cache (the last block of a cache write)."""
         b, t, s, d = x.shape
         mods = self.scale_shift_table[None, None] + t0.view(b, t, 6, d)  # (B, T, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:, :, :, None].unbind(2)  # (B, T, 1, D)
@@ -73,11 +86,16 @@ class STDiTBlock(nn.Module):
         # Open-Sora v1 feeds the unnormalised stream to the temporal attention, plus the TPE in block 0 only.
         h = x + ctx.tpe[:, :, None] if ctx.tpe is not None and layer == 0 else x
         h = h.transpose(1, 2).reshape(b * s, t, d)  # (B*S, T, D)
+        if kv_only:
+            self.attn_temp.write_kv(h, ctx, layer)
+            return x
         h = self.attn_temp(h, ctx, layer).view(b, s, t, d).transpose(1, 2)  # (B, T, S, D)
         x = x + gate_msa * h
 
         if self.cross_attn is not None:
-            x = x + self.cross_attn(x.reshape(b, t * s, d), y, y_mask).view(b, t, s, d)
+            text = ctx.text
+            kv = text.kv[layer] if text.kv is not None else self.cross_attn.project_kv(text.tokens)
+            x = x + self.cross_attn(x.reshape(b, t * s, d), kv, text.mask).view(b, t, s, d)
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -162,20 +180,26 @@ class CausalSTDiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights: inputs are cast to it inside the model, outputs come back as float32."""
+        return self.x_embedder.proj.weight.dtype
+
     # ----------------------------------------------------------------------------------- text
     def null_text(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The learned null caption for guidance and text dropout -> y (B, L, C_text), mask (B, L)."""
         y = self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)
         return y, torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
 
-    def _embed_text(self, y, mask, batch_size, text_drop=None):
-        """Project text tokens; missing text means the null caption. -> (B, L, D), (B, L) bool or Nones.
+    def encode_text(self, y, mask, batch_size: int, text_drop=None, per_block_kv: bool = False) -> TextContext | None:
+        """Caption tokens y (B, L, C_text), mask (B, L) -> TextContext; None for an unconditional model.
 
-        text_drop (B,) bool swaps those rows for the null caption inside the forward (classifier-free
-        guidance training), where FSDP has gathered the null-caption parameter.
+        Missing text means the null caption. text_drop (B,) bool swaps those rows for the null caption inside the
+        forward (classifier-free guidance training), where FSDP has gathered the null-caption parameter.
+        per_block_kv: also project every block's text keys/values now, once for a video instead of at every call.
         """
         if self.y_embedder is None:
-            return None, None
+            return None
         if y is None:
             y, mask = self.null_text(batch_size)
         elif mask is None:
@@ -184,19 +208,20 @@ class CausalSTDiT(nn.Module):
         if text_drop is not None:
             y = torch.where(text_drop[:, None, None], self.y_embedder.y_embedding.to(y), y)
             mask = mask | text_drop[:, None]
-        return self.y_embedder(y), mask
+        tokens = self.y_embedder(y.to(self.dtype))  # (B, L, D)
+        kv = [block.cross_attn.project_kv(tokens) for block in self.blocks] if per_block_kv else None
+        return TextContext(tokens, mask[:, None, None, :], kv)
+
+    def guided_text(self, y, mask, per_block_kv: bool = False) -> TextContext:
+        """The 2B-row text of a guidance batch: captions y (B, L, C_text), mask (B, L), then the null caption."""
+        y_null, mask_null = self.null_text(y.shape[0])
+        if y.shape[1:] != y_null.shape[1:]:
+            raise ValueError(f"text tokens must be (B, {self.model_max_length}, {self.caption_channels}), got {tuple(y.shape)}")
+        mask = torch.ones_like(mask_null) if mask is None else mask.bool()
+        y = torch.cat([y.to(y_null), y_null])
+        return self.encode_text(y, torch.cat([mask, mask_null]), y.shape[0], per_block_kv=per_block_kv)
 
     # ------------------------------------------------------------------------------ positions
-    def _temporal_context(self, positions, cache, attn_mask, tpe_offset) -> TemporalContext:
-        tpe = rope = None
-        if self.tpe_mode == "rope":
-            cos, sin = rope_cos_sin(positions, self.hidden_size // self.num_heads)
-            rope = (cos.to(attn_mask.device), sin.to(attn_mask.device))
-        else:
-            index = tpe_index(positions.to(self.pos_embed_temporal.device), self.tpe_mode, self.max_tpe_len, tpe_offset)
-            tpe = self.pos_embed_temporal[index]  # (B or 1, T, D)
-        return TemporalContext(attn_mask=attn_mask, tpe=tpe, rope=rope, cache=cache)
-
     def sample_tpe_offset(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Random cyclic-TPE offsets (B,) for training, so every rotation of the table is seen; None otherwise."""
         if self.tpe_mode != "cyclic":
@@ -212,32 +237,75 @@ class CausalSTDiT(nn.Module):
             mask[start:end, start:end] = True
         return mask.to(device)
 
-    # -------------------------------------------------------------------------------- forward
-    def _trunk(self, x, t, y, mask, cache, chunk, tpe_offset, bidirectional, text_drop=None):
-        """Embed and run every block -> tokens (B, T, S, D), per-frame timestep embedding (B, T, D)."""
-        b, _, num_frames, height, width = x.shape
+    def prepare(self, num_frames: int, height: int, width: int, cache=None, text: TextContext | None = None,
+                chunk: tuple[int, int] | None = None, tpe_offset=None, bidirectional: bool | None = None) -> CallContext:
+        """The context of calls on `num_frames` frames of height x width latents (see `forward` for the arguments).
+
+        With a cache this starts a call on it (positions follow its queue) and preallocates its buffers, so build
+        one per chunk, then run `step` at every denoising step. bidirectional: the chunk's frames see each other
+        (default: the model's `chunk_bidirectional`; cache writes pass False).
+        """
         ph, pw = self.patch_size[1:]
         if height % ph or width % pw:
             raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
+        device, dtype = self.x_embedder.proj.weight.device, self.dtype
+        head_dim = self.hidden_size // self.num_heads
         if cache is None:
             positions = torch.arange(num_frames)
-            attn_mask = self.frame_mask(num_frames, chunk if self.chunk_bidirectional else None, x.device)
+            attn_mask = self.frame_mask(num_frames, chunk if self.chunk_bidirectional else None, device)
         else:
+            cache.allocate((height // ph) * (width // pw), self.num_heads, head_dim, dtype, device)
             positions = cache.begin(num_frames)
-            attn_mask = cache.attn_mask(bidirectional, x.device)
-        ctx = self._temporal_context(positions, cache, attn_mask, tpe_offset)
+            attn_mask = cache.attn_mask(self.chunk_bidirectional if bidirectional is None else bidirectional, device)
+        tpe = rope = None
+        if self.tpe_mode == "rope":
+            cos, sin = rope_cos_sin(positions, head_dim)
+            rope = (cos.to(device), sin.to(device))
+        else:
+            index = tpe_index(positions, self.tpe_mode, self.max_tpe_len, tpe_offset)
+            tpe = self.pos_embed_temporal[index.to(device)].to(dtype)  # (B or 1, T, D)
+        pos_spatial = sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(device, dtype)
+        return CallContext(attn_mask=attn_mask, tpe=tpe, rope=rope, pos_spatial=pos_spatial, cache=cache, text=text)
 
-        h = self.x_embedder(x)  # (B, T, S, D)
-        h = h + sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(h)
+    # -------------------------------------------------------------------------------- forward
+    def _trunk(self, x, t, ctx: CallContext, kv_only_last: bool = False):
+        """Embed and run every block -> tokens (B, T, S, D), per-frame timestep embedding (B, T, D).
+
+        kv_only_last: the cache write, whose last block stops once its temporal keys/values are staged.
+        """
+        b, num_frames = x.shape[0], x.shape[2]
+        h = self.x_embedder(x.to(self.dtype)) + ctx.pos_spatial  # (B, T, S, D)
         t_emb = self.t_embedder(t.reshape(-1)).view(b, num_frames, -1)  # (B, T, D)
         t0 = self.t_block(t_emb)  # (B, T, 6D)
-        y, y_mask = self._embed_text(y, mask, b, text_drop)
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
+            kv_only = kv_only_last and layer == last
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, t0, y, y_mask, ctx, layer, use_reentrant=False)
+                h = checkpoint(block, h, t0, ctx, layer, kv_only, use_reentrant=False)
             else:
-                h = block(h, t0, y, y_mask, ctx, layer)
+                h = block(h, t0, ctx, layer, kv_only)
         return h, t_emb
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, ctx: CallContext) -> torch.Tensor:
+        """One call with a prepared context: x (B, C, T, H, W), t (B, T) -> (B, 2C, T, H, W) float32.
+
+        The hot call of sampling: pure tensor work on fixed shapes, no host synchronisation, so it compiles once.
+        """
+        b, _, num_frames, height, width = x.shape
+        h, t_emb = self._trunk(x, t, ctx)
+        h = self.final_layer(h, t_emb)  # (B, T, S, ph*pw*C_out)
+        ph, pw = self.patch_size[1:]
+        h = h.view(b, num_frames, height // ph, width // pw, ph, pw, self.out_channels)
+        return h.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, num_frames, height, width).float()
+
+    def step_with_cfg(self, x: torch.Tensor, t: torch.Tensor, ctx: CallContext, cfg_scale: float) -> torch.Tensor:
+        """Classifier-free guidance in one batch: x (B, C, T, H, W), t (B, T), ctx of 2B rows (conditional first)
+        -> (B, 2C, T, H, W) float32: guided prediction, variance from the conditional half."""
+        out = self.step(torch.cat([x, x]), torch.cat([t, t]), ctx)
+        cond, uncond = out.chunk(2)
+        c = self.in_channels
+        guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([guided, cond[:, c:]], dim=1)
 
     def forward(self, x, t, y=None, mask=None, cache=None, chunk=None, tpe_offset=None, text_drop=None) -> torch.Tensor:
         """Predict noise (and variance) for every frame.
@@ -246,14 +314,11 @@ class CausalSTDiT(nn.Module):
         cache: read-only conditioning frames (x is then the chunk only); chunk: (start, end) span of the
         chunk being denoised when cache is None (used in chunk-bidirectional mode); tpe_offset: (B,)
         random cyclic-TPE offsets for training; text_drop: (B,) bool rows whose text is replaced by the
-        null caption (training). Returns (B, 2C, T, H, W).
+        null caption (training). Returns (B, 2C, T, H, W) float32.
         """
         b, _, num_frames, height, width = x.shape
-        h, t_emb = self._trunk(x, t, y, mask, cache, chunk, tpe_offset, self.chunk_bidirectional, text_drop)
-        h = self.final_layer(h, t_emb)  # (B, T, S, ph*pw*C_out)
-        ph, pw = self.patch_size[1:]
-        h = h.view(b, num_frames, height // ph, width // pw, ph, pw, self.out_channels)
-        return h.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, num_frames, height, width)
+        text = self.encode_text(y, mask, b, text_drop)
+        return self.step(x, t, self.prepare(num_frames, height, width, cache, text, chunk, tpe_offset))
 
     def forward_with_cfg(self, x, t, y, mask, cfg_scale: float, cache=None, chunk=None) -> torch.Tensor:
         """Classifier-free guidance in one batch: conditional and null text side by side.
@@ -261,27 +326,27 @@ class CausalSTDiT(nn.Module):
         x: (B, C, T, H, W), t: (B, T); the cache (if any) must hold 2B rows, conditional first; chunk as
         in `forward`. Returns (B, 2C, T, H, W): guided prediction, variance from the conditional half.
         """
-        b = x.shape[0]
-        y_null, mask_null = self.null_text(b)
-        if y.shape[1:] != y_null.shape[1:]:
-            raise ValueError(f"text tokens must be (B, {self.model_max_length}, {self.caption_channels}), got {tuple(y.shape)}")
-        mask = torch.ones_like(mask_null) if mask is None else mask.bool()
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), torch.cat([mask, mask_null]), cache=cache,
-                   chunk=chunk)
-        cond, uncond = out.chunk(2)
-        c = self.in_channels
-        guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([guided, cond[:, c:]], dim=1)
+        _, _, num_frames, height, width = x.shape
+        ctx = self.prepare(num_frames, height, width, cache, self.guided_text(y, mask), chunk)
+        return self.step_with_cfg(x, t, ctx, cfg_scale)
 
     # ---------------------------------------------------------------------------------- cache
     def new_cache(self, batch_size: int, max_frames: int, chunk_size: int | None = None) -> KVCache:
         """An empty queue of `max_frames` conditioning frames; calls stage up to `chunk_size` frames."""
         return KVCache(len(self.blocks), batch_size, max_frames, chunk_size or max_frames)
 
-    def write_cache(self, x_clean, cache, y=None, mask=None) -> None:
-        """Append clean frames x_clean (B, C, T, H, W) to the cache: one t = 0 causal pass against it."""
-        t = torch.zeros(x_clean.shape[:1] + x_clean.shape[2:3], dtype=torch.long, device=x_clean.device)
-        self._trunk(x_clean, t, y, mask, cache, None, None, bidirectional=False)
+    @torch.no_grad()
+    def write_cache(self, x_clean, cache, y=None, mask=None, text: TextContext | None = None) -> None:
+        """Append clean frames x_clean (B, C, T, H, W) to the cache: one t = 0 causal pass against it.
+
+        The pass stops at the last block's temporal keys/values (nothing after them reaches the cache) and never
+        records autograd history. text: a TextContext from `encode_text` / `guided_text` instead of y, mask.
+        """
+        b, _, num_frames, height, width = x_clean.shape
+        text = self.encode_text(y, mask, b) if text is None else text
+        ctx = self.prepare(num_frames, height, width, cache, text, bidirectional=False)
+        t = torch.zeros(b, num_frames, dtype=torch.long, device=x_clean.device)
+        self._trunk(x_clean, t, ctx, kv_only_last=True)
         cache.commit()
 
 

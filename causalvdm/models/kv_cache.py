@@ -92,13 +92,30 @@ class KVCache:
         self.v[:, :, :, : self.capacity].copy_(state["v"])
 
     def _allocate(self, like: torch.Tensor) -> None:
-        """Allocate both buffers from a (L or nothing, B*S, H, T, Dh) tensor's trailing shape."""
-        bs, heads, _, head_dim = like.shape[-4:]
-        if bs % self.batch_size:
-            raise ValueError(f"cache built for batch size {self.batch_size}, got {bs} token rows")
-        shape = (self.num_layers, bs, heads, self.capacity + self.chunk_size, head_dim)
-        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.v = torch.zeros_like(self.k)
+        """Allocate both buffers like a (L or nothing, B*S, H, T, Dh) tensor: its trailing shape, dtype and device."""
+        rows, heads, _, head_dim = like.shape[-4:]
+        if rows % self.batch_size:
+            raise ValueError(f"cache built for batch size {self.batch_size}, got {rows} token rows")
+        self.allocate(rows // self.batch_size, heads, head_dim, like.dtype, like.device)
+
+    def allocate(self, tokens_per_frame: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        """Preallocate both buffers (B * tokens_per_frame rows); nothing happens if they already are so.
+
+        Done before the first call, so a compiled step sees fixed buffers: stored in the model's dtype (bf16
+        halves the bytes) at static addresses, which CUDA graphs then read and write in place.
+        """
+        shape = (self.num_layers, self.batch_size * tokens_per_frame, heads, self.capacity + self.chunk_size, head_dim)
+        if self.k is None:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+        elif self.k.shape != shape:
+            raise ValueError(f"cache holds buffers of shape {tuple(self.k.shape)}, this call needs {shape}")
+        elif self.k.dtype != dtype or self.k.device != torch.device(device):
+            self.k, self.v = self.k.to(device, dtype), self.v.to(device, dtype)  # e.g. a state loaded on the CPU
+        else:
+            return
+        torch._dynamo.mark_static_address(self.k)
+        torch._dynamo.mark_static_address(self.v)
 
     def begin(self, num_frames: int) -> torch.Tensor:
         """Start a call on `num_frames` new frames; returns their absolute positions (T,)."""
@@ -115,15 +132,29 @@ class KVCache:
         filled = (self.slot_pos >= 0).expand(self._num_new, -1)
         return torch.cat([filled, staged_mask(self._num_new, bidirectional)], dim=1).to(device)
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage this call's keys/values (B*S, H, T, Dh) -> views (B*S, H, capacity + T, Dh) to attend to."""
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this call's keys/values (B*S, H, T, Dh) of `layer` to the staging slots, as plain values."""
         if self.k is None:
             self._allocate(k)
         if k.shape[0] != self.k.shape[1]:
             raise ValueError(f"cache holds {self.k.shape[1]} token rows per frame, got {k.shape[0]}")
         end = self.capacity + k.shape[2]
-        self.k[layer, :, :, self.capacity : end] = k
-        self.v[layer, :, :, self.capacity : end] = v
+        self.k[layer, :, :, self.capacity : end] = k.detach()
+        self.v[layer, :, :, self.capacity : end] = v.detach()
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage this call's keys/values (B*S, H, T, Dh) -> (B*S, H, capacity + T, Dh) keys/values to attend to.
+
+        Without autograd they are views of the buffers. A call that records a graph (a user outside no_grad,
+        a student trained through the cache) attends to the queue joined with its own k, v instead, so the
+        gradient reaches them and the buffers never hold a graph.
+        """
+        self.stage(layer, k, v)
+        ring = slice(0, self.capacity)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return (torch.cat([self.k[layer, :, :, ring], k], dim=2),
+                    torch.cat([self.v[layer, :, :, ring], v], dim=2))
+        end = self.capacity + k.shape[2]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def commit(self) -> None:
@@ -145,7 +176,7 @@ class KVCache:
 class ReferenceKVCache:
     """A naive cache for verification: keeps every frame, concatenates, attends to the last `capacity`.
 
-    Same protocol as `KVCache` (begin / attn_mask / attend / commit); slow and unbounded on purpose.
+    Same protocol as `KVCache` (allocate / begin / attn_mask / stage / attend / commit); slow and unbounded on purpose.
     """
 
     def __init__(self, num_layers: int, capacity: int):
@@ -159,6 +190,9 @@ class ReferenceKVCache:
     def __len__(self) -> int:
         return min(self.next_position, self.capacity)
 
+    def allocate(self, *args) -> None:
+        """Nothing to preallocate: this cache grows by concatenation."""
+
     def begin(self, num_frames: int) -> torch.Tensor:
         self._num_new = num_frames
         return torch.arange(self.next_position, self.next_position + num_frames)
@@ -167,8 +201,11 @@ class ReferenceKVCache:
         past = torch.ones(self._num_new, len(self), dtype=torch.bool)
         return torch.cat([past, staged_mask(self._num_new, bidirectional)], dim=1).to(device)
 
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.staged[layer] = (k.detach(), v.detach())
+
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.staged[layer] = (k, v)
+        self.stage(layer, k, v)
         all_k = torch.cat(self.keys[layer] + [k], dim=2)
         all_v = torch.cat(self.values[layer] + [v], dim=2)
         start = all_k.shape[2] - k.shape[2] - len(self)

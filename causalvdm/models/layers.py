@@ -107,19 +107,33 @@ class TemporalAttention(SelfAttention):
     x: (B*S, T, D) -> (B*S, T, D). `ctx` carries the mask, RoPE tables and cache of this call.
     """
 
-    def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
-        q, k, v = self.project_qkv(x)  # (B*S, H, T, Dh)
+    def project_kv(self, x: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B*S, T, D) -> q, k, v (B*S, H, T, Dh), rotated by the call's RoPE tables if any."""
+        q, k, v = self.project_qkv(x)
         if ctx.rope is not None:
             cos, sin = ctx.rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, ctx, layer: int) -> torch.Tensor:
+        q, k, v = self.project_kv(x, ctx)  # (B*S, H, T, Dh)
         if ctx.cache is not None:
             k, v = ctx.cache.attend(layer, k, v)  # (B*S, H, cached + T, Dh)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask)
         return self.out(o)
 
+    def write_kv(self, x: torch.Tensor, ctx, layer: int) -> None:
+        """Only stage the keys/values of x (B*S, T, D) in the cache: what the last block of a cache write needs."""
+        dim = x.shape[-1]
+        kv = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:])  # (B*S, T, 2D): no query is needed
+        k, v = kv.view(*x.shape[:2], 2, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if ctx.rope is not None:
+            k = apply_rope(k, *ctx.rope)
+        ctx.cache.stage(layer, k, v)
+
 
 class CrossAttention(nn.Module):
-    """Tokens (B, N, D) attend to text tokens (B, L, D) under a padding mask (B, L), True = keep."""
+    """Tokens (B, N, D) attend to text tokens (B, L, D) under a padding mask, True = keep."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -128,12 +142,17 @@ class CrossAttention(nn.Module):
         self.kv_linear = nn.Linear(dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+    def project_kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens (B, L, D) -> k, v (B, H, L, Dh): constant for a caption, so a video projects them once."""
+        b, length, dim = y.shape
+        kv = self.kv_linear(y).view(b, length, 2, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D), kv from `project_kv`, attn_mask (B, 1, 1, L) bool -> (B, N, D)."""
         b, n, dim = x.shape
-        heads, head_dim = self.num_heads, dim // self.num_heads
-        q = self.q_linear(x).view(b, n, heads, head_dim).transpose(1, 2)  # (B, H, N, Dh)
-        kv = self.kv_linear(y).view(b, y.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=y_mask[:, None, None, :])
+        q = self.q_linear(x).view(b, n, self.num_heads, dim // self.num_heads).transpose(1, 2)  # (B, H, N, Dh)
+        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)
         return self.proj(o.transpose(1, 2).reshape(b, n, dim))
 
 

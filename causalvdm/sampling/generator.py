@@ -19,6 +19,17 @@ from tqdm import tqdm
 from causalvdm.diffusion import make_sampler
 
 MODES = ("cache", "recompute")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def inference_dtype(name: str | None, device) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' -> the torch dtype; None or 'auto': bf16 on CUDA, fp32 elsewhere."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def chunk_generator(seed: int, chunk: int) -> torch.Generator:
@@ -37,12 +48,15 @@ class AutoregressiveGenerator:
     sampler: 'iddpm' | 'ddim' | 'dpm-solver++' over `num_steps` steps; chunk_size: k frames per chunk;
     max_cond_frames: queue length; cfg_scale: classifier-free guidance (skipped at 1 or for an
     unconditional model); prefix_perturb_t: forward-noise level of the written clean frames (as in
-    training; their timestep input stays 0); mode: 'cache' | 'recompute'; progress: tqdm over steps.
+    training; their timestep input stays 0); mode: 'cache' | 'recompute'; progress: tqdm over steps;
+    dtype: None keeps the model's dtype, else the model is cast to it in place, so weights and KV cache are
+    stored in it (latents, sampler arithmetic and model outputs stay float32); compile: False, True or a
+    torch.compile mode ('reduce-overhead': CUDA graphs) for the per-step model call.
     """
 
     def __init__(self, model, diffusion, sampler: str = "iddpm", num_steps: int = 100, chunk_size: int = 8,
                  max_cond_frames: int = 25, cfg_scale: float = 1.0, prefix_perturb_t: int = 0, mode: str = "cache",
-                 progress: bool = False):
+                 progress: bool = False, dtype: torch.dtype | str | None = None, compile: bool | str = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if chunk_size < 1 or max_cond_frames < 1:
@@ -52,6 +66,13 @@ class AutoregressiveGenerator:
                              f"exceed max_tpe_len={model.max_tpe_len}, so two of them would share a position")
         if not 0 <= prefix_perturb_t < diffusion.num_timesteps:
             raise ValueError(f"prefix_perturb_t must be in [0, {diffusion.num_timesteps}), got {prefix_perturb_t}")
+        compile_mode = "default" if compile is True else compile or None
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be True or one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if isinstance(dtype, str):
+            dtype = inference_dtype(dtype, next(model.parameters()).device)
+        if dtype is not None:
+            model.to(dtype)
         self.model = model
         self.diffusion = diffusion
         self.sampler = make_sampler(sampler, diffusion, num_steps)
@@ -65,7 +86,12 @@ class AutoregressiveGenerator:
         self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
         self.prefill_time = 0.0
         self._window = None  # recompute mode: the written frames in view (B, C, <= max_cond_frames, h, w)
-        self._text = (None, None, False)  # y, mask, guided
+        self._text = None  # TextContext of the current video (2B rows when guided), None if unconditional
+        self._guided = False
+        self._cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
+        self._call = self._model_call
+        if compile_mode is not None:
+            self._call = torch.compile(self._model_call, mode=compile_mode, dynamic=False, fullgraph=True)
 
     @property
     def _guidable(self) -> bool:
@@ -74,6 +100,11 @@ class AutoregressiveGenerator:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights and of the KV cache."""
+        return self.model.dtype
 
     # ------------------------------------------------------------------------------ phases
     @torch.inference_mode()
@@ -94,21 +125,32 @@ class AutoregressiveGenerator:
 
     @torch.inference_mode()
     def denoise_chunk(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoise one chunk from pure noise (B, C, k, h, w) -> clean latents (B, C, k, h, w); the cache is read only."""
-        b, _, k = noise.shape[:3]
-        x = noise.to(self.device)
+        """Denoise one chunk from pure noise (B, C, k, h, w) -> clean latents (B, C, k, h, w); the cache is read only.
+
+        What the steps share (attention mask, positions, TPE or RoPE tables, spatial embedding, timesteps, the
+        sampler's noise) is made here once, on the device, so the loop below never waits for the host.
+        """
+        b, _, k, h, w = noise.shape
+        x = noise.to(self.device, torch.float32, copy=True)  # made here, so every step's x is an inference tensor
         cond = self._window if self.mode == "recompute" else None
         p = 0 if cond is None else cond.shape[2]
-        t_all = torch.zeros(b, p + k, dtype=torch.long, device=x.device)  # (B, p + k): the written frames stay at 0
+        if cond is None:
+            ctx = self.model.prepare(k, h, w, self.cache, self._text)
+        else:
+            ctx = self.model.prepare(p + k, h, w, text=self._text, chunk=(p, p + k))
         self.sampler.reset()
-        steps = self.sampler.timesteps.tolist()
-        for i, t in enumerate(tqdm(steps, desc="denoise", leave=False, disable=not self.progress)):
-            t_all[:, p:] = t
+        steps = len(self.sampler.timesteps)
+        timesteps = torch.zeros(steps, b, p + k, dtype=torch.long, device=x.device)  # the written frames stay at 0
+        timesteps[:, :, p:] = self.sampler.timesteps.to(x.device)[:, None, None]
+        noises = self.sampler.step_noise(x.shape, generator, x.device)
+        for i in tqdm(range(steps), desc="denoise", leave=False, disable=not self.progress):
+            if self._cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output has been consumed
             if cond is None:
-                out = self._predict(x, t_all, cache=self.cache)  # (B, 2C, k, h, w)
+                out = self._call(x, timesteps[i], ctx)  # (B, 2C, k, h, w)
             else:
-                out = self._predict(torch.cat([cond, x], dim=2), t_all, chunk=(p, p + k))[:, :, p:]
-            x = self.sampler.step(out, i, x, generator)
+                out = self._call(torch.cat([cond, x], dim=2), timesteps[i], ctx)[:, :, p:]
+            x = self.sampler.step(out, i, x, generator, None if noises is None else noises[i])
         return x
 
     @torch.inference_mode()
@@ -128,19 +170,24 @@ class AutoregressiveGenerator:
         if first_latents.shape[2] > self.max_cond_frames:
             raise ValueError(f"{first_latents.shape[2]} given frames do not fit max_cond_frames={self.max_cond_frames}")
 
+    @torch.inference_mode()
     def _start(self, batch_size: int, n0: int, y, mask) -> None:
-        """Set the text of a new video and, in cache mode, a fresh cache (guidance: 2B rows)."""
-        guided = self._guidable and y is not None
-        if self.model.caption_channels == 0:
-            y = mask = None
-        elif y is not None:
-            y = y.to(self.device)
-            mask = torch.ones(y.shape[:2], dtype=torch.bool, device=self.device) if mask is None else mask.to(self.device)
-        self._text = (y, mask, guided)
+        """Set the text of a new video (its cross-attention keys/values, projected once) and, in cache mode, a
+        fresh cache (guidance: 2B rows)."""
+        self._guided = self._guidable and y is not None
+        self._text = None
+        if self.model.caption_channels:
+            if y is not None:
+                y = y.to(self.device)
+                mask = None if mask is None else mask.to(self.device)
+            if self._guided:
+                self._text = self.model.guided_text(y, mask, per_block_kv=True)
+            else:
+                self._text = self.model.encode_text(y, mask, batch_size, per_block_kv=True)
         self._window = None
         self.cache = None
         if self.mode == "cache":
-            rows = 2 * batch_size if guided else batch_size
+            rows = 2 * batch_size if self._guided else batch_size
             self.cache = self.model.new_cache(rows, self.max_cond_frames, max(self.chunk_size, n0))
 
     def _perturb(self, frames: torch.Tensor, generator) -> torch.Tensor:
@@ -152,18 +199,15 @@ class AutoregressiveGenerator:
         return self.diffusion.q_sample(frames, t, noise)
 
     def _write(self, frames: torch.Tensor) -> None:
-        y, mask, guided = self._text
-        if guided:
-            y_null, mask_null = self.model.null_text(frames.shape[0])
-            frames, y, mask = torch.cat([frames, frames]), torch.cat([y, y_null]), torch.cat([mask, mask_null])
-        self.model.write_cache(frames, self.cache, y, mask)
+        if self._guided:
+            frames = torch.cat([frames, frames])
+        self.model.write_cache(frames, self.cache, text=self._text)
 
-    def _predict(self, x, t, cache=None, chunk=None) -> torch.Tensor:
-        """The model output (B, 2C, T, h, w), guided when this video has a caption and cfg_scale != 1."""
-        y, mask, guided = self._text
-        if guided:
-            return self.model.forward_with_cfg(x, t, y, mask, self.cfg_scale, cache=cache, chunk=chunk)
-        return self.model(x, t, y, mask, cache=cache, chunk=chunk)
+    def _model_call(self, x, t, ctx) -> torch.Tensor:
+        """The model output (B, 2C, T, h, w) float32, guided when this video has a caption and cfg_scale != 1."""
+        if self._guided:
+            return self.model.step_with_cfg(x, t, ctx, self.cfg_scale)
+        return self.model.step(x, t, ctx)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -1,0 +1,73 @@
+"""Model FLOPs of the causal ST-DiT and device peaks, for throughput and MFU figures.
+
+Counted as torch's FlopCounterMode counts them (2 per multiply-add of every matmul, linear, convolution
+and attention product; elementwise work is free), so a test can check the formula against it.
+"""
+
+import torch
+
+# Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "H800": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a CUDA device from the table above, None when unknown (or on a CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def forward_flops(model, batch: int, frames: int, height: int, width: int, keys: int | None = None,
+                  text_tokens: int = 0, project_text: bool = True, head: bool = True, last_block_kv_only: bool = False) -> int:
+    """FLOPs of one forward of `model` (a CausalSTDiT) on latents (batch, C, frames, height, width).
+
+    keys: temporal keys each frame's attention reads (default `frames`: no cache; with a cache, its capacity
+    plus the frames of the call, since a masked attention computes every product); text_tokens: caption
+    length L (0: unconditional); project_text: count the caption MLP and the per-block text K/V projections
+    (False when they were computed once per video); head: the output layer; last_block_kv_only: the cache
+    write pass, whose last block stops after its temporal K/V projection.
+    """
+    d = model.hidden_size
+    ph, pw = model.patch_size[1:]
+    s = (height // ph) * (width // pw)
+    n = batch * frames * s  # tokens of the call
+    keys = frames if keys is None else keys
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    cross = model.caption_channels > 0
+
+    spatial = 2 * n * d * 3 * d + 4 * n * s * d + 2 * n * d * d  # qkv, QK^T and AV, out projection
+    temporal = 2 * n * d * 3 * d + 4 * n * keys * d + 2 * n * d * d
+    text = 2 * n * d * d + 4 * n * text_tokens * d + 2 * n * d * d if cross else 0  # q, QK^T and AV, out
+    text_kv = 2 * batch * text_tokens * d * 2 * d if cross and project_text else 0
+    mlp = 4 * n * d * mlp_hidden
+    block = spatial + temporal + text + text_kv + mlp
+
+    total = len(model.blocks) * block
+    if last_block_kv_only:  # the last block: spatial attention, then only the temporal K/V projection
+        total += spatial + 2 * n * d * 2 * d - block
+    c_in = model.in_channels
+    total += 2 * n * c_in * ph * pw * d  # patch embedding
+    freq = model.t_embedder.frequency_size
+    total += 2 * batch * frames * (freq * d + d * d + d * 6 * d)  # timestep MLP and adaLN projection
+    if cross and project_text:
+        total += 2 * batch * text_tokens * (model.caption_channels * d + d * d)  # caption MLP
+    if head:
+        total += 2 * n * d * ph * pw * model.out_channels
+    return total
