@@ -30,6 +30,7 @@ from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.models.pretrained import extract_state_dict, load_pretrained
 from causalvdm.registry import SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, inference_dtype
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, psnr, to_uint8
 from causalvdm.utils.io import CheckpointError, iter_jsonl, load_weights
 from causalvdm.utils.memory import keep_freed_memory
@@ -56,6 +57,8 @@ class SampleSettings:
     eval_len: int | None = None  # PSNR summary over frames [n0, eval_len) (default: model.max_tpe_len)
     ckpt: str | None = None
     weights: str = "ema"  # ema | model: which weights of a training checkpoint directory
+    dtype: str = "auto"  # weights and KV cache: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    compile: str | None = None  # torch.compile mode of the per-step model call (None: eager)
 
     @classmethod
     def from_cfg(cls, sample_cfg, overrides: dict) -> "SampleSettings":
@@ -78,6 +81,10 @@ class SampleSettings:
             raise ConfigError(f"unknown sampler {settings.sampler!r} (known: {', '.join(SAMPLERS)})")
         if settings.first_frames < 1:
             raise ConfigError(f"first_frames must be >= 1, got {settings.first_frames}")
+        if settings.dtype != "auto" and settings.dtype not in DTYPES:
+            raise ConfigError(f"sample.dtype must be auto or one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+        if settings.compile is not None and settings.compile not in COMPILE_MODES:
+            raise ConfigError(f"sample.compile must be one of {', '.join(COMPILE_MODES)}, got {settings.compile!r}")
         return settings
 
 
@@ -102,6 +109,11 @@ def parse_args(argv=None):
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 1 = none (default: sample.cfg_scale)")
     parser.add_argument("--mode", choices=["cache", "recompute"], help="'cache' (shared KV cache) or 'recompute' "
                         "(baseline: conditioning frames recomputed at every step)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], help="weights and KV cache (default auto: bfloat16 on "
+                        "CUDA, float32 on the CPU); latents and the sampler stay float32")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
+                        "per-step model call (mode default; reduce-overhead adds CUDA graphs); pays off on GPUs, "
+                        "slower on CPUs")
     parser.add_argument("--eval-len", type=int, help="PSNR mean over the frames before this index (default: model.max_tpe_len, "
                         "the training clip length)")
     parser.add_argument("--out", help="output folder (default: outputs/<config stem>/samples)")
@@ -199,7 +211,8 @@ def build_components(cfg, settings: SampleSettings, device: torch.device) -> Com
     try:
         generator = AutoregressiveGenerator(model, diffusion, settings.sampler, settings.num_steps, ar.chunk_size,
                                             ar.max_cond_frames, settings.cfg_scale, ar.prefix_perturb_t,
-                                            mode=settings.mode, progress=True)
+                                            mode=settings.mode, progress=True,
+                                            dtype=inference_dtype(settings.dtype, device), compile=settings.compile or False)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return Components(model, vae, text_encoder, generator, image_size_of(cfg, settings, vae),
@@ -365,7 +378,8 @@ def main(argv=None) -> int:
     overrides = dict(ckpt=args.ckpt, weights=args.weights, prompt=args.prompt, first_image=args.first_image,
                      first_video=args.first_video, first_frames=args.first_frames, num_frames=args.num_frames,
                      fps=args.fps, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
-                     cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len)
+                     cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len, dtype=args.dtype,
+                     compile=args.compile)
     try:
         cfg = load_config(args.config, args.cfg_options)
         settings = SampleSettings.from_cfg(cfg.get("sample"), overrides)

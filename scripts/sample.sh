@@ -2,7 +2,7 @@
 # Sample videos autoregressively with the shared KV cache (see scripts/sample.py --help for every flag).
 #   bash scripts/sample.sh <config> [--ckpt PATH] [--prompt TEXT] [--first-image PATH | --first-video PATH --first-frames N]
 #        [--num-frames N] [--out DIR] [--seed S] [--sampler NAME] [--num-steps N] [--cfg-scale X] [--mode cache|recompute]
-#        [--manifest FILE] [--cfg-options k=v ...]
+#        [--dtype auto|float32|bfloat16|float16] [--compile [MODE]] [--manifest FILE] [--cfg-options k=v ...]
 # NPROC_PER_NODE=N (> 1) runs N processes through torchrun; with --manifest they split the rows.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
