@@ -45,15 +45,16 @@ def test_bf16_generator_halves_the_cache_and_returns_float32(make_model):
     first = torch.randn(1, 4, 1, 4, 4)
     videos, nbytes = {}, {}
     for dtype in ("float32", "bfloat16"):
-        gen = AutoregressiveGenerator(make_model(), IDDPM(), "ddim", 3, chunk_size=4, max_cond_frames=9, dtype=dtype)
+        model = randomize_weights(make_model(), scale=0.25)  # at scale 1 a random model amplifies round-off
+        gen = AutoregressiveGenerator(model, IDDPM(), "ddim", 3, chunk_size=4, max_cond_frames=9, dtype=dtype)
         videos[dtype] = gen.generate(first, 13, *_text(model, 1), seed=1)
         nbytes[dtype] = gen.cache.nbytes
         assert gen.dtype == getattr(torch, dtype) and gen.cache.k.dtype == gen.dtype
     assert nbytes["bfloat16"] * 2 == nbytes["float32"]
     assert videos["bfloat16"].dtype == torch.float32  # latents and sampler arithmetic stay float32
-    # the bf16 video follows the fp32 one (a 3-step, 3-chunk rollout of a random model: loose, but not noise)
+    # the bf16 video follows the fp32 one within a few bf16 steps over a 3-step, 3-chunk rollout
     rel = (videos["bfloat16"] - videos["float32"]).abs().max() / videos["float32"].abs().max()
-    assert rel < 0.1
+    assert rel < 0.05
 
 
 def test_bf16_generator_cache_matches_recompute(make_model):

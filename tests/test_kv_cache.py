@@ -31,15 +31,22 @@ def test_capacity_and_eviction_order():
     assert len(cache) == 4 and cache.positions.tolist() == [0, 1, 2, 3]
     _fill(cache, [3])  # 7 frames written, the 2 oldest evicted
     assert len(cache) == 5 and cache.positions.tolist() == [2, 3, 4, 5, 6]
-    held = sorted(cache.k[0, 0, 0, :5, 0].tolist())
-    assert held == [2.0, 3.0, 4.0, 5.0, 6.0]
-    assert sorted(cache.slot_pos.tolist()) == [2, 3, 4, 5, 6]
-    # slot of frame p is p % capacity: eviction overwrote slots of frames 0 and 1 in place
-    assert cache.slot_pos.tolist() == [5, 6, 2, 3, 4]
+    # frame p lives in slot p % 8 (5 queued + 3 for a call); nothing moved
+    assert cache.slot_pos.tolist() == [0, 1, 2, 3, 4, 5, 6, -1]
+    assert cache.k[0, 0, 0, :7, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert cache.state_dict()["k"][0, 0, 0, :, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]  # the queue, oldest first
+    # the next call's frames 7, 8, 9 take slots 7, 0, 1: those of frames out of the queue, hidden from it
+    cache.begin(3)
+    assert cache.attn_mask(bidirectional=False, device="cpu").tolist() == [
+        [False, False, True, True, True, True, True, True],
+        [True, False, True, True, True, True, True, True],
+        [True, True, True, True, True, True, True, True],
+    ]
     nbytes = cache.nbytes
     assert nbytes == 2 * 2 * 1 * 1 * (5 + 3) * 2 * 4
     _fill(cache, [3, 3, 3])
     assert cache.nbytes == nbytes  # preallocated: never grows
+    assert cache.state_dict()["k"][0, 0, 0, :, 0].tolist() == [11.0, 12.0, 13.0, 14.0, 15.0]
     with pytest.raises(ValueError, match="chunk_size=3"):
         cache.begin(4)
     cache.reset()
@@ -51,8 +58,9 @@ def test_mask_sees_filled_slots_and_causal_chunk():
     _fill(cache, [2])
     cache.begin(2)
     mask = cache.attn_mask(bidirectional=False, device="cpu")
-    assert mask.tolist() == [[True, True, False, False, True, False], [True, True, False, False, True, True]]
-    assert cache.attn_mask(bidirectional=True, device="cpu")[0].tolist() == [True, True, False, False, True, True]
+    # frames 0, 1 queued in slots 0, 1; this call's frames 2, 3 in slots 2, 3; slots 4, 5 never written
+    assert mask.tolist() == [[True, True, True, False, False, False], [True, True, True, True, False, False]]
+    assert cache.attn_mask(bidirectional=True, device="cpu")[0].tolist() == [True, True, True, True, False, False]
 
 
 @pytest.mark.parametrize("tpe_mode", ["absolute", "cyclic", "rope"])

@@ -1,8 +1,10 @@
 """The shared temporal KV cache: a bounded queue of the clean conditioning frames' keys and values.
 
 Every denoising step of a chunk reads the same cache; only `commit()` (after a t = 0 pass over
-the finished chunk) changes it. The queue is a ring buffer: frame at absolute position p lives in
-slot p % capacity, so appending evicts the oldest frames without moving any other.
+the finished chunk) changes it. The queue is a ring buffer of capacity + chunk_size slots: frame at
+absolute position p lives in slot p % slots. A call writes its frames' keys/values straight into the
+slots they will keep (those of frames already out of the queue), so appending moves nothing and
+commit only advances the position; the attention mask hides every slot outside the queue.
 """
 
 import copy
@@ -19,10 +21,10 @@ def staged_mask(num_new: int, bidirectional: bool) -> torch.Tensor:
 class KVCache:
     """Per-layer temporal keys/values of the last `capacity` clean frames, preallocated.
 
-    Buffers are (num_layers, B*S, heads, capacity + chunk_size, head_dim): slots [0, capacity)
-    hold the queue in ring order, the last `chunk_size` slots stage the frames of the current
-    call so attention reads one contiguous view instead of concatenating the cache every step.
-    They are allocated on first use, when the token count S and the head shape are known.
+    Buffers are (num_layers, B*S, heads, capacity + chunk_size, head_dim), one ring: the queue's frames and
+    the (up to chunk_size) frames of the current call, each in slot position % (capacity + chunk_size), so
+    attention reads one fixed-size view of the buffers instead of concatenating the cache every step.
+    `allocate()` (done by `model.prepare`) sizes them once the token count S and the head shape are known.
     """
 
     def __init__(self, num_layers: int, batch_size: int, capacity: int, chunk_size: int):
@@ -32,11 +34,13 @@ class KVCache:
         self.batch_size = batch_size
         self.capacity = capacity
         self.chunk_size = chunk_size
+        self.num_slots = capacity + chunk_size
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.slot_pos = torch.full((capacity,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
+        self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
         self.next_position = 0  # absolute position of the next frame to be written
         self._num_new = 0
+        self._slots: torch.Tensor | None = None  # (T,) slots of the current call's frames, on the buffers' device
 
     def __len__(self) -> int:
         return min(self.next_position, self.capacity)
@@ -65,31 +69,34 @@ class KVCache:
         return other
 
     def state_dict(self) -> dict:
-        """The queue's contents and positions (the staging slots are scratch and not saved)."""
-        ring = slice(0, self.capacity)
+        """The queue's keys/values (L, B*S, H, len, Dh), oldest first, and its positions."""
+        slots = self.positions % self.num_slots
         return {
-            "k": None if self.k is None else self.k[:, :, :, ring].clone(),
-            "v": None if self.v is None else self.v[:, :, :, ring].clone(),
-            "slot_pos": self.slot_pos.clone(),
+            "k": None if self.k is None else self.k[:, :, :, slots.to(self.k.device)],
+            "v": None if self.v is None else self.v[:, :, :, slots.to(self.v.device)],
             "next_position": self.next_position,
             "capacity": self.capacity,
+            "chunk_size": self.chunk_size,
             "batch_size": self.batch_size,
             "num_layers": self.num_layers,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()`; the cache must have the same capacity, batch size and depth."""
-        for name in ("capacity", "batch_size", "num_layers"):
-            if state[name] != getattr(self, name):
-                raise ValueError(f"cache state has {name}={state[name]}, this cache has {getattr(self, name)}")
-        self.slot_pos = state["slot_pos"].clone()
+        """Restore a `state_dict()`; the cache must have the same capacity, chunk size, batch size and depth."""
+        for name in ("capacity", "chunk_size", "batch_size", "num_layers"):
+            if state.get(name) != getattr(self, name):
+                raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)}")
         self.next_position = int(state["next_position"])
+        positions = self.positions
+        slots = positions % self.num_slots
+        self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)
+        self.slot_pos[slots] = positions
         if state["k"] is None:
             self.k = self.v = None
             return
         self._allocate(state["k"])
-        self.k[:, :, :, : self.capacity].copy_(state["k"])
-        self.v[:, :, :, : self.capacity].copy_(state["v"])
+        self.k[:, :, :, slots.to(self.k.device)] = state["k"].to(self.k)
+        self.v[:, :, :, slots.to(self.v.device)] = state["v"].to(self.v)
 
     def _allocate(self, like: torch.Tensor) -> None:
         """Allocate both buffers like a (L or nothing, B*S, H, T, Dh) tensor: its trailing shape, dtype and device."""
@@ -104,7 +111,7 @@ class KVCache:
         Done before the first call, so a compiled step sees fixed buffers: stored in the model's dtype (bf16
         halves the bytes) at static addresses, which CUDA graphs then read and write in place.
         """
-        shape = (self.num_layers, self.batch_size * tokens_per_frame, heads, self.capacity + self.chunk_size, head_dim)
+        shape = (self.num_layers, self.batch_size * tokens_per_frame, heads, self.num_slots, head_dim)
         if self.k is None:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros_like(self.k)
@@ -125,50 +132,50 @@ class KVCache:
                 "pass a larger chunk_size to new_cache()"
             )
         self._num_new = num_frames
-        return torch.arange(self.next_position, self.next_position + num_frames)
+        positions = torch.arange(self.next_position, self.next_position + num_frames)
+        device = self.k.device if self.k is not None else None
+        self._slots = (positions % self.num_slots).to(device)  # a tensor, so a compiled step does not see it change
+        return positions
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
-        """Which keys each new frame sees -> (T, capacity + T) bool: filled slots, then staged frames."""
-        filled = (self.slot_pos >= 0).expand(self._num_new, -1)
-        return torch.cat([filled, staged_mask(self._num_new, bidirectional)], dim=1).to(device)
+        """Which slots each new frame sees -> (T, capacity + chunk_size) bool: the queue, then this call's frames
+        causally (or all of them); slots of frames out of the queue, or not written, are hidden."""
+        start = self.next_position
+        queued = (self.slot_pos >= max(start - self.capacity, 0)) & (self.slot_pos < start)  # (slots,)
+        mask = queued.expand(self._num_new, -1).clone()
+        new_slots = self._slots.cpu()
+        mask[:, new_slots] = staged_mask(self._num_new, bidirectional)
+        return mask.to(device)
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write this call's keys/values (B*S, H, T, Dh) of `layer` to the staging slots, as plain values."""
+        """Write this call's keys/values (B*S, H, T, Dh) of `layer` into their slots, as plain values."""
         if self.k is None:
             self._allocate(k)
         if k.shape[0] != self.k.shape[1]:
             raise ValueError(f"cache holds {self.k.shape[1]} token rows per frame, got {k.shape[0]}")
-        end = self.capacity + k.shape[2]
-        self.k[layer, :, :, self.capacity : end] = k.detach()
-        self.v[layer, :, :, self.capacity : end] = v.detach()
+        self.k[layer].index_copy_(2, self._slots, k.detach())
+        self.v[layer].index_copy_(2, self._slots, v.detach())
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage this call's keys/values (B*S, H, T, Dh) -> (B*S, H, capacity + T, Dh) keys/values to attend to.
+        """Stage this call's keys/values (B*S, H, T, Dh) -> (B*S, H, capacity + chunk_size, Dh) to attend to.
 
-        Without autograd they are views of the buffers. A call that records a graph (a user outside no_grad,
-        a student trained through the cache) attends to the queue joined with its own k, v instead, so the
-        gradient reaches them and the buffers never hold a graph.
+        Without autograd they are the buffers themselves. A call that records a graph (a user outside no_grad,
+        a student trained through the cache) attends to a copy of them holding its own k, v, so the gradient
+        reaches them and the buffers never hold a graph.
         """
-        self.stage(layer, k, v)
-        ring = slice(0, self.capacity)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return (torch.cat([self.k[layer, :, :, ring], k], dim=2),
-                    torch.cat([self.v[layer, :, :, ring], v], dim=2))
-        end = self.capacity + k.shape[2]
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            if self.k is None:
+                self._allocate(k)
+            return self.k[layer].index_copy(2, self._slots, k), self.v[layer].index_copy(2, self._slots, v)
+        self.stage(layer, k, v)
+        return self.k[layer], self.v[layer]
 
     def commit(self) -> None:
-        """Append the staged frames of every layer to the queue, evicting the oldest when full."""
+        """Make the frames of the last call part of the queue (their keys/values are in place already); the
+        oldest leave it when it is full."""
         n = self._num_new
-        keep = min(n, self.capacity)  # of a call longer than the queue only the last frames survive
-        positions = torch.arange(self.next_position + n - keep, self.next_position + n)
-        slots = positions % self.capacity
-        # Frame by frame: a staged slot never is a queue slot, and copying the whole staged block at once
-        # would need a clone of it (all layers, tens of MB) allocated and page-faulted on every commit.
-        for slot, staged in zip(slots.tolist(), range(self.capacity + n - keep, self.capacity + n)):
-            self.k[:, :, :, slot].copy_(self.k[:, :, :, staged])
-            self.v[:, :, :, slot].copy_(self.v[:, :, :, staged])
-        self.slot_pos[slots] = positions
+        positions = torch.arange(self.next_position, self.next_position + n)
+        self.slot_pos[positions % self.num_slots] = positions
         self.next_position += n
         self._num_new = 0
 

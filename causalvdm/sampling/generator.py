@@ -260,6 +260,7 @@ class AutoregressiveGenerator:
             keep = min(self.chunk_size, num_frames - n0 - j * self.chunk_size)
             yield latents[:, :, :keep]
 
+    @torch.inference_mode()  # the cache's tensors are then made as in `prefill`, so a compiled step takes them as is
     def _resume(self, first_latents, y, mask, cache_state: dict) -> int:
         """Load a cache state saved after some chunk -> index of the next chunk to generate."""
         if self.mode != "cache":
