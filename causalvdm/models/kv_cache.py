@@ -104,6 +104,8 @@ class KVCache:
         if rows % self.batch_size:
             raise ValueError(f"cache built for batch size {self.batch_size}, got {rows} token rows")
         self.allocate(rows // self.batch_size, heads, head_dim, like.dtype, like.device)
+        if self._slots is not None:
+            self._slots = self._slots.to(like.device)
 
     def allocate(self, tokens_per_frame: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
         """Preallocate both buffers (B * tokens_per_frame rows); nothing happens if they already are so.
@@ -132,10 +134,14 @@ class KVCache:
                 "pass a larger chunk_size to new_cache()"
             )
         self._num_new = num_frames
-        positions = torch.arange(self.next_position, self.next_position + num_frames)
         device = self.k.device if self.k is not None else None
-        self._slots = (positions % self.num_slots).to(device)  # a tensor, so a compiled step does not see it change
-        return positions
+        self._slots = self._new_slots.to(device)  # a tensor, so a compiled step does not see the slots change
+        return torch.arange(self.next_position, self.next_position + num_frames)
+
+    @property
+    def _new_slots(self) -> torch.Tensor:
+        """Slots of the current call's frames, on the CPU (T,)."""
+        return torch.arange(self.next_position, self.next_position + self._num_new) % self.num_slots
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
         """Which slots each new frame sees -> (T, capacity + chunk_size) bool: the queue, then this call's frames
@@ -143,8 +149,7 @@ class KVCache:
         start = self.next_position
         queued = (self.slot_pos >= max(start - self.capacity, 0)) & (self.slot_pos < start)  # (slots,)
         mask = queued.expand(self._num_new, -1).clone()
-        new_slots = self._slots.cpu()
-        mask[:, new_slots] = staged_mask(self._num_new, bidirectional)
+        mask[:, self._new_slots] = staged_mask(self._num_new, bidirectional)
         return mask.to(device)
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -173,10 +178,8 @@ class KVCache:
     def commit(self) -> None:
         """Make the frames of the last call part of the queue (their keys/values are in place already); the
         oldest leave it when it is full."""
-        n = self._num_new
-        positions = torch.arange(self.next_position, self.next_position + n)
-        self.slot_pos[positions % self.num_slots] = positions
-        self.next_position += n
+        self.slot_pos[self._new_slots] = torch.arange(self.next_position, self.next_position + self._num_new)
+        self.next_position += self._num_new
         self._num_new = 0
 
 
