@@ -1,6 +1,7 @@
 """causalvdm: autoregressive video diffusion with causal generation and a shared KV-cache queue."""
 
 from causalvdm import autoencoders, data, diffusion, models, text  # noqa: F401  (registers the builders)
+from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.registry import MODELS, ConfigError, build
 
 __version__ = "0.1.0"
@@ -11,4 +12,4 @@ def build_model(cfg):
     return build(MODELS, cfg, "model")
 
 
-__all__ = ["ConfigError", "build", "build_model"]
+__all__ = ["CausalVDMPipeline", "ConfigError", "build", "build_model"]

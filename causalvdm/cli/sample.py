@@ -1,0 +1,205 @@
+"""Sample long videos autoregressively, chunk by chunk, through the shared KV cache (`causalvdm-sample`).
+
+    bash scripts/sample.sh CONFIG --ckpt outputs/EXP/checkpoints/step_00010000 --first-image cat.png --num-frames 81
+    bash scripts/sample.sh --ckpt outputs/EXP/checkpoints/step_00010000 --first-image cat.png   # the run's config
+    bash scripts/sample.sh CONFIG --ckpt CKPT --first-video clip.mp4 --first-frames 1      # + PSNR against the clip
+    NPROC_PER_NODE=4 bash scripts/sample.sh CONFIG --ckpt CKPT --manifest prompts.jsonl   # batch, 4 processes
+
+Per video, into --out: NAME.mp4 (H.264, written while generating), NAME.png (contact sheet), NAME.json
+(settings, seed, per-chunk timings, PSNR when the first frames come from a video). Defaults come from the
+config's `sample` and `autoregressive` dicts; flags override them. Without CONFIG, --ckpt must be a training
+checkpoint directory or a save_pretrained folder, and the config saved with it is used.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from causalvdm.config import add_config_args, load_config
+from causalvdm.data.video_io import VideoReadError
+from causalvdm.pipeline import PIPELINE_CONFIG, CausalVDMPipeline, SampleSettings, pretrained_config_path
+from causalvdm.registry import ConfigError
+from causalvdm.sampling.generator import COMPILE_MODES, DTYPES
+from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter
+from causalvdm.utils.io import CheckpointError, iter_jsonl
+from causalvdm.utils.memory import keep_freed_memory
+
+log = logging.getLogger("causalvdm.sample")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="mmengine .py config (model, vae, text_encoder, diffusion, "
+                        "autoregressive, sample); default: the one saved with --ckpt")
+    parser.add_argument("--ckpt", help="training checkpoint directory (with model.safetensors / ema.safetensors), a "
+                        "save_pretrained folder or one .safetensors/.pt state-dict file (default: sample.ckpt; none: "
+                        "untrained or model.from_pretrained)")
+    parser.add_argument("--weights", choices=["ema", "model"], help="weights of a checkpoint directory (default: ema)")
+    parser.add_argument("--prompt", help="text prompt (default: sample.prompt; empty: the null caption, no guidance; "
+                        "ignored by an unconditional model)")
+    parser.add_argument("--first-image", help="image giving the first frame; resized (short side) and centre-cropped "
+                        "to the config's image size")
+    parser.add_argument("--first-video", help="video whose first --first-frames frames are given; the rest are the "
+                        "reference for per-frame PSNR")
+    parser.add_argument("--first-frames", type=int, help="frames taken from --first-video (default 1)")
+    parser.add_argument("--num-frames", type=int, help="frames of the video, given ones included (default: sample.num_frames)")
+    parser.add_argument("--fps", type=int, help="frame rate of the mp4 (default: sample.fps)")
+    parser.add_argument("--seed", type=int, help="seed of all sampling noise (default: sample.seed)")
+    parser.add_argument("--sampler", help="iddpm | ddim | dpm-solver++ (default: sample.sampler)")
+    parser.add_argument("--num-steps", type=int, help="denoising steps per chunk (default: sample.num_steps)")
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 1 = none (default: sample.cfg_scale)")
+    parser.add_argument("--mode", choices=["cache", "recompute"], help="'cache' (shared KV cache) or 'recompute' "
+                        "(baseline: conditioning frames recomputed at every step)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], help="weights and KV cache (default auto: bfloat16 on "
+                        "CUDA, float32 on the CPU); latents and the sampler stay float32")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
+                        "per-step model call (mode default; reduce-overhead adds CUDA graphs); pays off on GPUs, "
+                        "slower on CPUs")
+    parser.add_argument("--eval-len", type=int, help="PSNR mean over the frames before this index (default: model.max_tpe_len, "
+                        "the training clip length)")
+    parser.add_argument("--out", help="output folder (default: outputs/<config stem, or the checkpoint's run>/samples)")
+    parser.add_argument("--name", help="file name stem of the outputs (default: the first image/video's stem, else 'sample')")
+    parser.add_argument("--manifest", help="batch mode: a .jsonl file, one video per row: {first_image | first_video, "
+                        "prompt, name, first_frames, seed} (all optional; relative paths are relative to the manifest). "
+                        "Rows are split over torchrun processes; videos whose mp4 exists are skipped")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    if not args.config and not args.ckpt:
+        parser.error("give a config, or --ckpt with a checkpoint directory (its saved config is used)")
+    return args
+
+
+@dataclass
+class Job:
+    """One video to generate: its output name, caption, seed and given frames."""
+
+    name: str
+    prompt: str
+    seed: int
+    first_image: str | None = None
+    first_video: str | None = None
+    first_frames: int = 1
+
+
+def run_job(job: Job, pipe: CausalVDMPipeline, out_dir: Path, config_path: str) -> dict:
+    """Generate one video into out_dir/NAME.{mp4,png,json} -> the sidecar dict."""
+    h, w = pipe.image_size
+    collector = ContactSheetCollector(pipe.defaults.num_frames or pipe.model.max_tpe_len)
+    mp4 = out_dir / f"{job.name}.mp4"
+    chunks = pipe.iter_chunks(first_image=job.first_image, first_video=job.first_video, first_frames=job.first_frames,
+                              prompt=job.prompt, seed=job.seed)
+    with StreamingVideoWriter(mp4, pipe.defaults.fps, w, h) as writer:
+        for frames in chunks:  # (t, H, W, 3) uint8
+            writer.write(frames)
+            collector.add(frames)
+        collector.save(out_dir / f"{job.name}.png")
+    sidecar = dict(config=config_path, name=job.name, **pipe.info, video=mp4.name, contact_sheet=f"{job.name}.png")
+    if "metrics" in sidecar:
+        metrics = sidecar["metrics"] = sidecar.pop("metrics")  # last, after the file names
+        log.info("%s: PSNR over frames %d-%d: %.2f dB (repeating the last given frame: %.2f dB)", job.name,
+                 sidecar["given_frames"], min(metrics["eval_len"], metrics["frames"][-1] + 1) - 1,
+                 metrics["psnr_mean_eval"], metrics["psnr_repeat_last_mean_eval"])
+    (out_dir / f"{job.name}.json").write_text(json.dumps(sidecar, indent=2))
+    return sidecar
+
+
+def read_jobs(manifest: str, settings: SampleSettings) -> list[Job]:
+    """Rows of a .jsonl manifest -> jobs; relative paths are taken relative to the manifest's folder."""
+    path = Path(manifest)
+    if not path.is_file():
+        raise ConfigError(f"{path}: manifest not found")
+    root = path.parent
+    jobs, names = [], set()
+    try:
+        rows = list(iter_jsonl(path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for line_no, row in rows:
+        unknown = sorted(set(row) - {"first_image", "first_video", "prompt", "name", "first_frames", "seed"})
+        if unknown:
+            raise ConfigError(f"{path}: line {line_no}: unknown field(s) {', '.join(unknown)}")
+        if row.get("first_image") and row.get("first_video"):
+            raise ConfigError(f"{path}: line {line_no}: give first_image or first_video, not both")
+        source = row.get("first_image") or row.get("first_video")
+        name = str(row.get("name") or f"{len(jobs):05d}" + (f"_{Path(source).stem}" if source else ""))
+        if name in names:
+            raise ConfigError(f"{path}: line {line_no}: duplicate name {name!r}")
+        names.add(name)
+        jobs.append(Job(
+            name=name, prompt=row.get("prompt", settings.prompt), seed=int(row.get("seed", settings.seed)),
+            first_image=str(root / row["first_image"]) if row.get("first_image") else None,
+            first_video=str(root / row["first_video"]) if row.get("first_video") else None,
+            first_frames=int(row.get("first_frames", settings.first_frames)),
+        ))
+    return jobs
+
+
+def default_out_dir(args) -> Path:
+    """outputs/<config stem>/samples; with only --ckpt, the run's name (outputs/RUN/checkpoints/step_N) or the
+    save_pretrained folder's name stands for the stem."""
+    if args.config:
+        return Path("outputs") / Path(args.config).stem / "samples"
+    ckpt = Path(args.ckpt).resolve()
+    return Path("outputs") / (ckpt.name if (ckpt / PIPELINE_CONFIG).is_file() else ckpt.parent.parent.name) / "samples"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s" if world > 1 else "%(asctime)s %(message)s")
+    keep_freed_memory()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    overrides = dict(ckpt=args.ckpt, weights=args.weights, prompt=args.prompt, first_image=args.first_image,
+                     first_video=args.first_video, first_frames=args.first_frames, num_frames=args.num_frames,
+                     fps=args.fps, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
+                     cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len, dtype=args.dtype,
+                     compile=args.compile)
+    try:
+        config_path = str(args.config or pretrained_config_path(args.ckpt))
+        cfg = load_config(config_path, args.cfg_options)
+        settings = SampleSettings.from_cfg(cfg.get("sample"), overrides)
+        pipe = CausalVDMPipeline.from_config(cfg, settings, device, progress=rank == 0)
+        if args.manifest:
+            jobs = read_jobs(args.manifest, settings)[rank::world]
+        else:
+            source = settings.first_image or settings.first_video
+            name = args.name or (Path(source).stem if source else "sample")
+            jobs = [Job(name, settings.prompt, settings.seed, settings.first_image, settings.first_video,
+                        settings.first_frames)]
+    except (ConfigError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+    out_dir = Path(args.out) if args.out else default_out_dir(args)
+
+    failed = 0
+    for job in jobs:
+        if args.manifest and (out_dir / f"{job.name}.mp4").exists():
+            log.info("%s: exists, skipped", job.name)
+            continue
+        try:
+            sidecar = run_job(job, pipe, out_dir, config_path)
+        except (VideoReadError, ValueError) as err:
+            if not args.manifest:
+                sys.exit(f"error: {err}")
+            log.error("%s: %s", job.name, err)
+            failed += 1
+            continue
+        print(f"{out_dir / sidecar['video']}: {sidecar['frames']} frames in {sidecar['total_seconds']:.1f}s")
+    if failed:
+        log.error("%d of %d videos failed", failed, len(jobs))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

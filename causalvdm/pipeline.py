@@ -1,0 +1,414 @@
+"""Weights -> frames: the model, VAE, text encoder and autoregressive generator behind one call.
+
+    pipe = CausalVDMPipeline.from_pretrained("outputs/demo/checkpoints/step_00002000")
+    frames = pipe(first_image="cat.png", num_frames=81, seed=0)     # uint8 (81, H, W, 3)
+    pipe.save_pretrained("cat_model")                               # config.json + model.safetensors
+
+The decode / PSNR / timing loop lives here once; the sampling command line (causalvdm/cli/sample.py) and the
+trainer's validation call it.
+"""
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from causalvdm.config import AutoregressiveSettings, load_config
+from causalvdm.data.transforms import to_size, video_transform
+from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
+from causalvdm.diffusion.samplers import SAMPLERS
+from causalvdm.models.pretrained import extract_state_dict, load_pretrained
+from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
+from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, inference_dtype
+from causalvdm.sampling.writer import psnr, to_uint8
+from causalvdm.utils.io import CheckpointError, load_weights
+
+log = logging.getLogger("causalvdm.pipeline")
+
+PIPELINE_CONFIG = "config.json"  # marks a folder written by save_pretrained
+
+
+@dataclass
+class SampleSettings:
+    """What sampling reads from `cfg.sample`, every default declared here; call arguments and flags override them."""
+
+    sampler: str = "iddpm"  # iddpm | ddim | dpm-solver++
+    num_steps: int = 100
+    cfg_scale: float = 1.0
+    num_frames: int | None = None  # frames of each video, given ones included (default: model.max_tpe_len)
+    fps: int = 8
+    image_size: int | tuple | None = None  # (H, W) of the frames (default: dataset.image_size)
+    seed: int = 0
+    mode: str = "cache"  # cache | recompute (the baseline without a cache)
+    prompt: str = ""
+    first_image: str | None = None
+    first_video: str | None = None
+    first_frames: int = 1  # frames taken from first_video
+    eval_len: int | None = None  # PSNR summary over frames [n0, eval_len) (default: model.max_tpe_len)
+    ckpt: str | None = None
+    weights: str = "ema"  # ema | model: which weights of a training checkpoint directory
+    dtype: str = "auto"  # weights and KV cache: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    compile: str | None = None  # torch.compile mode of the per-step model call (None: eager)
+
+    @classmethod
+    def from_cfg(cls, sample_cfg, overrides: dict | None = None) -> "SampleSettings":
+        """Validate `cfg.sample` against the declared fields, then apply the non-None overrides."""
+        given = dict(sample_cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ConfigError(f"sample: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if "first_image" in overrides or "first_video" in overrides:  # a source given here replaces the config's
+            given.pop("first_image", None)
+            given.pop("first_video", None)
+        settings = cls(**{**given, **overrides})
+        if settings.weights not in ("ema", "model"):
+            raise ConfigError(f"sample.weights must be 'ema' or 'model', got {settings.weights!r}")
+        if settings.first_image and settings.first_video:
+            raise ConfigError("give a first image or a first video, not both")
+        if settings.sampler not in SAMPLERS:  # checked before the (slow) model is built
+            raise ConfigError(f"unknown sampler {settings.sampler!r} (known: {', '.join(SAMPLERS)})")
+        if settings.first_frames < 1:
+            raise ConfigError(f"first_frames must be >= 1, got {settings.first_frames}")
+        if settings.dtype != "auto" and settings.dtype not in DTYPES:
+            raise ConfigError(f"sample.dtype must be auto or one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+        if settings.compile is not None and settings.compile not in COMPILE_MODES:
+            raise ConfigError(f"sample.compile must be one of {', '.join(COMPILE_MODES)}, got {settings.compile!r}")
+        return settings
+
+
+# ------------------------------------------------------------------------------------------- loading
+def pretrained_config_path(path: str | Path) -> Path:
+    """The config of a save_pretrained folder (config.json) or of a training checkpoint directory.
+
+    A training checkpoint outputs/EXP/checkpoints/step_N keeps its config.py inside; outputs/EXP/config.py, two
+    levels up, is the run's copy.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    for candidate in (path / PIPELINE_CONFIG, path / "config.py", path.parent.parent / "config.py"):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{path}: no {PIPELINE_CONFIG} or config.py here or two levels up (pass the config)")
+
+
+def checkpoint_file(ckpt: str | Path, weights: str = "ema") -> Path:
+    """The weights file of a save_pretrained folder, of a training checkpoint directory (`weights`), or a file."""
+    path = Path(ckpt)
+    if path.is_dir():
+        file = path / ("model.safetensors" if (path / PIPELINE_CONFIG).is_file() else f"{weights}.safetensors")
+        if not file.is_file():
+            raise CheckpointError(f"{path}: no {file.name} in this directory (not a training checkpoint?)")
+        return file
+    if path.is_file():
+        return path
+    raise CheckpointError(f"{path}: checkpoint not found")
+
+
+def load_checkpoint_weights(model: torch.nn.Module, ckpt: str | Path, weights: str = "ema") -> Path:
+    """Load the weights of `ckpt` (see checkpoint_file) into `model`, strictly -> the file read."""
+    file = checkpoint_file(ckpt, weights)
+    state = extract_state_dict(load_weights(file), file)
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+                if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        first = (reshaped or missing or unexpected)[0]
+        raise CheckpointError(f"{file}: not a checkpoint of this model architecture ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(reshaped)} mis-shaped keys, e.g. {first})")
+    model.load_state_dict(state)
+    return file
+
+
+def image_size_of(cfg, settings: SampleSettings, vae) -> tuple[int, int]:
+    """(H, W) of the frames: sample.image_size, else dataset.image_size, else latent_size x VAE factor."""
+    if settings.image_size is not None:
+        size = to_size(settings.image_size)
+    elif cfg.get("dataset") is not None and cfg.dataset.get("image_size") is not None:
+        size = to_size(cfg.dataset.image_size)
+    elif cfg.get("latent_size") is not None:
+        size = tuple(int(s) * vae.downsample for s in cfg.latent_size)
+    else:
+        raise ConfigError(f"{cfg.filename}: set sample.image_size (no dataset.image_size or latent_size to derive it)")
+    multiple = vae.downsample * 2  # latents must split into 2x2 patches
+    if size[0] % multiple or size[1] % multiple:
+        raise ConfigError(f"image size {size} must be a multiple of {multiple} (VAE factor x patch size)")
+    return size
+
+
+def psnr_summary(frames: list[int], scores: list[float], baseline: list[float], eval_len: int) -> dict:
+    """Per-frame PSNR lists and their means over frames < eval_len and over all compared frames."""
+    in_eval = [i for i, f in enumerate(frames) if f < eval_len] or list(range(len(frames)))
+    return dict(
+        frames=frames, psnr=scores, psnr_repeat_last=baseline, eval_len=eval_len,
+        psnr_mean_eval=float(np.mean([scores[i] for i in in_eval])),
+        psnr_repeat_last_mean_eval=float(np.mean([baseline[i] for i in in_eval])),
+        psnr_mean_all=float(np.mean(scores)), psnr_repeat_last_mean_all=float(np.mean(baseline)),
+    )
+
+
+def _source_name(source) -> str | None:
+    """A path source as the sidecar records it; in-memory frames are not recorded."""
+    return str(source) if isinstance(source, (str, Path)) else None
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+class CausalVDMPipeline:
+    """Model + VAE + text encoder + diffusion, sampling videos chunk by chunk through the shared KV cache.
+
+    model: CausalSTDiT (moved to `device`, cast in place to `dtype`: 'auto' = bf16 on CUDA, fp32 on CPU);
+    vae: encode (B, 3, T, H, W) <-> decode (B, C, T, h, w); text_encoder: None or `encode([prompt]) -> (y, mask)`;
+    sample: the call defaults (SampleSettings); image_size: (H, W) first images/videos are resized to (default:
+    sample.image_size). After a video, `self.info` holds its record: settings, timings, PSNR (the CLI's sidecar).
+    """
+
+    def __init__(self, model, vae, diffusion, text_encoder=None, autoregressive: AutoregressiveSettings | None = None,
+                 sample: SampleSettings | None = None, image_size=None, device=None, progress: bool = False,
+                 config: dict | None = None):
+        self.defaults = sample or SampleSettings()
+        self.autoregressive = autoregressive or AutoregressiveSettings()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.vae = vae.to(self.device).eval()
+        if vae.out_channels != model.in_channels:
+            raise ConfigError(f"vae has {vae.out_channels} latent channels, model.in_channels is {model.in_channels}")
+        self.text_encoder = text_encoder if model.caption_channels else None  # unconditional: prompts are ignored
+        if self.text_encoder is not None:
+            if text_encoder.output_dim != model.caption_channels:
+                raise ConfigError(f"text_encoder.output_dim={text_encoder.output_dim} but model.caption_channels="
+                                  f"{model.caption_channels}")
+            if isinstance(text_encoder, torch.nn.Module):
+                text_encoder.to(self.device)
+        self.diffusion = diffusion
+        size = image_size or self.defaults.image_size
+        self.image_size = to_size(size) if size is not None else None
+        self.dtype = inference_dtype(self.defaults.dtype, self.device)
+        self.progress = progress
+        self.config = config  # the model/vae/text_encoder/diffusion dicts save_pretrained writes
+        self.info: dict = {}
+        # Built now so bad settings (chunk and queue beyond the TPE) fail here; rebuilt only when a call changes
+        # them, so a compiled step is compiled once.
+        self._generator_key = None
+        self.generator = self._generator(self.defaults.sampler, self.defaults.num_steps, self.defaults.cfg_scale,
+                                         self.defaults.mode)
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg, sample: SampleSettings | None = None, device=None,
+                    progress: bool = False) -> "CausalVDMPipeline":
+        """Build from an mmengine config; weights from `sample.ckpt` (else model.from_pretrained, else untrained).
+
+        sample: the settings (default: cfg.sample); device: default CUDA if available, else the CPU.
+        Raises ConfigError / CheckpointError with one-line messages.
+        """
+        sample = sample or SampleSettings.from_cfg(cfg.get("sample"))
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model_cfg = dict(cfg.model)
+        pretrained = model_cfg.pop("from_pretrained", None)
+        model = build(MODELS, model_cfg, "model")
+        if sample.ckpt:
+            log.info("weights: %s", load_checkpoint_weights(model, sample.ckpt, sample.weights))
+        elif pretrained:
+            load_pretrained(model, pretrained)
+        else:
+            log.warning("no checkpoint: sampling from untrained weights")
+        vae = build(VAES, cfg.get("vae"), "vae")
+        text_encoder = build(TEXT_ENCODERS, cfg.get("text_encoder"), "text_encoder") if model.caption_channels else None
+        diffusion = build(SCHEDULERS, cfg.get("diffusion"), "diffusion")
+        ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
+        components = {k: cfg.get(k) for k in ("vae", "text_encoder", "diffusion")}
+        config = dict(model=model_cfg, **{k: v for k, v in components.items() if v is not None})
+        try:
+            return cls(model, vae, diffusion, text_encoder, ar, sample, image_size_of(cfg, sample, vae), device,
+                       progress, config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device=None, dtype: str | None = None, weights: str = "ema",
+                        compile: bool | str = False) -> "CausalVDMPipeline":
+        """Load a training checkpoint directory (outputs/EXP/checkpoints/step_N) or a save_pretrained folder.
+
+        The config saved beside the weights is used; offline, safetensors only. weights: 'ema' | 'model' of a
+        training checkpoint; dtype: None = the config's sample.dtype (default auto); compile: True or a
+        torch.compile mode (False: the config's sample.compile, eager by default).
+        """
+        cfg = load_config(pretrained_config_path(path))
+        compile = "default" if compile is True else compile or None
+        sample = SampleSettings.from_cfg(cfg.get("sample"), dict(ckpt=str(path), weights=weights, dtype=dtype,
+                                                                 compile=compile))
+        return cls.from_config(cfg, sample, device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json (model, vae, text_encoder, diffusion, autoregressive, sample) + model.safetensors.
+
+        The weights are saved as held (bf16 when the pipeline runs in bf16); the VAE and text encoder entries keep
+        pointing at their own local folders.
+        """
+        if self.config is None:
+            raise ValueError("save_pretrained needs a pipeline built by from_config / from_pretrained (its config)")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sample = asdict(replace(self.defaults, ckpt=None, image_size=self.image_size))
+        config = dict(self.config, autoregressive=asdict(self.autoregressive), sample=sample)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path / "model.safetensors"))
+        (path / PIPELINE_CONFIG).write_text(json.dumps(config, indent=2))
+
+    def _generator(self, sampler: str, num_steps: int, cfg_scale: float, mode: str) -> AutoregressiveGenerator:
+        """The generator of these settings (the last one again when they have not changed)."""
+        key = (sampler, num_steps, cfg_scale, mode)
+        if key != self._generator_key:
+            ar = self.autoregressive
+            self.generator = AutoregressiveGenerator(
+                self.model, self.diffusion, sampler, num_steps, ar.chunk_size, ar.max_cond_frames, cfg_scale,
+                ar.prefix_perturb_t, mode=mode, progress=self.progress, dtype=self.dtype,
+                compile=self.defaults.compile or False)
+            self._generator_key = key
+        return self.generator
+
+    # ------------------------------------------------------------------------------ sampling
+    def __call__(self, first_image=None, first_video=None, first_frames: int | None = None, first_latents=None,
+                 prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
+                 sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
+                 mode: str | None = None, writer=None, output_type: str | None = "np"):
+        """Sample one video -> uint8 (T, H, W, 3) ('np'), float (3, T, H, W) in [-1, 1] ('pt') or None.
+
+        Arguments as for `iter_chunks`; writer: anything with `write(frames (t, H, W, 3) uint8)`, e.g. a
+        StreamingVideoWriter, fed each chunk as it is decoded. output_type=None keeps nothing in memory.
+        """
+        if output_type not in ("np", "pt", None):
+            raise ValueError(f"output_type must be 'np', 'pt' or None, got {output_type!r}")
+        chunks = []
+        for pixels in self.iter_chunks(first_image, first_video, first_frames, first_latents, prompt, num_frames,
+                                       seed, sampler, num_steps, cfg_scale, mode, output_type="pt"):
+            frames = to_uint8(pixels) if writer is not None or output_type == "np" else None
+            if writer is not None:
+                writer.write(frames)
+            if output_type is not None:
+                chunks.append(frames if output_type == "np" else pixels)
+        if output_type is None:
+            return None
+        return np.concatenate(chunks) if output_type == "np" else torch.cat(chunks, dim=1)
+
+    def iter_chunks(self, first_image=None, first_video=None, first_frames: int | None = None, first_latents=None,
+                    prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
+                    sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
+                    mode: str | None = None, output_type: str = "np"):
+        """Yield the decoded video, given frames first, then chunk by chunk: uint8 (t, H, W, 3) or float (3, t, H, W).
+
+        Given frames, at most one of: first_image (a path or uint8 (H, W, 3)); first_video (a path or float
+        (3, T, H, W) in [-1, 1]: its first `first_frames` frames are given, the later ones are the PSNR reference);
+        first_latents (1, C, n0, h, w), already encoded. Paths are resized and centre-cropped to `image_size`.
+        The other arguments default to `self.defaults`. Checks run at call time; `self.info` is set when done.
+        """
+        if output_type not in ("np", "pt"):
+            raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
+        start = time.perf_counter()
+        self.info = {}
+        d = self.defaults
+        settings = replace(
+            d, first_frames=first_frames or d.first_frames, prompt=d.prompt if prompt is None else prompt,
+            num_frames=num_frames or d.num_frames or self.model.max_tpe_len, seed=d.seed if seed is None else seed,
+            sampler=sampler or d.sampler, num_steps=num_steps or d.num_steps,
+            cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, mode=mode or d.mode,
+            first_image=_source_name(first_image), first_video=_source_name(first_video))
+        if sum(s is not None for s in (first_image, first_video, first_latents)) > 1:
+            raise ValueError("give at most one of first_image, first_video and first_latents")
+        if settings.first_frames < 1:
+            raise ValueError(f"first_frames must be >= 1, got {settings.first_frames}")
+        generator = self._generator(settings.sampler, settings.num_steps, settings.cfg_scale, settings.mode)
+        pixels, reference = self._given_pixels(first_image, first_video, settings.first_frames)
+        with torch.inference_mode():
+            if first_latents is not None:
+                first = first_latents.to(self.device)
+            elif pixels is not None:
+                first = self.vae.encode(pixels[None].to(self.device))  # (1, C, n0, h, w)
+            else:
+                log.warning("no first frames: the first chunk is generated from the prompt alone "
+                            "(the model is trained with at least one given frame)")
+                h, w = self._size()
+                f = self.vae.downsample
+                first = torch.zeros(1, self.model.in_channels, 0, h // f, w // f, device=self.device)
+            y = mask = None
+            if self.text_encoder is not None and settings.prompt:
+                y, mask = self.text_encoder.encode([settings.prompt])
+        chunks = generator.iter_chunks(first, settings.num_frames, y, mask, seed=settings.seed)  # checks the lengths
+        stream = self._decode(first, chunks, pixels, reference, settings, generator, start)
+        return stream if output_type == "pt" else (to_uint8(video) for video in stream)
+
+    def _size(self) -> tuple[int, int]:
+        if self.image_size is None:
+            raise ValueError("this pipeline has no image_size: give first frames as a tensor or set sample.image_size")
+        return self.image_size
+
+    def _given_pixels(self, first_image, first_video, n0: int):
+        """The given frames (3, n0, H, W) in [-1, 1] (None without any) and an iterator of the later real frames
+        (3, H, W) of first_video (None without one)."""
+        if first_image is not None:
+            frame = read_image(first_image) if isinstance(first_image, (str, Path)) else np.asarray(first_image)
+            if frame.shape[:2] != self._size():
+                log.info("%s: %dx%d resized and centre-cropped to %dx%d", _source_name(first_image) or "first image",
+                         frame.shape[1], frame.shape[0], self.image_size[1], self.image_size[0])
+            return video_transform(torch.from_numpy(frame.copy())[None], self.image_size), None
+        if isinstance(first_video, torch.Tensor):  # already at its size, e.g. a dataset item
+            if first_video.shape[1] < n0:
+                raise ValueError(f"first_video has {first_video.shape[1]} frames, first_frames asks for {n0}")
+            return first_video[:, :n0], iter(first_video[:, n0:].unbind(1))
+        if first_video is not None:
+            frames = iter_video_frames(first_video)
+            given = [f for _, f in zip(range(n0), frames)]
+            if len(given) < n0:
+                raise VideoReadError(f"{first_video}: has {len(given)} frames, --first-frames asks for {n0}")
+            if given[0].shape[:2] != self._size():
+                log.info("%s: %dx%d frames resized and centre-cropped to %dx%d", first_video, given[0].shape[1],
+                         given[0].shape[0], self.image_size[1], self.image_size[0])
+            later = (video_transform(torch.from_numpy(f)[None], self.image_size)[:, 0] for f in frames)
+            return video_transform(torch.from_numpy(np.stack(given)), self.image_size), later
+        return None, None
+
+    def _decode(self, first, chunks, pixels, reference, settings: SampleSettings, generator, start: float):
+        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W); PSNR, timings, info."""
+        n0 = first.shape[2]
+        scores, baseline, compared = [], [], []
+        written = 0
+        if n0:
+            with torch.inference_mode():
+                video = self.vae.decode(first)[0]  # (3, n0, H, W)
+            written += n0
+            yield video
+        total = generator.num_chunks(n0, settings.num_frames)
+        for latents in tqdm(chunks, total=total, desc="chunks", disable=not self.progress):
+            with torch.inference_mode():
+                video = self.vae.decode(latents)[0]  # (3, k, H, W)
+            real = list(islice(reference, video.shape[1])) if reference is not None else []
+            if real:  # the repeat-the-last-given-frame baseline tells how much the model adds
+                real = torch.stack(real, dim=1).cpu()  # (3, r, H, W)
+                scores += psnr(video[:, : real.shape[1]].cpu(), real).tolist()
+                baseline += psnr(pixels[:, -1:].cpu().expand_as(real), real).tolist()
+                compared += range(written, written + real.shape[1])
+            written += video.shape[1]
+            yield video
+        h, w = (s * self.vae.downsample for s in first.shape[-2:])
+        self.info = dict(
+            prompt=settings.prompt, seed=settings.seed, first_image=settings.first_image,
+            first_video=settings.first_video, given_frames=n0, frames=written, fps=settings.fps, size=[h, w],
+            settings=asdict(settings),
+            autoregressive=dict(chunk_size=generator.chunk_size, max_cond_frames=generator.max_cond_frames,
+                                prefix_perturb_t=generator.prefix_perturb_t),
+            device=str(self.device), prefill_seconds=generator.prefill_time, chunk_seconds=generator.chunk_times,
+            total_seconds=time.perf_counter() - start,
+        )
+        if compared:
+            self.info["metrics"] = psnr_summary(compared, scores, baseline, settings.eval_len or self.model.max_tpe_len)
