@@ -47,13 +47,10 @@ def t5_dir(tmp_path_factory):
 
 @pytest.fixture
 def train_script():
-    """scripts/train.py loaded as a module, so tests can call main(argv) in-process and patch it."""
-    import importlib.util
+    """The training command line that scripts/train.py runs (causalvdm.cli.train), so tests can call main(argv)."""
+    from causalvdm.cli import train
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return train
 
 
 def pytest_collection_modifyitems(config, items):

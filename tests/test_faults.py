@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from causalvdm.training import checkpoint as checkpoint_module
+from causalvdm.training import trainer as trainer_module
 from causalvdm.training.checkpoint import list_checkpoints
 from conftest import ROOT
 from test_training import _config, _env, video_root  # noqa: F401  (video_root is a fixture)
@@ -24,7 +25,7 @@ def _steps(ckpt_dir):
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, video_root, t5_dir, train_script, monkeypatch, caplog):
     cfg = _config(tmp_path, video_root, t5_dir, steps=20, ckpt_every=2)
-    real_loss = train_script.clean_prefix_loss
+    real_loss = trainer_module.clean_prefix_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -34,7 +35,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, video_root, t5_dir, tr
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(train_script, "clean_prefix_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "clean_prefix_loss", poisoned)
     code = train_script.main([str(cfg), "--exp-name", "nan", "--cfg-options", "train.max_nonfinite_steps=3"])
     assert code == 3
     assert "3 non-finite steps in a row" in caplog.text and "step skipped" in caplog.text

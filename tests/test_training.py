@@ -115,12 +115,14 @@ def test_distributed_matches_single_process(tmp_path, video_root, t5_dir):
         runs[mode] = tmp_path / "outputs" / mode
     reference = _losses(runs["single"])
     assert len(reference) == 6 and reference[0] > 0
-    final = load_file(str(runs["single"] / "checkpoints" / "step_00000006" / "model.safetensors"))
     for mode in ("ddp", "fsdp"):
         np.testing.assert_allclose(_losses(runs[mode]), reference, rtol=1e-4, atol=1e-6, err_msg=mode)
-        weights = load_file(str(runs[mode] / "checkpoints" / "step_00000006" / "model.safetensors"))
-        for name, value in final.items():
-            torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {name}")
+        for file in ("model.safetensors", "ema.safetensors"):  # the EMA is gathered from FSDP shards on rank 0
+            final = load_file(str(runs["single"] / "checkpoints" / "step_00000006" / file))
+            weights = load_file(str(runs[mode] / "checkpoints" / "step_00000006" / file))
+            assert weights.keys() == final.keys(), f"{mode}: {file}"
+            for name, value in final.items():
+                torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {file}: {name}")
     assert (runs["single"] / "loss.png").is_file() and (runs["single"] / "config.py").is_file()
 
 
@@ -165,3 +167,25 @@ def test_validation_sampling_writes_a_clip(tmp_path, video_root, t5_dir, train_s
     with av.open(str(clip)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (8, 8, 3)
+
+
+def test_a_subclass_swaps_only_the_objective(tmp_path, video_root, t5_dir):
+    """A second objective (e.g. distillation) overrides compute_loss and reuses the loop, logging and checkpoints."""
+    from causalvdm.config import load_config
+    from causalvdm.training import Trainer
+    from causalvdm.training.distributed import init_distributed
+
+    class Frozen(Trainer):
+        def compute_loss(self, batch, micro):
+            out = super().compute_loss(batch, micro)
+            return dict(loss=out["loss"] * 0.0 + 1.0, base=out["loss"].item())  # zero gradients: Adam leaves weights be
+
+    cfg = load_config(_config(tmp_path, video_root, t5_dir, steps=2, ckpt_every=2))
+    run = tmp_path / "frozen"
+    assert Frozen(cfg, TrainSettings.from_cfg(cfg.train), run, init_distributed()).fit() == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [1.0, 1.0] and all(r["base"] > 0 for r in rows)
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    assert ckpt.name == "step_00000002"
+    model, ema = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
+    assert all(torch.equal(model[k], ema[k]) for k in model)  # never moved, so the average did not either

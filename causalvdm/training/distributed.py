@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -71,18 +71,22 @@ class DDP(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def parallelize(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
+def parallelize(model: nn.Module, mode: str, info: DistInfo, bf16: bool = False) -> nn.Module:
     """Move to the device and wrap for data parallelism: 'ddp', or 'fsdp' (fully_shard each block, then the root).
 
-    Returns the model to train; with FSDP2 it is the same object, sharded in place.
+    With `bf16`, FSDP2 gathers parameters in bf16 for compute and reduces gradients in fp32 (the sharded
+    fp32 master weights stay). Returns the model to train; with FSDP2 it is the same object, sharded in place.
     """
     model.to(info.device)
     if not dist.is_initialized():
         return model
     if mode == "fsdp":
+        # Halves all-gather traffic and compute memory; fp32 reduction keeps the gradient sum exact enough.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 

@@ -1,6 +1,7 @@
 """Exponential moving average of the weights, kept in fp32 beside the model."""
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -18,12 +19,22 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+        # One foreach call: on GPU a few fused kernels instead of one launch per parameter.
+        names, params = zip(*[(name, p.detach().float()) for name, p in model.named_parameters()])
+        torch._foreach_lerp_([self.shadow[n] for n in names], list(params), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unsharded) fp32 tensors on the CPU."""
-        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).cpu() for n, t in self.shadow.items()}
+        """Full (unsharded) fp32 tensors on the CPU of the main process; other processes get {}.
+
+        Shards are gathered one tensor at a time, so no process but the main one ever holds the whole EMA.
+        """
+        main = not dist.is_initialized() or dist.get_rank() == 0
+        state = {}
+        for name, t in self.shadow.items():
+            full = t.full_tensor() if isinstance(t, DTensor) else t  # an all-gather: every rank takes part
+            if main:
+                state[name] = full.cpu()
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,74 @@
+"""Train a causal ST-DiT with the clean-prefix objective; launched by scripts/train.sh through torchrun.
+
+    bash scripts/train.sh configs/demo/overfit.py overfit_demo            # one CPU process or GPU 0
+    bash scripts/train.sh CONFIG EXP 29500 0,1,2,3 --resume auto          # four GPUs, resume the newest checkpoint
+
+Everything of a run goes to <outputs_dir>/<exp_name>/: config.py, train.log, metrics.jsonl, tensorboard/,
+checkpoints/step_*/ (model, EMA, optimizer, schedule, step, data position, RNG), loss.png, samples/.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from causalvdm.config import add_config_args, load_config, require
+from causalvdm.registry import ConfigError
+from causalvdm.training.distributed import init_distributed
+from causalvdm.training.settings import TrainSettings
+from causalvdm.training.trainer import Trainer
+from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.memory import keep_freed_memory
+
+log = logging.getLogger("causalvdm.train")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line: a config, the run's name, --resume and --cfg-options overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="mmengine .py config (model, vae, text_encoder, diffusion, dataset, autoregressive, train)")
+    parser.add_argument("--exp-name", help="run name; outputs go to <train.outputs_dir>/<exp-name> (default: config file stem)")
+    parser.add_argument("--resume", help="'auto' continues from the newest complete checkpoint of the run (fresh start if "
+                        "none); or a checkpoint directory")
+    add_config_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Run training -> exit code: 0 done, 2 bad config or checkpoint, 3 too many non-finite steps in a row."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options)  # these errors name the file themselves
+        require(cfg, "model", "diffusion", "dataset")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    try:
+        settings = TrainSettings.from_cfg(cfg.get("train"))
+    except ConfigError as err:
+        sys.exit(f"error: {args.config}: {err}")
+    info = init_distributed()
+    run_dir = Path(settings.outputs_dir) / (args.exp_name or Path(args.config).stem)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    handler = logging.FileHandler(run_dir / "train.log") if info.is_main else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    keep_freed_memory()
+    try:
+        return Trainer(cfg, settings, run_dir, info).fit(resume=args.resume)
+    except (ConfigError, CheckpointError) as err:
+        log.error("%s: %s", args.config, err)
+        return 2
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
