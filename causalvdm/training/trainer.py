@@ -30,8 +30,8 @@ from causalvdm.data import StatefulSampler, build_dataloader
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
-from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.writer import StreamingVideoWriter, to_uint8
+from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
+from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_process, parallelize, unwrap
 from causalvdm.training.ema import EMA
@@ -251,18 +251,13 @@ class Trainer:
             return
         model = causalvdm.build_model({k: v for k, v in self.cfg.model.items() if k != "from_pretrained"})
         model.load_state_dict(ema_state)
-        model.to(self.info.device).eval()
-        generator = AutoregressiveGenerator(model, self.diffusion, s.validation_sampler, s.validation_steps,
-                                            ar.chunk_size, ar.max_cond_frames, prefix_perturb_t=ar.prefix_perturb_t)
-        with torch.no_grad():
-            y, mask = self.text_encoder.encode([self.first_clip["caption"]])
-        latents = generator.generate(self.first_latents[:, :, :1], s.validation_frames or 2 * self.core.max_tpe_len,
-                                     y, mask, seed=s.seed)
-        with torch.no_grad():
-            video = self.vae.decode(latents)[0]  # (3, T, H, W)
+        sample = SampleSettings(sampler=s.validation_sampler, num_steps=s.validation_steps, dtype="float32")
+        pipe = CausalVDMPipeline(model, self.vae, self.diffusion, self.text_encoder, ar, sample, device=self.info.device)
+        height, width = (n * self.vae.downsample for n in self.first_latents.shape[-2:])
         path = self.run_dir / "samples" / f"step_{self.step:08d}.mp4"
-        with StreamingVideoWriter(path, 8, video.shape[-1], video.shape[-2]) as writer:
-            writer.write(to_uint8(video))
+        with StreamingVideoWriter(path, 8, width, height) as writer:
+            pipe(first_latents=self.first_latents[:, :, :1], prompt=self.first_clip["caption"], seed=s.seed,
+                 num_frames=s.validation_frames or 2 * self.core.max_tpe_len, writer=writer, output_type=None)
         log.info("validation clip: %s", path)
 
     # ---- the loop
