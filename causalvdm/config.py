@@ -1,6 +1,7 @@
 """Loading mmengine `.py` configs with `--cfg-options` overrides, and the one-line config errors."""
 
 import argparse
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,9 +18,20 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Where an installed (non-editable) package keeps the repository's configs/ folder (pyproject's data-files).
+INSTALLED_CONFIGS = Path(sys.prefix) / "share" / "causalvdm"
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
-    """Read an mmengine `.py` config and apply dotted-key overrides; errors name the file."""
+    """Read an mmengine `.py` config and apply dotted-key overrides; errors name the file.
+
+    A "configs/..." path missing from the working directory is read from the installed package's copy, so
+    `causalvdm-train configs/demo/overfit.py` works from any folder after `pip install causalvdm`.
+    """
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and path.parts[:1] == ("configs",):
+        installed = INSTALLED_CONFIGS / path
+        path = installed if installed.is_file() else path
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -28,7 +28,7 @@ fi
 
 # Reinstall only when the package metadata changed, so a second run is quick.
 stamp=".venv-stamp"
-digest=$(cat setup.py requirements.txt | sha256sum | cut -d' ' -f1)
+digest=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$digest" ]] || ! "$PY" -c "import causalvdm" 2>/dev/null; then
   pip_install -e ".[test]"
   echo "$digest" > "$stamp"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Launch training through torchrun: one process per listed GPU id, or one CPU process when none.
-#   bash scripts/train.sh <config> [exp_name] [master_port] [gpu_ids] [train.py flags...]
+# Launch training (causalvdm-train, i.e. causalvdm.cli.train) through torchrun: one process per listed GPU id, or
+# one CPU process when none.
+#   bash scripts/train.sh <config> [exp_name] [master_port] [gpu_ids] [causalvdm-train flags...]
 #   bash scripts/train.sh configs/ucf101/xl2_256.py ucf 29500 0,1,2,3 --resume auto
 # Multi-node: set NNODES, NODE_RANK and MASTER_ADDR on every node (torchrun's static rendezvous).
 # CPU only: NPROC_PER_NODE=2 runs two gloo processes (useful for testing DDP/FSDP2 on one machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,6p' "$0"; exit 0
+  sed -n '2,7p' "$0"; exit 0
 fi
 config=$1; shift
 positional=()
@@ -29,4 +30,4 @@ exec "$PY" -m torch.distributed.run \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$master_port" \
   --nproc_per_node "$nproc" \
-  scripts/train.py "$config" --exp-name "$exp_name" "$@"
+  -m causalvdm.cli.train "$config" --exp-name "$exp_name" "$@"

@@ -162,7 +162,7 @@ absent=$("$PY" - <<'EOF'
 import importlib
 
 absent = []
-for module in ("mmengine", "diffusers", "av", "einops", "causalvdm"):
+for module in ("mmengine", "diffusers", "av", "sentencepiece", "causalvdm"):
     try:
         importlib.import_module(module)
     except Exception as err:  # an ImportError, or a broken package failing at import
@@ -176,7 +176,7 @@ if [[ -n $absent ]]; then
   finish > /dev/null
   exit 1
 fi
-record imports ok 0 "mmengine, diffusers, av, einops, causalvdm import"
+record imports ok 0 "mmengine, diffusers, av, sentencepiece, causalvdm import"
 
 # ---- (c) the CUDA tests (skipped, and so reported, without a GPU)
 step pytest_cuda 150 "$PY" -m pytest -m cuda -q -rs

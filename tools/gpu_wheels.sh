@@ -5,10 +5,10 @@
 #     bash tools/gpu_wheels.sh [--python-version X.Y ...] [--platform TAG ...] [--dest wheels]
 #
 # The GPU machines come with their own CUDA torch and numpy, transformers (so huggingface-hub), safetensors, tqdm,
-# tensorboard, matplotlib (so Pillow) and pytest. Missing there: mmengine, diffusers, av, einops, sentencepiece
+# tensorboard, matplotlib (so Pillow) and pytest. Missing there: mmengine, diffusers, av, sentencepiece
 # and some small packages they need. Those are downloaded for the GPU machine's Python and platform, never torch
 # or its CUDA libraries:
-#   - the five packages themselves with --no-deps (mmengine would pull opencv-python, ~60 MB, which its config
+#   - the four packages themselves with --no-deps (mmengine would pull opencv-python, ~60 MB, which its config
 #     loader never imports);
 #   - their other requirements that an image may lack, with their dependencies (addict, termcolor, yapf, rich,
 #     importlib-metadata, requests, regex, filelock, pyyaml), which pull nothing large; tools/gpu_check.sh
@@ -18,7 +18,7 @@
 # else 3.11, 3.12 and 3.13. av and sentencepiece are pinned to the versions found for the first one, so av's
 # abi3 wheel (35 MB) serves them all; the compiled small ones add about 3.5 MB per version.
 # Platforms default to manylinux2014 and manylinux_2_28 x86_64 (recent av ships only the latter). Versions obey
-# requirements.txt's bounds; the folder stays under 64 MB (what the device tool carries).
+# pyproject.toml's bounds; the folder stays under 64 MB (what the device tool carries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,15 +46,19 @@ download() {  # download PYTHON_VERSION PIP_ARGS...
   "$PY" -m pip download --quiet --disable-pip-version-check --dest "$dest" --only-binary=:all: \
     --python-version "$version" "${platform_args[@]}" "$@"
 }
-# The requirement line of a package in requirements.txt (its version bound), without the comment.
-spec() { grep -iE "^$1([<>=!~ ]|$)" requirements.txt | sed 's/#.*//; s/ *$//'; }
+# The requirement of a package in pyproject.toml's dependencies (its version bound).
+spec() {
+  "$PY" -c 'import re, sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print(next(d for d in deps if re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() == sys.argv[1].lower()))' "$1"
+}
 # The version of a package's wheel in $dest (from its file name: name-version-...).
 downloaded() { find "$dest" -maxdepth 1 -iname "$1-*.whl" -printf '%f\n' | head -1 | cut -d- -f2; }
 
 mkdir -p "$dest"
 av="$(spec av)" sentencepiece="$(spec sentencepiece)"
 for pyver in "${pyvers[@]}"; do
-  download "$pyver" --no-deps "$(spec mmengine)" "$(spec diffusers)" "$av" "$(spec einops)" "$sentencepiece"
+  download "$pyver" --no-deps "$(spec mmengine)" "$(spec diffusers)" "$av" "$sentencepiece"
   av="av==$(downloaded av)" sentencepiece="sentencepiece==$(downloaded sentencepiece)"
   download "$pyver" addict termcolor yapf rich importlib-metadata requests regex filelock pyyaml
   download "$pyver" setuptools wheel
