@@ -29,6 +29,7 @@ from causalvdm.sampling.generator import COMPILE_MODES, DTYPES
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter
 from causalvdm.utils.io import CheckpointError, iter_jsonl
 from causalvdm.utils.memory import keep_freed_memory
+from causalvdm.utils.memory_plan import estimate_line
 
 log = logging.getLogger("causalvdm.sample")
 
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
         config_path = str(args.config or pretrained_config_path(args.ckpt))
         cfg = load_config(config_path, args.cfg_options)
         settings = SampleSettings.from_cfg(cfg.get("sample"), overrides)
+        log.info(estimate_line(cfg, "sample", device.type, 1, cfg_scale=settings.cfg_scale))
         pipe = CausalVDMPipeline.from_config(cfg, settings, device, progress=rank == 0)
         if args.manifest:
             jobs = read_jobs(args.manifest, settings)[rank::world]

@@ -39,6 +39,7 @@ from causalvdm.training.logger import RunLogger
 from causalvdm.training.settings import TrainSettings, check_clip_shape
 from causalvdm.utils.io import CheckpointError
 from causalvdm.utils.memory import peak_memory_mb
+from causalvdm.utils.memory_plan import estimate_line
 
 log = logging.getLogger("causalvdm.train")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -268,6 +269,7 @@ class Trainer:
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.dump(str(self.run_dir / "config.py"))
+            log.info(estimate_line(self.cfg, "train", info.device.type, s.batch_size, info.world_size))
         self.build()
         self.resume(resume)
         self.data = self.batches()

@@ -257,8 +257,11 @@ def fits(plan: dict, gpu_mem_mb: float) -> dict:
     return out
 
 
-def estimate_line(cfg, mode: str, device: str = "cuda", batch_size: int | None = None, num_gpus: int = 1) -> str:
-    """One line for the start of a run, e.g. 'memory plan (train, cuda, fsdp+ckpt, batch 4 x 8 GPUs): ~31.2 GiB per GPU'."""
+def estimate_line(cfg, mode: str, device: str = "cuda", batch_size: int | None = None, num_gpus: int = 1,
+                  cfg_scale: float | None = None) -> str:
+    """One line for the start of a run, e.g. 'memory plan (train, cuda, fsdp+ckpt, batch 4 x 8 GPUs): ~31.2 GiB per GPU'.
+
+    cfg_scale: sampling's guidance scale when a flag overrides the config's (guidance doubles the batch)."""
     if mode == "train":
         plan = train_plan(cfg, batch_size, num_gpus, device)
         variant = plan["parallel"] + ("+ckpt" if plan["grad_checkpointing"] else "")
@@ -267,7 +270,7 @@ def estimate_line(cfg, mode: str, device: str = "cuda", batch_size: int | None =
                 f"~{part['total'] / 1024:.2f} GiB per process (weights {part['weights'] / 1024:.2f}, optimizer+EMA "
                 f"{(part['optimizer'] + part['ema']) / 1024:.2f}, activations {part['activations'] / 1024:.2f} GiB)")
     if mode == "sample":
-        plan = sample_plan(cfg, batch_size or 1, device)
+        plan = sample_plan(cfg, batch_size or 1, device, cfg_scale=cfg_scale)
         part = plan["plans"]["guidance" if plan["guided"] else "no guidance"]
         return (f"memory plan (sample, {device}, batch {plan['batch_size']}, {plan['max_cond_frames']} cached frames"
                 f"{', guidance' if plan['guided'] else ''}): ~{part['total'] / 1024:.2f} GiB (weights "
