@@ -10,9 +10,11 @@ from PIL import Image
 
 import causalvdm.data  # noqa: F401  (registers the datasets)
 from causalvdm.autoencoders import PixelVAE
-from causalvdm.data import (ClassFolderDataset, FrameFolderDataset, LatentDataset, StatefulSampler,
-                            VideoManifestDataset, VideoReadError, build_dataloader, class_caption, probe_video,
-                            read_video_frames, video_transform)
+from causalvdm.data import (ClassFolderDataset, FrameCache, FrameFolderDataset, LatentDataset, StatefulSampler,
+                            VideoManifestDataset, VideoReadError, build_dataloader, class_caption, default_num_workers,
+                            probe_video, read_video_frames, video_transform)
+from causalvdm.data import sampler as sampler_module
+from causalvdm.data.video_io import read_image_frames
 from causalvdm.registry import DATASETS, ConfigError, build
 from tools import encode_latents, prepare_demo_data
 
@@ -307,3 +309,86 @@ def test_prepare_demo_data(tmp_path, capsys):
     assert probe_video(tmp_path / "carphone_pristine-040.mp4").num_frames == 40
     assert prepare_demo_data.main(argv) == 0  # idempotent
     assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix, mean_tolerance", [(".avi", 1.5), (".mp4", 5.0)])  # lossless RGB; H.264 4:2:0
+def test_decode_at_size_close_to_torch_resize(tmp_path, suffix, mean_tolerance):
+    rng = np.random.default_rng(0)
+    frames = pattern(6, 48, 64).astype(np.int16) + rng.integers(-20, 21, (6, 48, 64, 3))  # texture to filter
+    path = write_video(tmp_path / f"v{suffix}", frames.clip(0, 255).astype(np.uint8))
+    full = read_video_frames(path, [5, 1, 3])  # (3, 48, 64, 3)
+    # no resize needed: exactly the full decode
+    assert torch.equal(read_video_frames(path, [5, 1, 3], cover_size=(40, 64)), full)
+    for size in [(12, 12), (20, 31), (30, 17)]:
+        ref = video_transform(full, size)  # the torch path: full-size RGB, float antialiased resize, crop
+        out = video_transform(read_video_frames(path, [5, 1, 3], cover_size=size), size)
+        assert out.shape == ref.shape
+        diff = (as_pixels(out) - ((ref + 1) * 127.5).permute(1, 2, 3, 0)).abs()  # in grey levels
+        # swscale's bilinear vs torch's, in RGB: ~1 level on average (see video_io's doc). From H.264 4:2:0
+        # swscale scales the half-size chroma planes with their own sample positions: on this steep gradient
+        # (4 levels per source pixel) colours move by about a pixel's worth; ~1.3 levels on real video.
+        assert diff.mean() < mean_tolerance and diff.max() < 16, (size, diff.mean(), diff.max())
+    images = torch.from_numpy(pattern(3, 20, 28))
+    for i, frame in enumerate(images.numpy()):
+        Image.fromarray(frame).save(tmp_path / f"{i}.png")
+    out = read_image_frames([tmp_path / f"{i}.png" for i in range(3)], cover_size=(12, 12))  # (3, 12, 17, 3)
+    # images are resized by torch and rounded to uint8: within half a level of the float path
+    torch.testing.assert_close(video_transform(out, 12), video_transform(images, 12), rtol=0, atol=0.5 / 127.5)
+
+
+def test_frame_cache_bound():
+    cache = FrameCache(max_bytes=100)
+    assert cache.put(0, torch.zeros(60, dtype=torch.uint8)) and cache.nbytes == 60
+    assert not cache.put(1, torch.zeros(41, dtype=torch.uint8))  # would exceed the bound: not stored
+    assert not cache.put(0, torch.zeros(1, dtype=torch.uint8))  # keys are stored once
+    assert cache.put(2, torch.zeros(10, dtype=torch.int32)) and cache.nbytes == 100  # counted in bytes
+    assert cache.get(1) is None and len(cache) == 2
+    with pytest.raises(ValueError, match="max_bytes"):
+        FrameCache(-1)
+
+
+def test_clip_cache_identical_and_bounded(videos, tmp_path):
+    def make(cache_bytes, root=videos, **kw):
+        return VideoManifestDataset(str(root), "manifest.jsonl", num_frames=3, image_size=(12, 14), sample_interval=2,
+                                    cache_bytes=cache_bytes, **kw)
+
+    # the bound is judged from the headers: a.avi, b.avi (20 frames) and short.avi (3) at the 12x16 covering
+    # 12x14; bad.mp4 has none. short.avi is never loaded (too short for a clip), so never cached.
+    frame_bytes = 12 * 16 * 3
+    total = (20 + 20 + 3) * frame_bytes
+    cached, uncached, too_small = make(total), make(0), make(total - 1)
+    for epoch in (0, 1, 2):
+        for ds in (cached, uncached, too_small):
+            ds.set_epoch(epoch)
+        for i in (3, 1, 0, 2, 1):  # any order: items depend only on (seed, epoch, index)
+            a, b, c = cached[i], uncached[i], too_small[i]
+            assert torch.equal(a["video"], b["video"]) and torch.equal(a["video"], c["video"])
+            assert (a["index"], a["skipped"], a["caption"]) == (b["index"], b["skipped"], b["caption"])
+    assert len(cached.cache) == 2 and cached.cache.nbytes == 40 * frame_bytes
+    assert len(too_small.cache) == 0 and len(uncached.cache) == 0  # whole or nothing
+    # a returned clip is a copy: changing it leaves the cache as it was
+    cached.set_epoch(0)
+    item = cached[0]
+    item["video"].fill_(0)
+    assert torch.equal(cached[0]["video"], make(0)[0]["video"])
+
+    # frame folders: the same with images
+    frames = pattern(9, 16, 20)
+    for clip in ("v1/c1", "v2/c1"):
+        (tmp_path / "frames" / clip).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray(frames[i]).save(tmp_path / "frames" / clip / f"{i}.png")
+    folders = [FrameFolderDataset(str(tmp_path / "frames"), num_frames=3, image_size=8, cache_bytes=b)
+               for b in (1 << 20, 0)]
+    for i in (1, 0):
+        assert torch.equal(folders[0][i]["video"], folders[1][i]["video"])
+    assert folders[0].cache.nbytes == 2 * 9 * 8 * 10 * 3 and folders[1].cache.nbytes == 0
+
+
+def test_default_num_workers(monkeypatch):
+    for cpus, ranks, expected in [(2, 1, 1), (1, 1, 0), (16, 1, 8), (16, 8, 1), (64, 4, 8), (4, 8, 0)]:
+        monkeypatch.setattr(sampler_module.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert default_num_workers(ranks, cuda=True) == expected, (cpus, ranks)
+        assert default_num_workers(ranks, cuda=False) == 0  # the model takes every CPU
+    with pytest.raises(ValueError, match="local_world_size"):
+        default_num_workers(0)

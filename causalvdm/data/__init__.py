@@ -1,13 +1,15 @@
 """Video data: datasets of pixel clips or cached latents, pure-torch transforms, resumable sharded sampling."""
 
+from causalvdm.data.cache import DEFAULT_CACHE_BYTES, FrameCache
 from causalvdm.data.datasets import (ClassFolderDataset, ClipDataset, FrameFolderDataset, LatentDataset, RepeatDataset,
                                      VideoManifestDataset, class_caption, read_manifest)
-from causalvdm.data.sampler import StatefulSampler, build_dataloader, derive_seed
+from causalvdm.data.sampler import StatefulSampler, build_dataloader, default_num_workers, derive_seed
 from causalvdm.data.transforms import video_transform
 from causalvdm.data.video_io import VideoInfo, VideoReadError, probe_video, read_video_frames
 
 __all__ = [
-    "ClassFolderDataset", "ClipDataset", "FrameFolderDataset", "LatentDataset", "RepeatDataset", "StatefulSampler",
-    "VideoInfo", "VideoManifestDataset", "VideoReadError", "build_dataloader", "class_caption", "derive_seed",
-    "probe_video", "read_manifest", "read_video_frames", "video_transform",
+    "DEFAULT_CACHE_BYTES", "ClassFolderDataset", "ClipDataset", "FrameCache", "FrameFolderDataset", "LatentDataset",
+    "RepeatDataset", "StatefulSampler", "VideoInfo", "VideoManifestDataset", "VideoReadError", "build_dataloader",
+    "class_caption", "default_num_workers", "derive_seed", "probe_video", "read_manifest", "read_video_frames",
+    "video_transform",
 ]

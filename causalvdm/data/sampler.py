@@ -1,5 +1,6 @@
 """Resumable, rank-sharded sampling of dataset indices, and the DataLoader built around it."""
 
+import os
 import random
 
 import numpy as np
@@ -55,6 +56,27 @@ class StatefulSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+# Beyond this many workers per rank, more only add start-up time (workers are re-created every epoch) and
+# memory (each holds its own clip cache): decoding at the crop size plus the cache make a batch cheap.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers(local_world_size: int = 1, cuda: bool | None = None) -> int:
+    """DataLoader workers per rank for this machine: the CPUs this process may use, split between the
+    `local_world_size` ranks on this node, less one per rank for the training process itself, capped at
+    MAX_DEFAULT_WORKERS. E.g. 2 CPUs, 1 rank -> 1; 16 CPUs, 1 rank -> 8; 16 CPUs, 8 ranks -> 1.
+    Without CUDA (`cuda` defaults to torch.cuda.is_available()), 0: the model then runs on every CPU, so
+    a worker only takes turns with it (the 2-core demo measured no faster, if anything slower, with one).
+    """
+    if local_world_size < 1:
+        raise ValueError(f"local_world_size must be >= 1, got {local_world_size}")
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return 0
+    # the CPUs this process may run on (a container or taskset may allow fewer than the machine has)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus // local_world_size - 1))
 
 
 def _seed_worker(worker_id: int) -> None:

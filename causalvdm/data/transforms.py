@@ -42,10 +42,22 @@ def resize_frames(frames: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(frames, size=shape, mode="bilinear", antialias=True, align_corners=False)
 
 
+def resize_to_cover(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (T, h, w, 3) -> uint8 (T, H', W', 3) covering `size` (resized_shape), resized as in video_transform."""
+    shape = resized_shape(frames.shape[1], frames.shape[2], size)
+    if tuple(frames.shape[1:3]) == shape:
+        return frames
+    out = [resize_frames(chunk.permute(0, 3, 1, 2).float(), shape).round_().clamp_(0, 255).to(torch.uint8)
+           for chunk in frames.split(_CHUNK_FRAMES)]  # each (t, 3, H', W')
+    return torch.cat(out).permute(0, 2, 3, 1).contiguous()  # (T, H', W', 3)
+
+
 def video_transform(frames: torch.Tensor, image_size, generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 (T, h, w, 3) -> float (3, T, H, W) in [-1, 1]: resize to cover `image_size`, then crop.
 
     The crop is random (drawn from `generator`, the same for every frame) or centred when no generator is given.
+    Frames that already cover `image_size` exactly (as the readers return them given `cover_size`) are only
+    cropped: the crop, drawn from the same shape, is the same as for the full-size frames.
     Frames are processed in small chunks; each frame is resized independently, so the result does not
     depend on how a video is split into calls.
     """
