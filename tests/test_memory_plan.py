@@ -1,6 +1,7 @@
 """The memory planner: exact closed-form parts, and estimates within 20% of measured CPU peaks."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,7 +41,9 @@ def test_estimate_within_20_percent_of_measured(config, mode):
     # A fresh process, so the peak resident memory is this run's alone (about 5-10 s each on 2 cores).
     cmd = [sys.executable, str(ROOT / "tools" / "plan_memory.py"), "--config", str(ROOT / config), "--device", "cpu",
            "--measure", mode]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=120)
+    # One glibc arena: with one per thread the same run's peak RSS varied by +-13% (422-543 MB), with one by 2%.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=120, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert abs(result["estimate_mb"] / result["measured_mb"] - 1) < 0.2, result
 

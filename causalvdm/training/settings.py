@@ -14,7 +14,7 @@ class TrainSettings:
     max_steps: int = 1000
     batch_size: int = 1  # per process
     grad_accum_steps: int = 1
-    num_workers: int = 2
+    num_workers: int | None = None  # DataLoader workers per process; None: default_num_workers() for this machine
     lr: float = 2e-5
     weight_decay: float = 0.0
     adam_betas: tuple = (0.9, 0.999)
@@ -48,6 +48,8 @@ class TrainSettings:
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {settings.parallel!r}")
         if settings.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.mixed_precision must be 'auto', 'bf16' or 'fp32', got {settings.mixed_precision!r}")
+        if settings.num_workers is not None and settings.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0, got {settings.num_workers}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_last"):
             if getattr(settings, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(settings, name)}")

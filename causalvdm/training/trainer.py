@@ -9,6 +9,7 @@ objective (e.g. distillation) subclasses and overrides it, reusing the step, EMA
 
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 import causalvdm
 from causalvdm.config import AutoregressiveSettings
-from causalvdm.data import StatefulSampler, build_dataloader
+from causalvdm.data import StatefulSampler, build_dataloader, default_num_workers
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
@@ -39,7 +40,7 @@ from causalvdm.training.logger import RunLogger
 from causalvdm.training.settings import TrainSettings, check_clip_shape
 from causalvdm.utils.io import CheckpointError
 from causalvdm.utils.memory import peak_memory_mb
-from causalvdm.utils.memory_plan import estimate_line
+from causalvdm.utils import memory_plan  # the module, not its names: it imports causalvdm.training in turn
 
 log = logging.getLogger("causalvdm.train")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -122,12 +123,19 @@ class Trainer:
                               f"{s.batch_size}; wrap it in dict(type='RepeatDataset', dataset=..., times=N)")
         return self._epochs(sampler, self.epoch, self.consumed)
 
+    @property
+    def num_workers(self) -> int:
+        """train.num_workers, else the machine's default for the ranks on this node (torchrun's LOCAL_WORLD_SIZE)."""
+        if self.settings.num_workers is not None:
+            return self.settings.num_workers
+        return default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), self.info.device.type == "cuda")
+
     def _epochs(self, sampler: StatefulSampler, epoch: int, consumed: int):
         s = self.settings
         while True:
             sampler.set_epoch(epoch, consumed)
             self.dataset.set_epoch(epoch)
-            for batch in build_dataloader(self.dataset, s.batch_size, s.num_workers, sampler, s.seed):
+            for batch in build_dataloader(self.dataset, s.batch_size, self.num_workers, sampler, s.seed):
                 consumed += len(batch["index"])
                 yield batch, epoch, consumed
             epoch, consumed = epoch + 1, 0
@@ -269,7 +277,6 @@ class Trainer:
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.dump(str(self.run_dir / "config.py"))
-            log.info(estimate_line(self.cfg, "train", info.device.type, s.batch_size, info.world_size))
         self.build()
         self.resume(resume)
         self.data = self.batches()
@@ -281,6 +288,8 @@ class Trainer:
         self.first_clip = self.dataset[0]
         self.first_latents = self.encode({k: v[None] for k, v in self.first_clip.items() if k in ("video", "latents")})
         check_clip_shape(self.core, tuple(self.first_latents.shape[1:]), self.ar.chunk_size)
+        if info.is_main:
+            log.info(memory_plan.estimate_line(self.cfg, "train", info.device.type, s.batch_size, info.world_size))
         self.model.train()
         if isinstance(self.text_encoder, torch.nn.Module):
             self.text_encoder.to(info.device)
