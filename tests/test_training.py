@@ -125,6 +125,32 @@ def test_distributed_matches_single_process(tmp_path, video_root, t5_dir):
                 torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {file}: {name}")
     assert (runs["single"] / "loss.png").is_file() and (runs["single"] / "config.py").is_file()
 
+    # FSDP2 saves the optimizer as shards (no process gathers it). Resumed from step 4 on 2 processes it reaches the
+    # uninterrupted run's step 6; on 1 process it continues exactly as from DDP's full optimizer state of step 4 (not
+    # as the 1-process run: rank 0's RNG state is what a resume restores).
+    sharded, full = (runs[mode] / "checkpoints" / "step_00000004" for mode in ("fsdp", "ddp"))
+    assert (sharded / "optimizer" / ".metadata").is_file()
+    assert "optimizer" not in torch.load(sharded / "train_state.pt", weights_only=True)
+    assert "optimizer" in torch.load(full / "train_state.pt", weights_only=True)
+    resumes = {
+        "fsdp_resumed": ["bash", "scripts/train.sh", str(cfg), "fsdp_resumed", str(_free_port()), "--resume",
+                         str(sharded), "--cfg-options", "train.batch_size=2", "train.parallel=fsdp"],
+        "one_from_shards": [sys.executable, "scripts/train.py", str(cfg), "--exp-name", "one_from_shards",
+                            "--resume", str(sharded)],
+        "one_from_full": [sys.executable, "scripts/train.py", str(cfg), "--exp-name", "one_from_full", "--resume",
+                          str(full)],
+    }
+    for name, cmd in resumes.items():
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), NPROC_PER_NODE="2"), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = tmp_path / "outputs" / name
+    for resumed, reference in (("fsdp_resumed", "fsdp"), ("one_from_shards", "one_from_full")):
+        final = load_file(str(runs[reference] / "checkpoints" / "step_00000006" / "model.safetensors"))
+        got = load_file(str(runs[resumed] / "checkpoints" / "step_00000006" / "model.safetensors"))
+        for key, value in final.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=f"{resumed}: {key}")
+
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, video_root, t5_dir):
     steps = 60

@@ -3,6 +3,9 @@
 outputs/<exp>/checkpoints/step_00001000/
     model.safetensors   raw weights          ema.safetensors   EMA weights (what sampling loads)
     train_state.pt      optimizer, LR schedule, step, data position, RNG states (weights-only loadable)
+    optimizer/          instead of the optimizer in train_state.pt when the model is sharded (FSDP2 over several
+                        processes): each process writes its own shard with torch.distributed.checkpoint, so no
+                        process gathers the whole optimizer state; it loads back at any world size
     config.py           the resolved config of the run
 A directory is complete exactly when it carries its final name, so `--resume auto` never picks a
 half-written one, and a failed write (a full disk, a kill) leaves the previous checkpoints usable.
@@ -31,13 +34,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
-                    config_text: str, keep_last: int) -> Path:
-    """Write a complete checkpoint for `step` atomically, then prune all but the newest `keep_last`."""
-    final = ckpt_dir / f"step_{step:08d}"
-    tmp = ckpt_dir / f".step_{step:08d}.tmp"
+SHARDED_OPTIMIZER = "optimizer"  # the torch.distributed.checkpoint folder of a sharded optimizer state
+
+
+def staging_dir(ckpt_dir: Path, step: int) -> Path:
+    """The temporary directory a step's checkpoint is written into before `save_checkpoint` renames it."""
+    return ckpt_dir / f".step_{step:08d}.tmp"
+
+
+def start_checkpoint(ckpt_dir: Path, step: int) -> Path:
+    """An empty staging directory for `step` (main process), for files other processes write into too."""
+    tmp = staging_dir(ckpt_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
+                    config_text: str, keep_last: int) -> Path:
+    """Write a complete checkpoint for `step` atomically, then prune all but the newest `keep_last`.
+
+    Files already in the staging directory (a sharded optimizer state) become part of it; otherwise it is made here.
+    """
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = staging_dir(ckpt_dir, step)
+    if not tmp.is_dir():
+        start_checkpoint(ckpt_dir, step)
     try:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))

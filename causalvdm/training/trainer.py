@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,7 +34,14 @@ from causalvdm.models.pretrained import build_model_from_config
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.sampling.writer import StreamingVideoWriter
-from causalvdm.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from causalvdm.training.checkpoint import (
+    SHARDED_OPTIMIZER,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    staging_dir,
+    start_checkpoint,
+)
 from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_process, parallelize, unwrap
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
@@ -105,8 +113,13 @@ class Trainer:
             return
         model_state, ema_state, state = load_checkpoint(path)
         set_model_state_dict(self.model, model_state, options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if "optimizer" in state:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:  # saved as shards: read into this run's layout, whatever the number of processes that wrote them
+            optimizer_state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+            dcp.load(optimizer_state, checkpoint_id=path / SHARDED_OPTIMIZER)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state["optimizer"])
         self.ema.load_state_dict(ema_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -230,16 +243,25 @@ class Trainer:
             self.run_logger.log(self.step, metrics)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
 
+    @property
+    def sharded(self) -> bool:
+        """The model is split over several processes (FSDP2), so the optimizer state is saved as shards."""
+        return self.settings.parallel == "fsdp" and self.info.world_size > 1
+
     def checkpoint(self) -> None:
-        """Save on the main process; a failed write (a full disk) stops every process, older checkpoints intact."""
+        """Save on the main process (when sharded, every process its optimizer shard first); a failed write (a full
+        disk) stops every process with one line, older checkpoints intact."""
         model_state = get_model_state_dict(self.model, options=FULL)
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
         ema_state = self.ema.state_dict()
+        train_state = dict(step=self.step, epoch=self.epoch, consumed=self.consumed,
+                           scheduler=self.scheduler.state_dict(), nonfinite_total=self.nonfinite_total,
+                           rng_cpu=torch.get_rng_state())
         failure = ""
-        if self.info.is_main:
-            train_state = dict(step=self.step, epoch=self.epoch, consumed=self.consumed, optimizer=optim_state,
-                               scheduler=self.scheduler.state_dict(), nonfinite_total=self.nonfinite_total,
-                               rng_cpu=torch.get_rng_state())
+        if self.sharded:
+            failure = self.save_optimizer_shards()
+        else:
+            train_state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+        if self.info.is_main and not failure:
             try:
                 path = save_checkpoint(self.ckpt_dir, self.step, model_state, ema_state, train_state,
                                        self.cfg.pretty_text, self.settings.keep_last)
@@ -251,6 +273,23 @@ class Trainer:
             raise CheckpointError(f"writing the step-{self.step} checkpoint failed ({failure or 'on the main process'})"
                                   f"; earlier checkpoints in {self.ckpt_dir} are intact: free space and rerun with "
                                   "--resume auto")
+
+    def save_optimizer_shards(self) -> str:
+        """Every process writes its optimizer shard into the step's staging directory (a collective) -> '' or why not."""
+        failure = ""
+        if self.info.is_main:
+            try:
+                start_checkpoint(self.ckpt_dir, self.step)
+            except OSError as err:
+                failure = str(err) or type(err).__name__
+        if any_process(bool(failure), self.info):  # also the barrier: the directory exists for everyone after it
+            return failure or "on the main process"
+        try:
+            dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
+                     checkpoint_id=staging_dir(self.ckpt_dir, self.step) / SHARDED_OPTIMIZER)
+        except Exception as err:  # DCP reports a failed write of any process to all of them, in its own types
+            return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return ""
 
     def validate(self) -> None:
         """Sample a clip from the first frame of the first training clip with the EMA weights, into samples/."""
