@@ -6,9 +6,9 @@ TFLOP/s, MFU and peak memory.
     python tools/benchmark_train.py --config configs/debug/tiny.py --steps 2 --warmup-steps 1   # a CPU smoke run
     torchrun --nproc_per_node 8 tools/benchmark_train.py               # one group of 8 GPUs, global figures
 
-Each step is the trainer's (scripts/train.py): `clean_prefix_loss` under autocast, backward, gradient clipping
-and an AdamW step, on a model wrapped by `parallelize()` (FSDP2 or DDP; outside torchrun a one-process group is
-set up here). The data is random and fixed: latents (B, C, T, H, W) with T = `dataset.num_frames` (else
+Each step is the Trainer's (causalvdm/training/trainer.py): `clean_prefix_loss` under autocast, backward,
+gradient clipping and an AdamW step, on a model wrapped by `parallelize()` (FSDP2, with its bf16 policy under
+bf16, or DDP; outside torchrun a one-process group is set up here). The data is random and fixed: latents (B, C, T, H, W) with T = `dataset.num_frames` (else
 `model.max_tpe_len`) and (H, W) = `latent_size` (else 32x32, a 256x256 video through the SD VAE), and text
 embeddings shaped like T5-XXL's (B, model.model_max_length, model.caption_channels) with a full mask. No VAE, text
 encoder, data loading, EMA or checkpointing is timed.
@@ -63,6 +63,7 @@ class Workload:
     ar: AutoregressiveSettings
     settings: TrainSettings
     autocast: object  # torch.autocast or nullcontext
+    bf16: bool  # bf16 autocast on, so FSDP2 also gathers parameters in bf16
     tokens_per_step: int  # all processes
     flops_per_step: int  # all processes, 3 x forward
     peak_tflops: float | None  # one device
@@ -133,7 +134,7 @@ def run(model_cfg: dict, info: DistInfo, parallel: str, checkpointing: bool, w: 
     with torch.device(info.device):  # initialised in place: an XL/2 takes a while on the host
         model = causalvdm.build_model(model_cfg)
     model.grad_checkpointing = checkpointing
-    model = parallelize(model, parallel, info)
+    model = parallelize(model, parallel, info, bf16=w.bf16)  # as the trainer: FSDP2's bf16 policy under bf16
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.settings.lr, weight_decay=w.settings.weight_decay,
                                   betas=tuple(w.settings.adam_betas))
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
     with process_group(args.parallel, device) as info:
         world = info.world_size
         w = Workload(args.batch_size, (fed, height, width), prefix_len, diffusion, ar, settings, autocast,
-                     tokens_per_step=world * args.batch_size * fed * tokens, flops_per_step=world * 3 * fwd,
+                     bf16=dtype == "bfloat16", tokens_per_step=world * args.batch_size * fed * tokens, flops_per_step=world * 3 * fwd,
                      peak_tflops=args.peak_tflops or device_peak_tflops(info.device))
         log.info("%s: %.1fM parameters, %s x %d process(es), %s, %s, batch %d x %d frames fed (prefix %d + "
                  "chunk %d) of %dx%d latents, %d tokens/frame, %d text tokens; %.1f TFLOP per step",
