@@ -9,9 +9,9 @@ TFLOP/s, MFU and peak memory.
 Each step is the Trainer's (causalvdm/training/trainer.py): `clean_prefix_loss` under autocast, backward,
 gradient clipping and an AdamW step, on a model wrapped by `parallelize()` (FSDP2, with its bf16 policy under
 bf16, or DDP; outside torchrun a one-process group is set up here). The data is random and fixed: latents
-(B, C, T, H, W) with T = `dataset.num_frames` (else `model.max_tpe_len`) and (H, W) = `latent_size` (else 32x32, a 256x256 video through the SD VAE), and text
-embeddings shaped like T5-XXL's (B, model.model_max_length, model.caption_channels) with a full mask. No VAE, text
-encoder, data loading, EMA or checkpointing is timed.
+(B, C, T, H, W) with T = `dataset.num_frames` (else `model.max_tpe_len`) and (H, W) = `latent_size` (else 32x32,
+a 256x256 video through the SD VAE), and text embeddings shaped like T5-XXL's (B, model.model_max_length,
+model.caption_channels) with a full mask. No VAE, text encoder, data loading, EMA or checkpointing is timed.
 
 The prefix length is fixed to the longest allowed one (25 of 33 frames with chunks of 8), so every step feeds
 prefix + chunk frames (all 33) and the FLOP count is exact; the trainer draws it per step, so its mean step is
