@@ -1,12 +1,16 @@
 """Faults injected into training: non-finite losses, a checkpoint write that fails half-way, SIGTERM."""
 
 import errno
+import fcntl
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 import torch
 from safetensors.torch import load_file
@@ -15,7 +19,7 @@ from causalvdm.training import checkpoint as checkpoint_module
 from causalvdm.training import trainer as trainer_module
 from causalvdm.training.checkpoint import list_checkpoints
 from conftest import ROOT
-from test_training import _config, _env, video_root  # noqa: F401  (video_root is a fixture)
+from test_training import _config, _env, _free_port, video_root  # noqa: F401  (video_root is a fixture)
 
 
 def _steps(ckpt_dir):
@@ -96,3 +100,53 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, video_root, t5_dir):
     assert "SIGTERM: checkpoint saved at step" in stderr
     steps = _steps(run / "checkpoints")
     assert len(steps) == 1 and 3 <= steps[0] < 500
+
+
+def test_run_folder_of_an_earlier_run_is_refused_then_resumed_or_overwritten(tmp_path, video_root, t5_dir,
+                                                                            train_script):
+    cfg = _config(tmp_path, video_root, t5_dir, steps=2, ckpt_every=2)
+    run = tmp_path / "outputs" / "again"
+    assert train_script.main([str(cfg), "--exp-name", "again"]) == 0
+    metrics = (run / "metrics.jsonl").read_text()
+    backup = run / "checkpoints" / "step_00000002_backup"  # a user's copy, named like a checkpoint
+    shutil.copytree(run / "checkpoints" / "step_00000002", backup)
+
+    with pytest.raises(SystemExit, match=r"error: .*again: holds an earlier run \(checkpoints up to step_00000002\); "
+                                         r"pass --resume auto"):
+        train_script.main([str(cfg), "--exp-name", "again"])
+    assert (run / "metrics.jsonl").read_text() == metrics  # nothing of the earlier run was touched
+    with pytest.raises(SystemExit, match="give one of them"):
+        train_script.main([str(cfg), "--exp-name", "again", "--resume", "auto", "--overwrite"])
+
+    # resume: the backup is neither the newest checkpoint nor pruned (keep_last=2 with steps 2 and 4)
+    assert train_script.main([str(cfg), "--exp-name", "again", "--resume", "auto",
+                              "--cfg-options", "train.max_steps=6"]) == 0
+    assert _steps(run / "checkpoints") == [4, 6] and backup.is_dir()
+
+    assert train_script.main([str(cfg), "--exp-name", "again", "--overwrite"]) == 0
+    assert _steps(run / "checkpoints") == [2] and not backup.exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # a new history, not appended to the old
+
+
+def test_a_locked_run_folder_is_refused(tmp_path, video_root, t5_dir, train_script):
+    cfg = _config(tmp_path, video_root, t5_dir, steps=2, ckpt_every=2)
+    run = tmp_path / "outputs" / "busy"
+    run.mkdir(parents=True)
+    with open(run / ".lock", "w") as held:  # another run holds the folder
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match=r"busy: in use by another run \(pid 4242\)"):
+            train_script.main([str(cfg), "--exp-name", "busy"])
+    assert train_script.main([str(cfg), "--exp-name", "busy"]) == 0  # free again once released
+
+
+def test_launcher_refuses_an_earlier_run_on_every_process(tmp_path, video_root, t5_dir):
+    """Through train.sh under torchrun with 2 processes: one error line, a non-zero exit, no process left waiting."""
+    cfg = _config(tmp_path, video_root, t5_dir, steps=1, ckpt_every=1)
+    (tmp_path / "outputs" / "two" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "outputs" / "two" / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = subprocess.run(["bash", "scripts/train.sh", str(cfg), "two", str(_free_port())], cwd=ROOT,
+                          env=dict(_env(), NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "two: holds an earlier run; pass --resume auto" in proc.stderr

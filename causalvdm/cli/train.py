@@ -4,7 +4,8 @@
     bash scripts/train.sh CONFIG EXP 29500 0,1,2,3 --resume auto          # four GPUs, resume the newest checkpoint
 
 Everything of a run goes to <outputs_dir>/<exp_name>/: config.py, train.log, metrics.jsonl, tensorboard/,
-checkpoints/step_*/ (model, EMA, optimizer, schedule, step, data position, RNG), loss.png, samples/.
+checkpoints/step_*/ (model, EMA, optimizer, schedule, step, data position, RNG), loss.png, samples/. The folder is
+locked while the run lives; one that holds an earlier run needs --resume (continue it) or --overwrite (start over).
 """
 
 import argparse
@@ -16,7 +17,8 @@ import torch.distributed as dist
 
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.registry import ConfigError
-from causalvdm.training.distributed import init_distributed
+from causalvdm.training.distributed import any_process, init_distributed
+from causalvdm.training.run_dir import claim_run_dir
 from causalvdm.training.settings import TrainSettings
 from causalvdm.training.trainer import Trainer
 from causalvdm.utils.io import CheckpointError
@@ -32,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exp-name", help="run name; outputs go to <train.outputs_dir>/<exp-name> (default: config file stem)")
     parser.add_argument("--resume", help="'auto' continues from the newest complete checkpoint of the run (fresh start if "
                         "none); or a checkpoint directory")
+    parser.add_argument("--overwrite", action="store_true", help="the run folder holds an earlier run: delete its files "
+                        "(checkpoints, logs, samples) and start over; without it or --resume such a folder is refused")
     add_config_args(parser)
     return parser.parse_args(argv)
 
@@ -50,8 +54,16 @@ def main(argv=None) -> int:
         sys.exit(f"error: {args.config}: {err}")
     info = init_distributed()
     run_dir = Path(settings.outputs_dir) / (args.exp_name or Path(args.config).stem)
+    lock, refusal = None, ""
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = claim_run_dir(run_dir, args.resume, args.overwrite)
+        except ConfigError as err:
+            refusal = str(err)
+    if any_process(bool(refusal), info):  # every process stops, not only the one that found out
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(f"error: {refusal}" if refusal else 2)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     handler = logging.FileHandler(run_dir / "train.log") if info.is_main else logging.NullHandler()
@@ -66,6 +78,8 @@ def main(argv=None) -> int:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ half-written one, and a failed write (a full disk, a kill) leaves the previous c
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and all((p / f).is_file() for f in FILES)]
+    # The exact name this module writes: a user's step_00000100_backup copy is neither resumed nor pruned.
+    found = [p for p in ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d{8}", p.name) and p.is_dir()
+             and all((p / f).is_file() for f in FILES)]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
