@@ -36,11 +36,16 @@ def test_estimate_line_names_the_parts(tiny_cfg):
         estimate_line(tiny_cfg, "export")
 
 
-@pytest.mark.parametrize("config, mode", [("configs/demo/overfit.py", "train"), ("configs/bench/cpu_s2.py", "sample")])
-def test_estimate_within_20_percent_of_measured(config, mode):
+# The demo's training step is not used here: its measured peak is bimodal on this machine (about 450 or 530 MiB
+# above the baseline, run to run, against an estimate of 545), so a 20% bound on it would fail by chance.
+@pytest.mark.parametrize("config, mode, overrides", [
+    ("configs/bench/cpu_s2.py", "train", ["latent_size=(16,16)", "model.max_tpe_len=17"]),  # 1111-1164 vs 1279
+    ("configs/bench/cpu_s2.py", "sample", []),
+])
+def test_estimate_within_20_percent_of_measured(config, mode, overrides):
     # A fresh process, so the peak resident memory is this run's alone (about 5-10 s each on 2 cores).
     cmd = [sys.executable, str(ROOT / "tools" / "plan_memory.py"), "--config", str(ROOT / config), "--device", "cpu",
-           "--measure", mode]
+           "--measure", mode] + (["--cfg-options", *overrides] if overrides else [])
     # One glibc arena: with one per thread the same run's peak RSS varied by +-13% (422-543 MB), with one by 2%.
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=120, env=env)
