@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import causalvdm.data  # noqa: E402,F401  (registers the datasets)
 from causalvdm.config import load_config  # noqa: E402
-from causalvdm.data import StatefulSampler, build_dataloader  # noqa: E402
+from causalvdm.data import StatefulSampler, build_dataloader, default_num_workers  # noqa: E402
 from causalvdm.registry import DATASETS, build  # noqa: E402
 
 log = logging.getLogger("benchmark_data")
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", default="overfit.jsonl")
     parser.add_argument("--steps", type=int, default=40, help="batches timed per repeat (default 40)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num-workers", type=int, help="DataLoader workers (default: the config's train.num_workers)")
+    parser.add_argument("--num-workers", type=int, help="DataLoader workers (default: the config's train.num_workers, else the machine's default)")
     parser.add_argument("--cache-bytes", type=int, help="the dataset's cache_bytes (default: the dataset's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     if args.cache_bytes is not None:
         inner["cache_bytes"] = args.cache_bytes
     dataset = build(DATASETS, cfg.dataset, "dataset")
-    workers = cfg.train["num_workers"] if args.num_workers is None else args.num_workers
+    workers = args.num_workers if args.num_workers is not None else cfg.train.get("num_workers")
+    workers = default_num_workers() if workers is None else workers  # as the trainer picks them
     batch_size = cfg.train["batch_size"]
 
     runs = [time_loader(dataset, batch_size, workers, args.steps, seed=0) for _ in range(args.repeats)]
