@@ -6,6 +6,7 @@ component fields, missing and unparsable config files, truncated and incomplete 
 longer than the tokenizer limit, an unknown registry type, bad model input shapes, and SAMPLE_CASES.
 """
 
+import json
 import logging
 import re
 
@@ -153,6 +154,9 @@ SAMPLE_CASES = [
      "max_cond_frames + chunk_size = 20 frames in view exceed max_tpe_len=17"),
     ("unknown sample field", ["--ckpt", "{root}/ckpt2", "--cfg-options", "sample.steps=3"],
      "sample: unknown field(s) steps"),
+    ("output name climbing out of --out", ["--ckpt", "{root}/ckpt2", "--name", "../escaped"],
+     "--name '../escaped' must be a plain name"),
+    ("absolute output name", ["--ckpt", "{root}/ckpt2", "--name", "/tmp/escaped"], "must be a plain name"),
 ]
 
 
@@ -166,3 +170,27 @@ def test_bad_sampling_input(case, extra, message, sample_setup, tmp_path):
     text = str(exit_info.value.code)
     assert text.startswith("error: ") and message in text and "\n" not in text, text
     assert not list(tmp_path.glob("*.mp4"))
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "sub/escaped", ".."])
+def test_manifest_names_stay_in_the_output_folder(name, sample_setup, tmp_path):
+    import sample
+
+    out = tmp_path / "out"
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps({"name": name}) + "\n")
+    argv = [str(sample_setup / "cfg2.py"), "--ckpt", str(sample_setup / "ckpt2"), "--out", str(out), "--manifest",
+            str(manifest)]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    text = str(exit_info.value.code)
+    assert text.startswith(f"error: {manifest}: line 1: name ") and "must be a plain name" in text, text
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "a/b"])
+def test_exp_name_stays_in_the_outputs_folder(name, tmp_path, video_root, t5_dir, train_script):
+    cfg = _config(tmp_path, video_root, t5_dir)
+    with pytest.raises(SystemExit, match=r"error: --exp-name .* must be a plain name"):
+        train_script.main([str(cfg), "--exp-name", name])
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "outputs").exists()

@@ -27,7 +27,7 @@ from causalvdm.pipeline import PIPELINE_CONFIG, CausalVDMPipeline, SampleSetting
 from causalvdm.registry import ConfigError
 from causalvdm.sampling.generator import COMPILE_MODES, DTYPES
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter
-from causalvdm.utils.io import CheckpointError, iter_jsonl
+from causalvdm.utils.io import CheckpointError, iter_jsonl, plain_name
 from causalvdm.utils.memory import keep_freed_memory
 from causalvdm.utils.memory_plan import estimate_line
 
@@ -129,6 +129,10 @@ def read_jobs(manifest: str, settings: SampleSettings) -> list[Job]:
             raise ConfigError(f"{path}: line {line_no}: give first_image or first_video, not both")
         source = row.get("first_image") or row.get("first_video")
         name = str(row.get("name") or f"{len(jobs):05d}" + (f"_{Path(source).stem}" if source else ""))
+        try:
+            plain_name(name, "name")
+        except ValueError as err:
+            raise ConfigError(f"{path}: line {line_no}: {err}") from None
         if name in names:
             raise ConfigError(f"{path}: line {line_no}: duplicate name {name!r}")
         names.add(name)
@@ -178,6 +182,10 @@ def main(argv=None) -> int:
         else:
             source = settings.first_image or settings.first_video
             name = args.name or (Path(source).stem if source else "sample")
+            try:
+                plain_name(name, "--name")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
             jobs = [Job(name, settings.prompt, settings.seed, settings.first_image, settings.first_video,
                         settings.first_frames)]
     except (ConfigError, CheckpointError) as err:

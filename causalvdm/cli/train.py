@@ -21,7 +21,7 @@ from causalvdm.training.distributed import any_process, init_distributed
 from causalvdm.training.run_dir import claim_run_dir
 from causalvdm.training.settings import TrainSettings
 from causalvdm.training.trainer import Trainer
-from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.io import CheckpointError, plain_name
 from causalvdm.utils.memory import keep_freed_memory
 
 log = logging.getLogger("causalvdm.train")
@@ -52,8 +52,13 @@ def main(argv=None) -> int:
         settings = TrainSettings.from_cfg(cfg.get("train"))
     except ConfigError as err:
         sys.exit(f"error: {args.config}: {err}")
+    exp_name = args.exp_name or Path(args.config).stem
+    try:
+        plain_name(exp_name, "--exp-name")
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     info = init_distributed()
-    run_dir = Path(settings.outputs_dir) / (args.exp_name or Path(args.config).stem)
+    run_dir = Path(settings.outputs_dir) / exp_name
     lock, refusal = None, ""
     if info.is_main:
         try:

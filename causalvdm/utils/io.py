@@ -63,3 +63,13 @@ def iter_jsonl(path: str | Path):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}: line {line_no}: expected an object, got {type(row).__name__}")
             yield line_no, row
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name` if it is a plain file name (an output goes exactly where asked), else a one-line ValueError naming `what`.
+
+    A name with a folder in it (`../x`, `/tmp/x`, `a/b`) would write outside the folder it is meant for.
+    """
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise ValueError(f"{what} {name!r} must be a plain name: no folders, '..' or surrounding spaces")
+    return name
