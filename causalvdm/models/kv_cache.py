@@ -168,11 +168,9 @@ class KVCache:
         a student trained through the cache) attends to a copy of them holding its own k, v, so the gradient
         reaches them and the buffers never hold a graph.
         """
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            if self.k is None:
-                self._allocate(k)
-            return self.k[layer].index_copy(2, self._slots, k), self.v[layer].index_copy(2, self._slots, v)
         self.stage(layer, k, v)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return self.k[layer].index_copy(2, self._slots, k), self.v[layer].index_copy(2, self._slots, v)
         return self.k[layer], self.v[layer]
 
     def commit(self) -> None:
