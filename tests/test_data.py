@@ -1,5 +1,7 @@
 import json
 import logging
+import struct
+import zlib
 
 import av
 import numpy as np
@@ -14,7 +16,8 @@ from causalvdm.data import (ClassFolderDataset, FrameCache, FrameFolderDataset, 
                             VideoManifestDataset, VideoReadError, build_dataloader, class_caption, default_num_workers,
                             probe_video, read_video_frames, video_transform)
 from causalvdm.data import sampler as sampler_module
-from causalvdm.data.video_io import read_image_frames
+from causalvdm.data.datasets import LATENT_FORMAT
+from causalvdm.data.video_io import NoReadableItemError, image_shape, read_image, read_image_frames
 from causalvdm.registry import DATASETS, ConfigError, build
 from tools import encode_latents, prepare_demo_data
 
@@ -43,6 +46,22 @@ def write_video(path, frames, fps=8):
 def write_manifest(root, rows, name="manifest.jsonl"):
     path = root / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_png16(path, pixels):
+    """A 16-bit PNG, which PIL cannot write in colour: (H, W) grey, (H, W, 2) grey+alpha or (H, W, 3) RGB uint16."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    color_type = {1: 0, 2: 4, 3: 2}[channels]
+    rows = pixels.astype(">u2").reshape(height, width * channels)
+    data = zlib.compress(b"".join(b"\x00" + row.tobytes() for row in rows))  # filter type 0 on each row
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
     return path
 
 
@@ -151,8 +170,9 @@ def test_unreadable_and_short_videos_are_skipped(videos, caplog):
     assert again["skipped"] == 1 and again["caption"] == "first" and not caplog.records  # warned once per file
 
     write_manifest(videos, [dict(path="bad.mp4", caption=""), dict(path="short.avi", caption="")], "bad.jsonl")
-    with pytest.raises(RuntimeError, match="none of the 2 items"):
+    with pytest.raises(NoReadableItemError, match="none of the 2 items") as err:
         VideoManifestDataset(str(videos), "bad.jsonl", num_frames=4, image_size=16)[0]
+    assert isinstance(err.value, VideoReadError) and str(videos) in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -185,6 +205,80 @@ def test_manifest_csv_paths_and_build(videos, tmp_path, monkeypatch):
                              num_frames=2, image_size=8), "dataset")
     with pytest.raises(ConfigError, match="missing field"):
         build(DATASETS, dict(type="VideoManifestDataset", root=str(videos), manifest="m.csv"), "dataset")
+
+
+def test_manifest_rows_outside_root(videos, tmp_path):
+    write_video(tmp_path / "outside.avi", pattern(4, 24, 32, offset=50))
+
+    def make(rows, name="m.jsonl", **kw):
+        write_manifest(videos, [dict(path="a.avi", caption="in")] + rows, name)
+        return VideoManifestDataset(str(videos), name, num_frames=2, image_size=16, **kw)
+
+    for path in ["../outside.avi", "sub/../../outside.avi", str(tmp_path / "outside.avi")]:
+        with pytest.raises(ValueError) as err:
+            make([dict(path=path, caption="out")])
+        assert str(err.value) == (f"{videos / 'm.jsonl'}: line 2: path {path!r} is outside the dataset root {videos} "
+                                  "(set dataset.allow_outside_root=True to read it anyway)")
+    (videos / "m.csv").write_text("path,caption\na.avi,in\n../outside.avi,out\n")
+    with pytest.raises(ValueError, match=r"m.csv: line 3: path '../outside.avi' is outside"):
+        VideoManifestDataset(str(videos), "m.csv", num_frames=2, image_size=16)
+    # inside the root, however written: absolute, or `..` that stays in
+    ds = make([dict(path=str(videos / "sub" / "b.avi"), caption="abs"), dict(path="sub/../a.avi", caption="dots")])
+    assert [ds[i]["caption"] for i in range(3)] == ["in", "abs", "dots"] and ds.source(2) == ("sub/../a.avi", "dots")
+    # decided on the text, not resolved: a link under the root may point anywhere, a linked root works
+    (videos / "link").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "root-link").symlink_to(videos, target_is_directory=True)
+    assert len(make([dict(path="link/outside.avi", caption="linked")])) == 2
+    write_manifest(videos, [dict(path=str(tmp_path / "root-link" / "a.avi"), caption="abs")], "l.jsonl")
+    assert len(VideoManifestDataset(str(tmp_path / "root-link"), "l.jsonl", num_frames=2, image_size=16)) == 1
+    # the opt-in, also as a config field
+    ds = make([dict(path="../outside.avi", caption="out")], allow_outside_root=True)
+    assert ds[1]["caption"] == "out" and ds[1]["skipped"] == 0
+    cfg = dict(type="VideoManifestDataset", root=str(videos), manifest="m.jsonl", num_frames=2, image_size=16)
+    assert len(build(DATASETS, dict(cfg, allow_outside_root=True), "dataset")) == 2
+    with pytest.raises(ConfigError, match="dataset.allow_outside_root"):
+        build(DATASETS, dict(cfg, allow_outside_root="yes"), "dataset")
+
+
+def test_latent_index_shard_outside_root(tmp_path):
+    item = dict(key="0", index=0, path="a.avi", caption="", num_frames=4)
+    for shard in ["../latents-00000.safetensors", str(tmp_path.parent / "latents-00000.safetensors")]:
+        items = [dict(item, shard="latents-00000.safetensors"), dict(item, key="1", shard=shard)]
+        (tmp_path / "index.json").write_text(json.dumps(dict(format=LATENT_FORMAT, items=items)))
+        with pytest.raises(ValueError) as err:
+            LatentDataset(str(tmp_path), num_frames=2)
+        assert str(err.value) == (f"{tmp_path / 'index.json'}: item 2: shard {shard!r} is outside the dataset "
+                                  f"root {tmp_path}")
+
+
+def test_high_bit_depth_images(tmp_path):
+    grey = np.linspace(0, 65535, 6 * 50).astype(np.uint16).reshape(6, 50)  # every low byte, 0 and 65535
+    expected = np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1)  # the high byte, as read_image does
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert Image.open(tmp_path / "grey.png").mode == "I;16"
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "grey.tif")  # mode "I", as older Pillow opens 16-bit PNGs
+    write_png16(tmp_path / "grey-alpha.png", np.stack([grey, grey[::-1]], axis=-1))
+    write_png16(tmp_path / "rgb48.png", np.stack([grey] * 3, axis=-1))
+    for name in ("grey.png", "grey.tif", "grey-alpha.png", "rgb48.png"):  # PIL reads the last two itself
+        image = read_image(tmp_path / name)
+        assert image.dtype == np.uint8 and np.array_equal(image, expected), name
+        assert image_shape(tmp_path / name) == (6, 50)
+    colour = np.stack([grey, grey[:, ::-1], grey[::-1]], axis=-1)
+    assert np.array_equal(read_image(write_png16(tmp_path / "colour48.png", colour)), (colour >> 8).astype(np.uint8))
+    # 8-bit images are read as before
+    Image.fromarray((grey >> 8).astype(np.uint8)).save(tmp_path / "grey8.png")
+    assert np.array_equal(read_image(tmp_path / "grey8.png"), expected)
+
+    # a frame folder of 16-bit frames, cached or not
+    frames = np.stack([grey[:, t:t + 16] for t in range(6)])  # (6, 6, 16): a gradient moving left
+    (tmp_path / "sky" / "v" / "c").mkdir(parents=True)
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "sky" / "v" / "c" / f"{t}.png")
+    for cache_bytes in (1 << 20, 0):
+        ds = FrameFolderDataset(str(tmp_path / "sky"), num_frames=6, image_size=(6, 16), cache_bytes=cache_bytes)
+        pixels = np.repeat((frames >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+        assert torch.equal(as_pixels(ds[0]["video"]), torch.from_numpy(pixels).float())
+        assert len(ds.cache) == (cache_bytes > 0)
 
 
 def test_frame_folder_dataset(tmp_path, caplog):

@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 from causalvdm.data.cache import DEFAULT_CACHE_BYTES, FrameCache
 from causalvdm.data.sampler import derive_seed
 from causalvdm.data.transforms import resized_shape, to_size, video_transform
-from causalvdm.data.video_io import (VideoReadError, first_line, image_shape, iter_video_frames, probe_video,
-                                     read_image_frames, read_video_frames)
+from causalvdm.data.video_io import (NoReadableItemError, VideoReadError, first_line, image_shape, iter_video_frames,
+                                     probe_video, read_image_frames, read_video_frames)
 from causalvdm.registry import DATASETS, build
 from causalvdm.utils.io import iter_jsonl
 
@@ -101,8 +101,8 @@ class ClipDataset(Dataset):
                 continue
             item.update(index=index, skipped=skipped)
             return item
-        raise RuntimeError(f"{type(self).__name__}: none of the {n} items under {self.root} can be read "
-                           "(see the warnings above)")
+        raise NoReadableItemError(f"{type(self).__name__}: none of the {n} items under {self.root} can be read "
+                                  "(see the warnings above)")
 
 
 @dataclass(frozen=True)
@@ -249,13 +249,22 @@ class VideoClipDataset(ClipDataset):
             raise VideoReadError(f"{video.path}: no frames")
 
 
+def _inside(root: Path, path: Path) -> bool:
+    """Whether `path` is `root` or below it, judged on the normalised text of both (`..` is followed lexically).
+
+    Symlinks are not resolved: data roots are often links to other disks.
+    """
+    base = os.path.abspath(root)
+    return os.path.commonpath([base, os.path.abspath(path)]) == base
+
+
 def _natural_key(path: Path):
     # frame_2.jpg before frame_10.jpg, whether or not the numbers are zero-padded
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def read_manifest(path: Path) -> list[dict]:
-    """Rows of a .jsonl or .csv manifest: dicts with "path", "caption" and optional "num_frames", "fps".
+    """Rows of a .jsonl or .csv manifest: dicts with "path", "caption", "num_frames" (None if not given), "line".
 
     Raises a one-line ValueError naming the file (and line) for a missing, empty or malformed manifest.
     """
@@ -283,7 +292,7 @@ def _check_row(path: Path, line_no: int, row) -> dict:
         raise ValueError(f"{where}: missing or empty field 'path'")
     if not isinstance(row.get("caption"), str):
         raise ValueError(f"{where}: missing field 'caption' (use \"\" for none)")
-    out = {"path": row["path"], "caption": row["caption"], "num_frames": None}
+    out = {"path": row["path"], "caption": row["caption"], "num_frames": None, "line": line_no}
     if row.get("num_frames") not in (None, ""):  # a hint that saves probing the file; fps is accepted, unused
         try:
             out["num_frames"] = int(row["num_frames"])
@@ -300,18 +309,24 @@ class VideoManifestDataset(VideoClipDataset):
 
     `manifest` is absolute or relative to `root` (or, failing that, to the working directory).
     `cache_bytes`: keep the decoded videos in memory if all fit in this (per process; see VideoClipDataset).
+    `allow_outside_root`: accept rows whose path leaves `root` (`..`, or absolute elsewhere); else they are an error.
     """
 
     def __init__(self, root: str, manifest: str, num_frames: int, image_size: int | tuple[int, int],
                  sample_interval: int = 1, random_crop: bool = True, seed: int = 0,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, allow_outside_root: bool = False):
         super().__init__(root, num_frames, image_size, sample_interval, random_crop, seed, cache_bytes)
         manifest_path = self.root / manifest
         if not manifest_path.is_file() and Path(manifest).is_file():
             manifest_path = Path(manifest)
         self.manifest = manifest_path
-        self.videos = [_Video(self.root / row["path"], row["path"], row["caption"], num_frames=row["num_frames"])
-                       for row in read_manifest(manifest_path)]
+        for row in read_manifest(manifest_path):
+            # normalised, so the file read is the one checked; an absolute row path replaces the root
+            path = Path(os.path.normpath(self.root / row["path"]))
+            if not allow_outside_root and not _inside(self.root, path):
+                raise ValueError(f"{manifest_path}: line {row['line']}: path {row['path']!r} is outside the dataset "
+                                 f"root {self.root} (set dataset.allow_outside_root=True to read it anyway)")
+            self.videos.append(_Video(path, row["path"], row["caption"], num_frames=row["num_frames"]))
 
 
 @DATASETS.register_module()
@@ -393,11 +408,16 @@ class LatentDataset(ClipDataset):
             index = json.loads(index_path.read_text())
             if index.get("format") != LATENT_FORMAT:
                 raise ValueError(f"format is {index.get('format')!r}, expected {LATENT_FORMAT!r}")
-            items = [_Latent(self.root / it["shard"], it["key"], it["caption"], int(it["num_frames"]))
-                     for it in index["items"]]
+            items = [_Latent(Path(os.path.normpath(self.root / it["shard"])), it["key"], it["caption"],
+                             int(it["num_frames"])) for it in index["items"]]
             self.sources = {it["key"]: it["path"] for it in index["items"]}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index_path}: not a latent index ({first_line(err)})") from None
+        for number, entry in enumerate(index["items"], 1):
+            # tools/encode_latents.py writes bare shard names: one leaving the root was edited in
+            if not _inside(self.root, self.root / entry["shard"]):
+                raise ValueError(f"{index_path}: item {number}: shard {entry['shard']!r} is outside the dataset "
+                                 f"root {self.root}")
         self.latents = [it for it in items if it.num_frames >= self.span]
         if len(self.latents) < len(items):
             log.warning("%s: %d of %d latent videos have fewer than %d frames and are not used",

@@ -34,6 +34,10 @@ class VideoReadError(RuntimeError):
     """A video, frame or latent file is missing, unreadable or too short; the message is one line naming it."""
 
 
+class NoReadableItemError(VideoReadError):
+    """No item of a dataset can be read (every file missing, broken or too short); the message is one line."""
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What a video file's header says: frame count, frames per second (None if unknown), frame size."""
@@ -131,11 +135,26 @@ def iter_video_frames(path: str | Path, cover_size: tuple[int, int] | None = Non
         raise VideoReadError(f"{path}: cannot decode video ({first_line(err)})") from err
 
 
+# Greyscale modes above 8 bits, which PIL's convert("RGB") clips to 255 instead of scaling. "I" (32-bit) is how
+# older Pillow versions open 16-bit greyscale PNGs; values outside 0..65535 are clipped.
+_HIGH_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image -> uint8 (H, W, 3) RGB (a writable copy, as torch.from_numpy wants); 16-bit grey scaled to 8 bits."""
+    if image.mode not in _HIGH_BIT_GREY_MODES:
+        return np.array(image.convert("RGB"))
+    # The high byte (value >> 8), not value / 257 rounded: PIL itself reads 48-bit RGB and 16-bit grey+alpha
+    # PNGs that way, so a grey image reads the same whichever 16-bit PNG type stores it.
+    grey = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)  # (H, W)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """One image file (jpg, png, ...) -> uint8 (H, W, 3) RGB."""
+    """One image file (jpg, png, ...) -> uint8 (H, W, 3) RGB; 16-bit images keep their high byte."""
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+            return _to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise VideoReadError(f"{path}: cannot read image ({first_line(err)})") from err
 
