@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mmengine.config import Config, DictAction
 
-from causalvdm.registry import ConfigError
+from causalvdm.registry import ConfigError, check_type
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +56,27 @@ def require(cfg: Config, *keys: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def settings_from(cls, section: str, given: dict):
+    """The dataclass `cls` from the config dict `section`; an unknown field or a value of the wrong type (checked
+    against the field's annotation) is a one-line ConfigError naming `section.field`."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"{section}: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for name, value in given.items():
+        check_type(f"{section}.{name}", value, known[name].type)
+    return cls(**given)
+
+
+def check_range(section: str, settings, low=None, high=None, *names: str) -> None:
+    """Fail with one line unless each field in `names` (None is fine) lies in [low, high]."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+            bound = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{section}.{name} must be {bound}, got {value}")
+
+
 @dataclass
 class AutoregressiveSettings:
     """`cfg.autoregressive`, shared by training and sampling: chunk size k, cache queue size, prefix perturbation."""
@@ -66,11 +87,7 @@ class AutoregressiveSettings:
 
     @classmethod
     def from_cfg(cls, ar_cfg) -> "AutoregressiveSettings":
-        given = dict(ar_cfg or {})
-        unknown = sorted(set(given) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"autoregressive: unknown field(s) {', '.join(unknown)}")
-        settings = cls(**given)
-        if settings.chunk_size < 1 or settings.max_cond_frames < 1:
-            raise ConfigError("autoregressive.chunk_size and max_cond_frames must be >= 1")
+        settings = settings_from(cls, "autoregressive", dict(ar_cfg or {}))
+        check_range("autoregressive", settings, 1, None, "chunk_size", "max_cond_frames")
+        check_range("autoregressive", settings, 0, None, "prefix_perturb_t")
         return settings

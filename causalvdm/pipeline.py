@@ -11,7 +11,7 @@ trainer's validation call it.
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from causalvdm.config import AutoregressiveSettings, load_config
+from causalvdm.config import AutoregressiveSettings, check_range, load_config, settings_from
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
 from causalvdm.diffusion.samplers import SAMPLERS
@@ -29,7 +29,7 @@ from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigEr
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, inference_dtype
 from causalvdm.sampling.writer import psnr, to_uint8
-from causalvdm.utils.io import CheckpointError, load_weights
+from causalvdm.utils.io import CheckpointError, check_architecture, load_weights
 
 log = logging.getLogger("causalvdm.pipeline")
 
@@ -45,7 +45,7 @@ class SampleSettings:
     cfg_scale: float = 1.0
     num_frames: int | None = None  # frames of each video, given ones included (default: model.max_tpe_len)
     fps: int = 8
-    image_size: int | tuple | None = None  # (H, W) of the frames (default: dataset.image_size)
+    image_size: int | tuple[int, int] | None = None  # (H, W) of the frames (default: dataset.image_size)
     seed: int = 0
     mode: str = "cache"  # cache | recompute (the baseline without a cache)
     prompt: str = ""
@@ -62,23 +62,21 @@ class SampleSettings:
     def from_cfg(cls, sample_cfg, overrides: dict | None = None) -> "SampleSettings":
         """Validate `cfg.sample` against the declared fields, then apply the non-None overrides."""
         given = dict(sample_cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ConfigError(f"sample: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         if "first_image" in overrides or "first_video" in overrides:  # a source given here replaces the config's
             given.pop("first_image", None)
             given.pop("first_video", None)
-        settings = cls(**{**given, **overrides})
+        settings = settings_from(cls, "sample", {**given, **overrides})
+        check_range("sample", settings, 1, None, "num_steps", "num_frames", "fps", "first_frames", "eval_len")
+        check_range("sample", settings, 0, None, "seed", "cfg_scale")
+        if settings.mode not in ("cache", "recompute"):
+            raise ConfigError(f"sample.mode must be 'cache' or 'recompute', got {settings.mode!r}")
         if settings.weights not in ("ema", "model"):
             raise ConfigError(f"sample.weights must be 'ema' or 'model', got {settings.weights!r}")
         if settings.first_image and settings.first_video:
             raise ConfigError("give a first image or a first video, not both")
         if settings.sampler not in SAMPLERS:  # checked before the (slow) model is built
             raise ConfigError(f"unknown sampler {settings.sampler!r} (known: {', '.join(SAMPLERS)})")
-        if settings.first_frames < 1:
-            raise ConfigError(f"first_frames must be >= 1, got {settings.first_frames}")
         if settings.dtype != "auto" and settings.dtype not in DTYPES:
             raise ConfigError(f"sample.dtype must be auto or one of {', '.join(DTYPES)}, got {settings.dtype!r}")
         if settings.compile is not None and settings.compile not in COMPILE_MODES:
@@ -119,15 +117,7 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: str | Path, weights: s
     """Load the weights of `ckpt` (see checkpoint_file) into `model`, strictly -> the file read."""
     file = checkpoint_file(ckpt, weights)
     state = extract_state_dict(load_weights(file), file)
-    target = model.state_dict()
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
-    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
-                if k in state and state[k].shape != v.shape]
-    if missing or unexpected or reshaped:
-        first = (reshaped or missing or unexpected)[0]
-        raise CheckpointError(f"{file}: not a checkpoint of this model architecture ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected, {len(reshaped)} mis-shaped keys, e.g. {first})")
+    check_architecture(file, state, model)
     model.load_state_dict(state)
     return file
 
@@ -317,17 +307,13 @@ class CausalVDMPipeline:
             raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
         start = time.perf_counter()
         self.info = {}
-        d = self.defaults
-        settings = replace(
-            d, first_frames=first_frames or d.first_frames, prompt=d.prompt if prompt is None else prompt,
-            num_frames=num_frames or d.num_frames or self.model.max_tpe_len, seed=d.seed if seed is None else seed,
-            sampler=sampler or d.sampler, num_steps=num_steps or d.num_steps,
-            cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, mode=mode or d.mode,
-            first_image=_source_name(first_image), first_video=_source_name(first_video))
         if sum(s is not None for s in (first_image, first_video, first_latents)) > 1:
             raise ValueError("give at most one of first_image, first_video and first_latents")
-        if settings.first_frames < 1:
-            raise ValueError(f"first_frames must be >= 1, got {settings.first_frames}")
+        settings = SampleSettings.from_cfg(asdict(self.defaults), dict(  # the call's values, checked like the config's
+            first_frames=first_frames, prompt=prompt, num_frames=num_frames, seed=seed, sampler=sampler,
+            num_steps=num_steps, cfg_scale=cfg_scale, mode=mode))
+        settings = replace(settings, num_frames=settings.num_frames or self.model.max_tpe_len,
+                           first_image=_source_name(first_image), first_video=_source_name(first_video))
         generator = self._generator(settings.sampler, settings.num_steps, settings.cfg_scale, settings.mode)
         pixels, reference = self._given_pixels(first_image, first_video, settings.first_frames)
         with torch.inference_mode():

@@ -13,6 +13,6 @@ if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
 fi
 nproc=${NPROC_PER_NODE:-1}
 if (( nproc > 1 )); then
-  exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m causalvdm.cli.sample "$@"
+  exec "$PY" -m causalvdm.cli.launch --standalone --nproc_per_node "$nproc" -m causalvdm.cli.sample "$@"
 fi
 exec "$PY" -m causalvdm.cli.sample "$@"

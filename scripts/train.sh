@@ -26,7 +26,7 @@ fi
 PY=python
 if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
 
-exec "$PY" -m torch.distributed.run \
+exec "$PY" -m causalvdm.cli.launch \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$master_port" \
   --nproc_per_node "$nproc" \

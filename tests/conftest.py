@@ -61,3 +61,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def run_entrypoint(*args, cwd=ROOT, env=None, timeout=300):
+    """Run a command (`scripts/x.sh`, `tools/x.py`, `-m module`) as a user would, in a subprocess -> CompletedProcess.
+
+    Scripts ending in .sh run with bash, the rest with this Python; stdout and stderr are captured as text.
+    """
+    import os
+    import subprocess
+
+    first = str(args[0])
+    command = ["bash", *map(str, args)] if first.endswith(".sh") else [sys.executable, *map(str, args)]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    full_env.pop("CAUSALVDM_DEBUG", None)
+    full_env.update(env or {})
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+

@@ -11,23 +11,24 @@ config's `sample` and `autoregressive` dicts; flags override them. Without CONFI
 checkpoint directory or a save_pretrained folder, and the config saved with it is used.
 """
 
-import argparse
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from causalvdm.cli.common import (ArgumentParser, debugging, error_line, non_negative_float, non_negative_int,
+                                  one_line_errors, positive_int)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import VideoReadError
 from causalvdm.pipeline import PIPELINE_CONFIG, CausalVDMPipeline, SampleSettings, pretrained_config_path
-from causalvdm.registry import ConfigError
+from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES, DTYPES
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter
-from causalvdm.utils.io import CheckpointError, iter_jsonl, plain_name
+from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir
 from causalvdm.utils.memory import keep_freed_memory
 from causalvdm.utils.memory_plan import estimate_line
 
@@ -35,7 +36,7 @@ log = logging.getLogger("causalvdm.sample")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("config", nargs="?", help="mmengine .py config (model, vae, text_encoder, diffusion, "
                         "autoregressive, sample); default: the one saved with --ckpt")
     parser.add_argument("--ckpt", help="training checkpoint directory (with model.safetensors / ema.safetensors), a "
@@ -48,13 +49,13 @@ def parse_args(argv=None):
                         "to the config's image size")
     parser.add_argument("--first-video", help="video whose first --first-frames frames are given; the rest are the "
                         "reference for per-frame PSNR")
-    parser.add_argument("--first-frames", type=int, help="frames taken from --first-video (default 1)")
-    parser.add_argument("--num-frames", type=int, help="frames of the video, given ones included (default: sample.num_frames)")
-    parser.add_argument("--fps", type=int, help="frame rate of the mp4 (default: sample.fps)")
-    parser.add_argument("--seed", type=int, help="seed of all sampling noise (default: sample.seed)")
+    parser.add_argument("--first-frames", type=positive_int, help="frames taken from --first-video (default 1)")
+    parser.add_argument("--num-frames", type=positive_int, help="frames of the video, given ones included (default: sample.num_frames)")
+    parser.add_argument("--fps", type=positive_int, help="frame rate of the mp4 (default: sample.fps)")
+    parser.add_argument("--seed", type=non_negative_int, help="seed of all sampling noise (default: sample.seed)")
     parser.add_argument("--sampler", help="iddpm | ddim | dpm-solver++ (default: sample.sampler)")
-    parser.add_argument("--num-steps", type=int, help="denoising steps per chunk (default: sample.num_steps)")
-    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale, 1 = none (default: sample.cfg_scale)")
+    parser.add_argument("--num-steps", type=positive_int, help="denoising steps per chunk (default: sample.num_steps)")
+    parser.add_argument("--cfg-scale", type=non_negative_float, help="classifier-free guidance scale, >= 0; 1 = none (default: sample.cfg_scale)")
     parser.add_argument("--mode", choices=["cache", "recompute"], help="'cache' (shared KV cache) or 'recompute' "
                         "(baseline: conditioning frames recomputed at every step)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], help="weights and KV cache (default auto: bfloat16 on "
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
                         "per-step model call (mode default; reduce-overhead adds CUDA graphs); pays off on GPUs, "
                         "slower on CPUs")
-    parser.add_argument("--eval-len", type=int, help="PSNR mean over the frames before this index (default: model.max_tpe_len, "
+    parser.add_argument("--eval-len", type=positive_int, help="PSNR mean over the frames before this index (default: model.max_tpe_len, "
                         "the training clip length)")
     parser.add_argument("--out", help="output folder (default: outputs/<config stem, or the checkpoint's run>/samples)")
     parser.add_argument("--name", help="file name stem of the outputs (default: the first image/video's stem, else 'sample')")
@@ -111,36 +112,43 @@ def run_job(job: Job, pipe: CausalVDMPipeline, out_dir: Path, config_path: str) 
 
 
 def read_jobs(manifest: str, settings: SampleSettings) -> list[Job]:
-    """Rows of a .jsonl manifest -> jobs; relative paths are taken relative to the manifest's folder."""
+    """Rows of a .jsonl manifest (fields of Job, all optional) -> jobs; relative paths are taken relative to the
+    manifest's folder. A bad row is a one-line ConfigError naming the file, line and field."""
     path = Path(manifest)
     if not path.is_file():
         raise ConfigError(f"{path}: manifest not found")
     root = path.parent
+    types = {f.name: f.type for f in fields(Job)}
     jobs, names = [], set()
     try:
         rows = list(iter_jsonl(path))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     for line_no, row in rows:
-        unknown = sorted(set(row) - {"first_image", "first_video", "prompt", "name", "first_frames", "seed"})
+        where = f"{path}: line {line_no}"
+        unknown = sorted(set(row) - set(types))
         if unknown:
-            raise ConfigError(f"{path}: line {line_no}: unknown field(s) {', '.join(unknown)}")
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(types)})")
+        for field, value in row.items():
+            check_type(f"{where}: {field}", value, types[field])
+        if row.get("seed", 0) < 0 or row.get("first_frames", 1) < 1:
+            raise ConfigError(f"{where}: seed must be >= 0 and first_frames >= 1")
         if row.get("first_image") and row.get("first_video"):
-            raise ConfigError(f"{path}: line {line_no}: give first_image or first_video, not both")
+            raise ConfigError(f"{where}: give first_image or first_video, not both")
         source = row.get("first_image") or row.get("first_video")
-        name = str(row.get("name") or f"{len(jobs):05d}" + (f"_{Path(source).stem}" if source else ""))
+        name = row.get("name") or f"{len(jobs):05d}" + (f"_{Path(source).stem}" if source else "")
         try:
             plain_name(name, "name")
         except ValueError as err:
-            raise ConfigError(f"{path}: line {line_no}: {err}") from None
+            raise ConfigError(f"{where}: {err}") from None
         if name in names:
-            raise ConfigError(f"{path}: line {line_no}: duplicate name {name!r}")
+            raise ConfigError(f"{where}: duplicate name {name!r}")
         names.add(name)
         jobs.append(Job(
-            name=name, prompt=row.get("prompt", settings.prompt), seed=int(row.get("seed", settings.seed)),
+            name=name, prompt=row.get("prompt", settings.prompt), seed=row.get("seed", settings.seed),
             first_image=str(root / row["first_image"]) if row.get("first_image") else None,
             first_video=str(root / row["first_video"]) if row.get("first_video") else None,
-            first_frames=int(row.get("first_frames", settings.first_frames)),
+            first_frames=row.get("first_frames", settings.first_frames),
         ))
     return jobs
 
@@ -171,12 +179,10 @@ def main(argv=None) -> int:
                      fps=args.fps, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
                      cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len, dtype=args.dtype,
                      compile=args.compile)
-    try:
+    with one_line_errors():
         config_path = str(args.config or pretrained_config_path(args.ckpt))
         cfg = load_config(config_path, args.cfg_options)
         settings = SampleSettings.from_cfg(cfg.get("sample"), overrides)
-        log.info(estimate_line(cfg, "sample", device.type, 1, cfg_scale=settings.cfg_scale))
-        pipe = CausalVDMPipeline.from_config(cfg, settings, device, progress=rank == 0)
         if args.manifest:
             jobs = read_jobs(args.manifest, settings)[rank::world]
         else:
@@ -188,9 +194,9 @@ def main(argv=None) -> int:
                 raise ConfigError(str(err)) from None
             jobs = [Job(name, settings.prompt, settings.seed, settings.first_image, settings.first_video,
                         settings.first_frames)]
-    except (ConfigError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
-    out_dir = Path(args.out) if args.out else default_out_dir(args)
+        out_dir = writable_dir(args.out or default_out_dir(args), "--out" if args.out else "the output folder")
+        log.info(estimate_line(cfg, "sample", device.type, 1, cfg_scale=settings.cfg_scale))
+        pipe = CausalVDMPipeline.from_config(cfg, settings, device, progress=rank == 0)
 
     failed = 0
     for job in jobs:
@@ -199,10 +205,12 @@ def main(argv=None) -> int:
             continue
         try:
             sidecar = run_job(job, pipe, out_dir, config_path)
-        except (VideoReadError, ValueError) as err:
+        except (VideoReadError, ValueError, OSError) as err:  # a bad given image or video, too short, a full disk
+            if debugging():
+                raise
             if not args.manifest:
-                sys.exit(f"error: {err}")
-            log.error("%s: %s", job.name, err)
+                sys.exit(f"error: {error_line(err)}")
+            log.error("%s: %s", job.name, error_line(err))
             failed += 1
             continue
         print(f"{out_dir / sidecar['video']}: {sidecar['frames']} frames in {sidecar['total_seconds']:.1f}s")

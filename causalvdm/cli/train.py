@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from causalvdm.cli.common import USER_ERRORS, ArgumentParser, debugging, error_line, one_line_errors
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.registry import ConfigError
 from causalvdm.training.distributed import any_process, init_distributed
 from causalvdm.training.run_dir import claim_run_dir
 from causalvdm.training.settings import TrainSettings
 from causalvdm.training.trainer import Trainer
-from causalvdm.utils.io import CheckpointError, plain_name
+from causalvdm.utils.io import plain_name
 from causalvdm.utils.memory import keep_freed_memory
 
 log = logging.getLogger("causalvdm.train")
@@ -29,7 +30,7 @@ log = logging.getLogger("causalvdm.train")
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line: a config, the run's name, --resume and --cfg-options overrides."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("config", help="mmengine .py config (model, vae, text_encoder, diffusion, dataset, autoregressive, train)")
     parser.add_argument("--exp-name", help="run name; outputs go to <train.outputs_dir>/<exp-name> (default: config file stem)")
     parser.add_argument("--resume", help="'auto' continues from the newest complete checkpoint of the run (fresh start if "
@@ -41,22 +42,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Run training -> exit code: 0 done, 2 bad config or checkpoint, 3 too many non-finite steps in a row."""
+    """Run training -> exit code: 0 done, 1 bad command line or config (one `error:` line), 2 bad config, data or
+    checkpoint found while setting up the run (one ERROR line, also in train.log), 3 too many non-finite steps."""
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.cfg_options)  # these errors name the file themselves
+    with one_line_errors():  # these errors name the file themselves
+        cfg = load_config(args.config, args.cfg_options)
         require(cfg, "model", "diffusion", "dataset")
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    try:
+    with one_line_errors(prefix=f"{args.config}: "):
         settings = TrainSettings.from_cfg(cfg.get("train"))
-    except ConfigError as err:
-        sys.exit(f"error: {args.config}: {err}")
     exp_name = args.exp_name or Path(args.config).stem
-    try:
+    with one_line_errors(ValueError):
         plain_name(exp_name, "--exp-name")
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     info = init_distributed()
     run_dir = Path(settings.outputs_dir) / exp_name
     lock, refusal = None, ""
@@ -68,7 +64,7 @@ def main(argv=None) -> int:
     if any_process(bool(refusal), info):  # every process stops, not only the one that found out
         if dist.is_initialized():
             dist.destroy_process_group()
-        sys.exit(f"error: {refusal}" if refusal else 2)
+        sys.exit(f"error: {refusal}" if refusal else 1)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     handler = logging.FileHandler(run_dir / "train.log") if info.is_main else logging.NullHandler()
@@ -77,8 +73,10 @@ def main(argv=None) -> int:
     keep_freed_memory()
     try:
         return Trainer(cfg, settings, run_dir, info).fit(resume=args.resume)
-    except (ConfigError, CheckpointError) as err:
-        log.error("%s: %s", args.config, err)
+    except USER_ERRORS as err:
+        if debugging():
+            raise
+        log.error("%s%s", f"{args.config}: " if isinstance(err, ConfigError) else "", error_line(err))
         return 2
     finally:
         logging.getLogger().removeHandler(handler)

@@ -129,6 +129,10 @@ def load_pretrained(model: nn.Module, path: str | Path, source: str = "auto") ->
         found = "has temporal blocks (blocks.N.attn_temp)" if detected == "opensora" else "has no temporal blocks"
         raise CheckpointError(f"{path}: source={source!r} but the checkpoint {found}; use source='auto'")
     tensors, summary = convert_state_dict(state, model)
+    if not tensors:  # a wrong file (another model, a VAE, an optimizer state) would otherwise train from scratch
+        keys = list(state)
+        raise CheckpointError(f"{path}: no tensor of it fits the model ({len(keys)} keys{_names(keys)}); "
+                              "is it a PixArt-alpha or Open-Sora v1 checkpoint?")
     with torch.no_grad():
         model.load_state_dict(tensors, strict=False)
     summary["source"] = detected

@@ -218,6 +218,15 @@ class AutoregressiveGenerator:
         """Chunks needed to reach `num_frames` frames from n0 given ones (the last one may be cut short)."""
         return -(-(num_frames - n0) // self.chunk_size)
 
+    def check_length(self, n0: int, num_frames: int) -> None:
+        """Fail unless a video of `num_frames` frames can be generated from n0 given ones."""
+        if num_frames < n0:
+            raise ValueError(f"num_frames={num_frames} is fewer than the {n0} given frames")
+        end = n0 + self.num_chunks(n0, num_frames) * self.chunk_size
+        if self.model.tpe_mode == "absolute" and end > self.model.max_tpe_len:
+            raise ValueError(f"absolute TPE covers max_tpe_len={self.model.max_tpe_len} frames, but {num_frames} frames "
+                             f"in chunks of {self.chunk_size} need {end}; use a cyclic or rope model for longer videos")
+
     def iter_chunks(self, first_latents: torch.Tensor, num_frames: int, y=None, mask=None, seed: int = 0,
                     cache_state: dict | None = None):
         """Yield the latents (B, C, k, h, w) of each new chunk until `num_frames` frames (given ones included).
@@ -228,14 +237,7 @@ class AutoregressiveGenerator:
         the requested length. Nothing kept here grows with the video's length.
         """
         self._check_first(first_latents)
-        n0 = first_latents.shape[2]
-        if num_frames < n0:
-            raise ValueError(f"num_frames={num_frames} is fewer than the {n0} given frames")
-        total = self.num_chunks(n0, num_frames)
-        end = n0 + total * self.chunk_size
-        if self.model.tpe_mode == "absolute" and end > self.model.max_tpe_len:
-            raise ValueError(f"absolute TPE covers max_tpe_len={self.model.max_tpe_len} frames, but {num_frames} frames "
-                             f"in chunks of {self.chunk_size} need {end}; use a cyclic or rope model for longer videos")
+        self.check_length(first_latents.shape[2], num_frames)
         start = self._resume(first_latents, y, mask, cache_state) if cache_state is not None else None
         return self._chunks(first_latents, num_frames, y, mask, seed, start)
 

@@ -9,6 +9,20 @@ from causalvdm.registry import ConfigError
 log = logging.getLogger("causalvdm.train")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that does not parse (torn by a crash mid-write) is skipped with a warning."""
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is not complete JSON (a crash mid-write?), skipped", path, line_no)
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
 class RunLogger:
     """Writes scalar metrics of a run; `metrics.jsonl` is the source of truth the loss curve is drawn from."""
 
@@ -29,11 +43,10 @@ class RunLogger:
                                     config=config, resume="allow")
 
     def _truncate_after(self, step: int) -> None:
-        if not self.metrics_path.exists():
-            return
-        rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r)["step"] <= step]
-        self.metrics_path.write_text("".join(r + "\n" for r in kept))
+        """Drop the rows after `step` (a killed run may have logged past its last checkpoint) and a torn last line."""
+        if self.metrics_path.exists():
+            kept = [row for row in read_metrics(self.metrics_path) if row["step"] <= step]
+            self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         """Record scalars for `step` everywhere and print one console line."""
@@ -52,7 +65,7 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = read_metrics(self.metrics_path)
         path = self.run_dir / "loss.png"
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])

@@ -19,7 +19,10 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
-        self.file = open(self.path, "a+")
+        try:
+            self.file = open(self.path, "a+")
+        except OSError as err:
+            raise ConfigError(f"{run_dir}: the run folder is not writable ({err.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

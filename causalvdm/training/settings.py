@@ -1,7 +1,9 @@
 """The trainer's settings (`train = dict(...)` in a config), with every default declared once here."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
+from causalvdm.config import check_range, settings_from
+from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.registry import ConfigError
 
 
@@ -17,7 +19,7 @@ class TrainSettings:
     num_workers: int | None = None  # DataLoader workers per process; None: default_num_workers() for this machine
     lr: float = 2e-5
     weight_decay: float = 0.0
-    adam_betas: tuple = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -38,21 +40,23 @@ class TrainSettings:
     @classmethod
     def from_cfg(cls, train_cfg) -> "TrainSettings":
         """Validate `cfg.train` against the declared fields -> TrainSettings."""
-        given = dict(train_cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ConfigError(f"train: unknown field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        settings = cls(**given)
+        settings = settings_from(cls, "train", dict(train_cfg or {}))
         if settings.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {settings.parallel!r}")
         if settings.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.mixed_precision must be 'auto', 'bf16' or 'fp32', got {settings.mixed_precision!r}")
-        if settings.num_workers is not None and settings.num_workers < 0:
-            raise ConfigError(f"train.num_workers must be >= 0, got {settings.num_workers}")
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "ckpt_every", "keep_last"):
-            if getattr(settings, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(settings, name)}")
+        if settings.validation_sampler not in SAMPLERS:  # read at the first validation: checked before step 1
+            raise ConfigError(f"train.validation_sampler must be one of {', '.join(SAMPLERS)}, "
+                              f"got {settings.validation_sampler!r}")
+        check_range("train", settings, 1, None, "max_steps", "batch_size", "grad_accum_steps", "log_every",
+                    "ckpt_every", "keep_last", "max_nonfinite_steps", "validation_steps")
+        check_range("train", settings, 0, None, "seed", "num_workers", "lr", "weight_decay", "warmup_steps",
+                    "validation_every", "validation_frames")
+        check_range("train", settings, 0, 1, "ema_decay", "txt_dropout_prob")
+        if settings.grad_clip <= 0:  # clipping to a norm of 0 would zero every gradient
+            raise ConfigError(f"train.grad_clip must be > 0, got {settings.grad_clip}")
+        if not all(0 <= b < 1 for b in settings.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {settings.adam_betas}")
         return settings
 
 

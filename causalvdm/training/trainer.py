@@ -33,9 +33,11 @@ from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
+from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.training.checkpoint import (
     SHARDED_OPTIMIZER,
+    list_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -46,7 +48,7 @@ from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_proces
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
 from causalvdm.training.settings import TrainSettings, check_clip_shape
-from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.io import CheckpointError, check_architecture, check_free_space, writable_dir
 from causalvdm.utils.memory import peak_memory_mb
 from causalvdm.utils import memory_plan  # the module, not its names: it imports causalvdm.training in turn
 
@@ -112,6 +114,12 @@ class Trainer:
                 log.info("--resume %s: no complete checkpoint in %s, starting fresh", resume, self.ckpt_dir)
             return
         model_state, ema_state, state = load_checkpoint(path)
+        check_architecture(path / "model.safetensors", model_state, self.core)
+        newer = [p for p in list_checkpoints(self.ckpt_dir) if int(p.name.split("_")[1]) > state["step"]]
+        if newer:  # continuing would overwrite and prune them: the run's history
+            raise CheckpointError(f"{self.ckpt_dir}: holds checkpoints after step {state['step']} (up to "
+                                  f"{newer[-1].name}) that continuing from {path} would overwrite; resume the newest "
+                                  "(--resume auto) or move them away first")
         set_model_state_dict(self.model, model_state, options=StateDictOptions(full_state_dict=True))
         if "optimizer" in state:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
@@ -310,25 +318,57 @@ class Trainer:
 
     # ---- the loop
 
+    def preflight(self) -> None:
+        """Check before step 1 what the run needs later, so a mistake costs seconds, not the hours before it shows:
+        one clip through the VAE and the model's shape rules, the validation settings, writable folders and disk
+        space for one checkpoint."""
+        s, info = self.settings, self.info
+        self.first_clip = self.dataset[0]  # also fails (one line) when no item of the dataset can be read
+        self.first_latents = self.encode({k: v[None] for k, v in self.first_clip.items() if k in ("video", "latents")})
+        check_clip_shape(self.core, tuple(self.first_latents.shape[1:]), self.ar.chunk_size)
+        if s.validation_every:
+            frames = s.validation_frames or 2 * self.core.max_tpe_len
+            try:
+                AutoregressiveGenerator(self.core, self.diffusion, s.validation_sampler, s.validation_steps,
+                                        self.ar.chunk_size, self.ar.max_cond_frames,
+                                        prefix_perturb_t=self.ar.prefix_perturb_t).check_length(1, frames)
+            except ValueError as err:
+                raise ConfigError(f"train.validation_every={s.validation_every} samples {frames} frames "
+                                  f"(train.validation_frames), but {err}") from None
+            log.info("validation every %d steps: %d frames, %s %d steps, decoded by %s", s.validation_every, frames,
+                     s.validation_sampler, s.validation_steps, type(self.vae).__name__)  # builds the VAE now
+        if not info.is_main:
+            return
+        writable_dir(self.ckpt_dir, "the checkpoint folder")
+        if s.validation_every:
+            writable_dir(self.run_dir / "samples", "the samples folder")
+        # model + EMA + AdamW's two moments, float32 (the optimizer state is what makes a checkpoint large)
+        check_free_space(self.run_dir, 16 * sum(p.numel() for p in self.core.parameters()), "one checkpoint")
+        log.info(memory_plan.estimate_line(self.cfg, "train", info.device.type, s.batch_size, info.world_size))
+
+    def save_config(self) -> None:
+        """config.py of the run, written when it starts; a resumed run keeps it (each checkpoint holds the config it
+        was written with) and says when its own config differs."""
+        path = self.run_dir / "config.py"
+        if not path.is_file():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.dump(str(path))
+        elif path.read_text() != self.cfg.pretty_text:
+            log.warning("the config differs from the run's %s (kept); each checkpoint holds the config it was written "
+                        "with", path)
+
     def fit(self, resume: str | None = None) -> int:
         """Train to `max_steps` -> exit code: 0 done (or saved after SIGTERM), 3 too many non-finite steps in a row."""
         s, info = self.settings, self.info
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.dump(str(self.run_dir / "config.py"))
         self.build()
         self.resume(resume)
         self.data = self.batches()
+        self.preflight()
+        if info.is_main:
+            self.save_config()
         self.run_logger = RunLogger(self.run_dir, s.wandb, self.cfg.to_dict(), resume_step=self.step) \
             if info.is_main else None
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "sigterm", True))  # pre-emption: save, then exit
-
-        # pre-flight: one clip through the VAE, so a shape mistake fails now in one line
-        self.first_clip = self.dataset[0]
-        self.first_latents = self.encode({k: v[None] for k, v in self.first_clip.items() if k in ("video", "latents")})
-        check_clip_shape(self.core, tuple(self.first_latents.shape[1:]), self.ar.chunk_size)
-        if info.is_main:
-            log.info(memory_plan.estimate_line(self.cfg, "train", info.device.type, s.batch_size, info.world_size))
         self.model.train()
         if isinstance(self.text_encoder, torch.nn.Module):
             self.text_encoder.to(info.device)

@@ -3,11 +3,14 @@ atomically; JSON-lines manifests with errors that name the file and line."""
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from causalvdm.registry import ConfigError
 
 
 class CheckpointError(RuntimeError):
@@ -26,6 +29,20 @@ def load_weights(path: str | Path) -> dict:
     except Exception as err:  # truncated zip, foreign pickle, bad header: all mean "not readable"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from err
+
+
+def check_architecture(file: str | Path, state: dict, model: torch.nn.Module) -> None:
+    """Fail with one line naming `file` unless `state` has exactly the keys and shapes of `model.state_dict()`
+    (a checkpoint trained with another config, instead of load_state_dict's many-line report)."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+                if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        first = (reshaped or missing or unexpected)[0]
+        raise CheckpointError(f"{file}: not a checkpoint of this model architecture ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(reshaped)} mis-shaped keys, e.g. {first})")
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -73,3 +90,28 @@ def plain_name(name: str, what: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
         raise ValueError(f"{what} {name!r} must be a plain name: no folders, '..' or surrounding spaces")
     return name
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create the folder `path` if needed and check a file can be written in it -> path.
+
+    Fails with one line naming `what` (e.g. "--out") for a file in the way, no permission or a read-only disk,
+    before any work whose results would be lost.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: {what} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{path}: {what} is not writable ({err.strerror})") from None
+    return path
+
+
+def check_free_space(path: str | Path, needed: int, what: str) -> None:
+    """Fail with one line when the disk holding `path` has less than `needed` bytes free for `what`."""
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise ConfigError(f"{path}: {free / 2**20:.0f} MiB free, {what} needs about {needed / 2**20:.0f} MiB")
