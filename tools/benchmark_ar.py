@@ -53,7 +53,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import causalvdm
-from causalvdm.config import AutoregressiveSettings, add_config_args, load_config
+from causalvdm.cli.common import (ArgumentParser, finite_float, non_negative_int, one_line_errors, positive_float,
+                                  positive_int)
+from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
@@ -346,38 +348,56 @@ def long_run(args, model, diffusion, ar, first, text) -> tuple[dict, str]:
     return summary, line
 
 
+def name_list(choices: tuple[str, ...]):
+    """An argparse type: a comma-separated list of distinct names from `choices` (no empty entry)."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r} in {text!r} (a comma-separated list of "
+                                             f"{', '.join(choices)})")
+        if len(set(names)) < len(names):
+            raise argparse.ArgumentTypeError(f"{text!r} lists a name twice")
+        return names
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", help="config with `model`, `latent_size` (default 32 32), `autoregressive` and "
                         "optionally `diffusion` (default IDDPM); --preset gives one")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="paper: configs/_base_/xl2_256.py (XL/2, 32x32 "
                         "latents), --text, 81 frames, 100 steps; other flags still override")
-    parser.add_argument("--frames", type=int, help="frames of the video, the first one given (default 81)")
-    parser.add_argument("--denoise-steps", type=int, help="iddpm steps per chunk, S (default 10)")
-    parser.add_argument("--modes", default="recompute,cache", help="compare mode: which of recompute,cache to run "
-                        "(default both; the speed-up needs both)")
+    parser.add_argument("--frames", type=positive_int, help="frames of the video, the first one given (default 81)")
+    parser.add_argument("--denoise-steps", type=positive_int, help="iddpm steps per chunk, S (default 10)")
+    parser.add_argument("--modes", type=name_list(("recompute", "cache")), default="recompute,cache",
+                        help="compare mode: which of recompute,cache to run (default both; the speed-up needs both)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", help="weights and KV cache: float32, bfloat16, float16 or auto "
-                        "(bf16 on CUDA, fp32 on the CPU); --forward takes a comma-separated list")
+    parser.add_argument("--dtype", type=name_list((*DTYPES, "auto")), default="auto", help="weights and KV cache: "
+                        "float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU); --forward takes a "
+                        "comma-separated list")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
                         "per-step model call (mode default; reduce-overhead adds CUDA graphs); --forward then times "
                         "eager and compiled side by side")
     parser.add_argument("--text", action="store_true", help="condition on random text embeddings shaped like the "
                         "text encoder's (1, model_max_length, caption_channels), all tokens valid")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance with --text (default 1: "
-                        "none; otherwise every call runs a batch of 2)")
-    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak in TFLOP/s for the MFU (default: "
-                        "the bf16 peak of a known GPU; none on a CPU)")
-    parser.add_argument("--forward", type=int, metavar="N", help="instead: time the hot call alone, N interleaved "
-                        "repetitions per variant (--dtype list, eager and --compile)")
-    parser.add_argument("--long", type=int, metavar="N", help="instead: N chunks in cache mode, per-chunk time and RSS")
+    parser.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance with --text "
+                        "(default 1: none; otherwise every call runs a batch of 2)")
+    parser.add_argument("--peak-tflops", type=positive_float, help="the device's dense peak in TFLOP/s for the MFU "
+                        "(default: the bf16 peak of a known GPU; none on a CPU)")
+    parser.add_argument("--forward", type=positive_int, metavar="N", help="instead: time the hot call alone, N "
+                        "interleaved repetitions per variant (--dtype list, eager and --compile)")
+    parser.add_argument("--long", type=positive_int, metavar="N", help="instead: N chunks in cache mode, per-chunk "
+                        "time and RSS")
     parser.add_argument("--control", action="store_true", help="with --long: after each full-queue chunk, time a "
                         "replay of the first one (identical work), to show the machine's own spread")
-    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice, one per core); "
-                        "one thread leaves a core to the rest of the machine, so its interruptions stall no barrier")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads of torch (default: torch's choice, one per "
+                        "core); one thread leaves a core to the rest of the machine, so its interruptions stall no "
+                        "barrier")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the sampling noise")
-    parser.add_argument("--weight-scale", type=float, default=0.25,
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights and of the "
+                        "sampling noise")
+    parser.add_argument("--weight-scale", type=positive_float, default=0.25,
                         help="scale of the random weights (default 0.25; at 1 a 12-layer random model is chaotic: the "
                         "1e-6 round-off between the two equal computations grows to O(1) within a few chunks)")
     add_config_args(parser)
@@ -387,25 +407,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config is None:
         parser.error("give --config or --preset")
     args.frames = args.frames or preset.get("frames", 81)
+    if args.frames < 2:  # one frame is given, so a video of one frame generates nothing to time
+        parser.error(f"argument --frames: must be >= 2 (the first frame is given), got {args.frames}")
     args.denoise_steps = args.denoise_steps or preset.get("denoise_steps", 10)
     args.text = args.text or preset.get("text", False)
-    args.modes = [m for m in args.modes.split(",") if m]
-    if not args.modes or set(args.modes) - {"cache", "recompute"}:
-        parser.error(f"--modes takes cache and/or recompute, got {','.join(args.modes)!r}")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    names = args.dtype.split(",")
-    for name in names:
-        if name != "auto" and name not in DTYPES:
-            parser.error(f"--dtype: unknown {name!r} (float32, bfloat16, float16 or auto)")
-    args.dtypes = [str(inference_dtype(name, args.device)).removeprefix("torch.") for name in names]
+    args.dtypes = [str(inference_dtype(name, args.device)).removeprefix("torch.") for name in args.dtype]
     if len(args.dtypes) > 1 and not args.forward:
         parser.error("a list of dtypes is for --forward; other runs take one")
-    for name in ("frames", "denoise_steps", "forward", "long", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args
 
 
@@ -416,15 +427,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    try:
+    with one_line_errors(ConfigError):  # its errors name the file
         cfg = load_config(args.config, args.cfg_options)
-        model_cfg = dict(cfg.model)
+    with one_line_errors(ConfigError, prefix=f"{args.config}: "):
+        model_cfg = dict(require(cfg, "model"))
         model_cfg.pop("from_pretrained", None)
         model = causalvdm.build_model(model_cfg)
         diffusion = build(SCHEDULERS, cfg.get("diffusion") or dict(type="IDDPM"), "diffusion")
         ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
-    except ConfigError as err:
-        sys.exit(f"error: {args.config}: {err}")
     device = args.device
     randomize_weights(model, seed=args.seed, scale=args.weight_scale).to(device).eval()
     h, w = cfg.get("latent_size", (32, 32))
@@ -440,7 +450,7 @@ def main(argv=None) -> int:
              args.denoise_steps, "yes" if text[0] is not None else "no", args.compile or "no")
     args.load_before = os.getloadavg()[0]
 
-    try:
+    with one_line_errors(ValueError):  # a setting the config cannot run, e.g. --long too short to fill the queue
         if args.forward:
             summary, line = forward_bench(args, model, ar, first, text)
         else:
@@ -451,8 +461,6 @@ def main(argv=None) -> int:
                 summary, line = long_run(args, model, diffusion, ar, first, text)
             else:
                 summary, line = compare(args, model, diffusion, ar, first, text)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     print(line)

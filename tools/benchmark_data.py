@@ -11,7 +11,6 @@ this process, which other jobs on a shared machine disturb far less (it misses t
 workers, so compare it only with --num-workers 0).
 """
 
-import argparse
 import logging
 import statistics
 import sys
@@ -21,9 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import causalvdm.data  # noqa: E402,F401  (registers the datasets)
-from causalvdm.config import load_config  # noqa: E402
+from causalvdm.cli.common import ArgumentParser, non_negative_int, one_line_errors, positive_int  # noqa: E402
+from causalvdm.config import load_config, require  # noqa: E402
 from causalvdm.data import StatefulSampler, build_dataloader, default_num_workers  # noqa: E402
-from causalvdm.registry import DATASETS, build  # noqa: E402
+from causalvdm.registry import DATASETS, ConfigError, build  # noqa: E402
 
 log = logging.getLogger("benchmark_data")
 
@@ -45,28 +45,35 @@ def time_loader(dataset, batch_size: int, num_workers: int, steps: int, seed: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo/overfit.py")
     parser.add_argument("--root", required=True, help="data root of the innermost dataset")
     parser.add_argument("--manifest", default="overfit.jsonl")
-    parser.add_argument("--steps", type=int, default=40, help="batches timed per repeat (default 40)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num-workers", type=int, help="DataLoader workers (default: the config's train.num_workers, else the machine's default)")
-    parser.add_argument("--cache-bytes", type=int, help="the dataset's cache_bytes (default: the dataset's default)")
+    parser.add_argument("--steps", type=positive_int, default=40, help="batches timed per repeat (default 40)")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--num-workers", type=non_negative_int, help="DataLoader workers (default: the config's "
+                        "train.num_workers, else the machine's default)")
+    parser.add_argument("--cache-bytes", type=non_negative_int, help="the dataset's cache_bytes (0: no cache; default: "
+                        "the dataset's default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cfg = load_config(args.config)
-    inner = cfg.dataset
-    while "dataset" in inner:  # RepeatDataset and the like wrap the dataset that reads files
-        inner = inner["dataset"]
-    inner.update(root=args.root, manifest=args.manifest)
-    if args.cache_bytes is not None:
-        inner["cache_bytes"] = args.cache_bytes
-    dataset = build(DATASETS, cfg.dataset, "dataset")
+    with one_line_errors(ConfigError):  # these errors name the file
+        cfg = load_config(args.config)
+        inner, batch_size = require(cfg, "dataset", "train.batch_size")
+    with one_line_errors(ConfigError, prefix=f"{args.config}: "):
+        while "dataset" in inner:  # RepeatDataset and the like wrap the dataset that reads files
+            inner = inner["dataset"]
+        inner.update(root=args.root, manifest=args.manifest)
+        if args.cache_bytes is not None:
+            inner["cache_bytes"] = args.cache_bytes
+        dataset = build(DATASETS, cfg.dataset, "dataset")
     workers = args.num_workers if args.num_workers is not None else cfg.train.get("num_workers")
     workers = default_num_workers() if workers is None else workers  # as the trainer picks them
-    batch_size = cfg.train["batch_size"]
+    # The loader runs one epoch of full batches: a shorter one would end before the last timed step.
+    if len(dataset) // batch_size < args.steps + 1:
+        sys.exit(f"error: {args.config}: {len(dataset)} clips make {len(dataset) // batch_size} batches of "
+                 f"{batch_size}; --steps {args.steps} needs {args.steps + 1}")
 
     runs = [time_loader(dataset, batch_size, workers, args.steps, seed=0) for _ in range(args.repeats)]
     first, wall, cpu = (statistics.median(r[k] for r in runs) for k in range(3))

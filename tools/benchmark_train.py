@@ -23,7 +23,6 @@ A run that runs out of GPU memory is recorded as such and the next one still run
     train_bench steps_per_s=<x> tokens_per_s=<x> tflops=<x> mfu=<x> peak_mb=<x> grad_checkpointing=<on|off>
 """
 
-import argparse
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 import causalvdm
+from causalvdm.cli.common import ArgumentParser, non_negative_int, one_line_errors, positive_float, positive_int
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.registry import SCHEDULERS, ConfigError, build
@@ -183,7 +183,7 @@ def summary_line(r: dict) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="config with `model` and optionally `latent_size`, "
                         "`dataset.num_frames`, `diffusion` (default IDDPM), `autoregressive` and `train` (lr, "
                         f"grad_clip, AdamW, txt_dropout_prob); model.from_pretrained is ignored (default {DEFAULT_CONFIG})")
@@ -194,14 +194,16 @@ def parse_args(argv=None):
     parser.add_argument("--grad-checkpointing", choices=tuple(CHECKPOINTING),
                         help="activation checkpointing of every block; 'both': one run with, one without, in one JSON "
                         "(default: the config's train.grad_checkpointing)")
-    parser.add_argument("--batch-size", type=int, default=4, help="clips per process and step (default 4, the paper's)")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first (allocator, kernels; default 5)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="clips per process and step (default 4, "
+                        "the paper's)")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=5, help="untimed steps first (allocator, "
+                        "kernels; default 5)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps (default 30)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),
                         help="autocast dtype of the forward; float32: no autocast (default: bfloat16 on CUDA, float32 "
                         "on the CPU)")
-    parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device for the MFU (default: the "
-                        "known dense bf16 peak of the GPU; none on a CPU, so no MFU there)")
+    parser.add_argument("--peak-tflops", type=positive_float, help="peak TFLOP/s of one device for the MFU (default: "
+                        "the known dense bf16 peak of the GPU; none on a CPU, so no MFU there)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     add_config_args(parser)
     return parser.parse_args(argv)
@@ -210,27 +212,21 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.steps < 1 or args.warmup_steps < 0 or args.batch_size < 1:
-        sys.exit("error: --steps and --batch-size must be >= 1, --warmup-steps >= 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no CUDA device")
     if device.type == "cpu" and torch.cuda.is_available() and args.parallel != "none":
         sys.exit("error: --parallel fsdp/ddp trains on the GPU when one is present; use --parallel none with --device cpu")
-    try:
-        cfg = load_config(args.config, args.cfg_options)  # its errors name the file
+    with one_line_errors(ConfigError):  # these errors name the file
+        cfg = load_config(args.config, args.cfg_options)
         require(cfg, "model")
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    try:
+    with one_line_errors(ConfigError, ValueError, prefix=f"{args.config}: "):
         model_cfg = {k: v for k, v in cfg.model.items() if k != "from_pretrained"}
         with torch.device("meta"):  # shapes only, for the FLOP count; every run trains a fresh model
             plain = causalvdm.build_model(model_cfg)
         diffusion = build(SCHEDULERS, cfg.get("diffusion") or dict(type="IDDPM"), "diffusion")
         ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
         settings = TrainSettings.from_cfg(cfg.get("train"))
-    except (ConfigError, ValueError) as err:
-        sys.exit(f"error: {args.config}: {err}")
     frames = cfg.get("dataset", {}).get("num_frames", plain.max_tpe_len)
     height, width = cfg.get("latent_size", (32, 32))
     ph, pw = plain.patch_size[1:]

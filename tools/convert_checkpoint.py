@@ -7,7 +7,6 @@ output loads with `load_state_dict(strict=True)` and can be set as `model.from_p
     python tools/convert_checkpoint.py --src PixArt-XL-2-256x256.pth --config CFG --out init.safetensors
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -16,10 +15,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from causalvdm.cli.common import ArgumentParser, one_line_errors
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.models.pretrained import SOURCES, load_pretrained
-from causalvdm.registry import MODELS, ConfigError, build
-from causalvdm.utils.io import CheckpointError
+from causalvdm.registry import MODELS, build
 
 
 def save_safetensors(state: dict, path: Path) -> None:
@@ -36,7 +35,7 @@ def save_safetensors(state: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--src", required=True, help="source checkpoint: .pth/.pt (weights only) or .safetensors")
     parser.add_argument("--config", required=True, help="mmengine config whose `model` field is the target CausalSTDiT")
     parser.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
@@ -46,15 +45,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    try:
+    with one_line_errors():  # a bad config or checkpoint, or an unwritable --out
         cfg = load_config(args.config, args.cfg_options)
         model_cfg = dict(require(cfg, "model"))
         model_cfg.pop("from_pretrained", None)  # the checkpoint given by --src is the one converted
         model = build(MODELS, model_cfg, "model")
-        summary = load_pretrained(model, args.src, args.source)
-    except (ConfigError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
-    save_safetensors(model.state_dict(), Path(args.out))
+        summary = load_pretrained(model, args.src, args.source)  # refuses a checkpoint of which nothing fits
+        save_safetensors(model.state_dict(), Path(args.out))
     counts = ", ".join(f"{len(summary[k])} {k}" for k in
                        ("loaded", "reshaped", "skipped", "missing", "unexpected", "dropped"))
     print(f"{args.src} ({summary['source']}) -> {args.out}: {counts}")

@@ -12,7 +12,6 @@ Shards are written atomically and record the config and source files they hold: 
 still match, so an interrupted run resumes where it stopped. Unreadable videos are skipped with a warning.
 """
 
-import argparse
 import json
 import logging
 import math
@@ -26,9 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.data.datasets import LATENT_FORMAT, LATENT_INDEX_FILE, VideoClipDataset
-from causalvdm.data.video_io import VideoReadError, first_line
+from causalvdm.data.video_io import NoReadableItemError, VideoReadError, first_line
 from causalvdm.registry import DATASETS, VAES, ConfigError, build
 
 log = logging.getLogger("causalvdm.data")
@@ -77,6 +77,7 @@ def encode_dataset(dataset: VideoClipDataset, vae, out_dir: Path, config: dict, 
 
     `config` (JSON-able) identifies what produced the latents; shards written under another config are an
     error (so cached latents are never silently mixed), shards whose source files changed are re-encoded.
+    Raises NoReadableItemError, and writes no index, when not one video can be read.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
@@ -117,6 +118,10 @@ def encode_dataset(dataset: VideoClipDataset, vae, out_dir: Path, config: dict, 
             _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)}))
             items += shard_items
             skipped += shard_skipped
+    if not items:  # an index of no video would only fail later, in the training that reads it
+        names = f" ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})" if skipped else ""
+        raise NoReadableItemError(f"{type(dataset).__name__}: none of the {n} videos under {dataset.root} can be "
+                                  f"read{names}; no {LATENT_INDEX_FILE} written")
     index = dict(format=LATENT_FORMAT, config=config, latent_channels=vae.out_channels,
                  downsample=vae.downsample, image_size=list(dataset.image_size), items=items, skipped=skipped)
     _write_text(out_dir / LATENT_INDEX_FILE, json.dumps(index, indent=1))
@@ -124,12 +129,12 @@ def encode_dataset(dataset: VideoClipDataset, vae, out_dir: Path, config: dict, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="mmengine config with `vae` and `dataset` (a pixel dataset)")
     parser.add_argument("--out", required=True, help="output directory for the shards and index.json")
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="frames per VAE call; bounds memory, not the result (default 16)")
-    parser.add_argument("--shard-size", type=int, default=256, help="videos per shard file (default 256)")
+    parser.add_argument("--shard-size", type=positive_int, default=256, help="videos per shard file (default 256)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="storage dtype of the latents (default float32; LatentDataset returns float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -137,12 +142,11 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.batch_size < 1 or args.shard_size < 1:
-        parser.error("--batch-size and --shard-size must be >= 1")
 
-    try:
+    with one_line_errors(ConfigError):  # these errors name the file
         cfg = load_config(args.config, args.cfg_options)
         vae_cfg, dataset_cfg = require(cfg, "vae", "dataset")
+    with one_line_errors(ConfigError, VideoReadError, OSError, prefix=f"{args.config}: "):
         dataset = build(DATASETS, dataset_cfg, "dataset")
         if not isinstance(dataset, VideoClipDataset):
             raise ConfigError(f"dataset.type: {dataset_cfg['type']} is not a pixel video dataset")
@@ -150,9 +154,6 @@ def main(argv=None) -> int:
         config = json.loads(json.dumps(dict(vae=vae_cfg, dataset=dataset_cfg, dtype=args.dtype), default=str))
         counts = encode_dataset(dataset, vae, Path(args.out), config, args.shard_size, args.batch_size,
                                 args.device, DTYPES[args.dtype])
-    except (ConfigError, OSError) as err:
-        message = first_line(err)
-        sys.exit(f"error: {message}" if args.config in message else f"error: {args.config}: {message}")
     print(f"encoded {counts['encoded']} videos ({counts['skipped']} unreadable skipped) into {counts['shards']} "
           f"shards ({counts['reused']} already done) in {args.out}")
     return 0

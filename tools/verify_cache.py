@@ -9,14 +9,14 @@ summation round differently, so the bound is relative: at most --bf16-tol (2^-6,
 output magnitude.
 """
 
-import argparse
 import logging
 import sys
 
 import torch
 
 import causalvdm
-from causalvdm.config import add_config_args, load_config
+from causalvdm.cli.common import ArgumentParser, non_negative_float, non_negative_int, one_line_errors, positive_int
+from causalvdm.config import add_config_args, load_config, require
 from causalvdm.models import ReferenceKVCache
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import ConfigError
@@ -79,39 +79,45 @@ def verify(model, ar_steps: int, chunk: int, max_cond: int, latent_size, first_f
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="mmengine config with a `model` field")
-    parser.add_argument("--ar-steps", type=int, default=12, help="autoregressive chunks to generate (default 12)")
+    parser.add_argument("--ar-steps", type=positive_int, default=12, help="autoregressive chunks to generate "
+                        "(default 12)")
     parser.add_argument("--tpe-mode", choices=["absolute", "cyclic", "rope"], help="override model.tpe_mode")
-    parser.add_argument("--chunk", type=int, default=8, help="frames per chunk, k (default 8)")
-    parser.add_argument("--max-cond", type=int, default=25, help="cache capacity in frames (default 25)")
-    parser.add_argument("--first-frames", type=int, default=1, help="clean frames given at the start (default 1)")
-    parser.add_argument("--denoise-calls", type=int, default=3, help="model calls per chunk (default 3)")
-    parser.add_argument("--latent-size", type=int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--chunk", type=positive_int, default=8, help="frames per chunk, k (default 8)")
+    parser.add_argument("--max-cond", type=positive_int, default=25, help="cache capacity in frames (default 25)")
+    parser.add_argument("--first-frames", type=positive_int, default=1, help="clean frames given at the start "
+                        "(default 1)")
+    parser.add_argument("--denoise-calls", type=positive_int, default=3, help="model calls per chunk (default 3)")
+    parser.add_argument("--latent-size", type=positive_int, nargs=2, metavar=("H", "W"),
                         help="latent height and width (default: the config's latent_size, else 4 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the weights and the cache (default float32)")
-    parser.add_argument("--tol", type=float, default=1e-4, help="float32: largest allowed abs difference (default 1e-4)")
-    parser.add_argument("--bf16-tol", type=float, default=2**-6, help="bfloat16: largest allowed difference relative to "
-                        "the largest output magnitude (default 2^-6 = 0.0156)")
+    parser.add_argument("--tol", type=non_negative_float, default=1e-4, help="float32: largest allowed abs "
+                        "difference (default 1e-4)")
+    parser.add_argument("--bf16-tol", type=non_negative_float, default=2**-6, help="bfloat16: largest allowed "
+                        "difference relative to the largest output magnitude (default 2^-6 = 0.0156)")
     add_config_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    try:
+    with one_line_errors(ConfigError):  # these errors name the file
         cfg = load_config(args.config, args.cfg_options)
+        require(cfg, "model")
+    with one_line_errors(ConfigError, prefix=f"{args.config}: "):
         if args.tpe_mode:
             cfg.model.tpe_mode = args.tpe_mode
         model = causalvdm.build_model(cfg.model)
-    except ConfigError as err:
-        sys.exit(f"error: {args.config}: {err}")
     randomize_weights(model, seed=args.seed).eval().to(getattr(torch, args.dtype))
     latent_size = args.latent_size or tuple(cfg.get("latent_size", (4, 4)))
 
     steps = args.ar_steps
     if model.tpe_mode == "absolute":
         fit = (model.max_tpe_len - args.first_frames) // args.chunk
+        if fit < 1:  # no step would compare anything, and that is no pass
+            sys.exit(f"error: {args.config}: absolute TPE covers {model.max_tpe_len} frames, too few for "
+                     f"--first-frames {args.first_frames} and one --chunk of {args.chunk}")
         if steps > fit:
             log.info("absolute TPE covers %d frames: running %d steps instead of %d", model.max_tpe_len, fit, steps)
             steps = fit
