@@ -10,10 +10,20 @@ from mmengine.config import Config, DictAction
 from causalvdm.registry import ConfigError, check_type
 
 
+class _ConfigOptions(DictAction):
+    """mmengine's KEY=VALUE parser, with a one-line usage error for an item that lacks the `=`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values:
+            if "=" not in item:
+                parser.error(f"argument {option_string}: {item!r} is not KEY=VALUE")
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Add the `--cfg-options key.sub=value ...` override flag shared by every entrypoint."""
     parser.add_argument(
-        "--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
+        "--cfg-options", nargs="+", action=_ConfigOptions, default={}, metavar="KEY=VALUE",
         help="override config fields, e.g. model.depth=4 train.lr=1e-4 (values parsed as Python literals)",
     )
 

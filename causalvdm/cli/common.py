@@ -61,7 +61,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        quiet = int(os.environ.get("RANK", 0))  # under torchrun every process parses the same flags
+        self.exit(2, None if quiet else f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
 def _number(kind, low, high, inclusive_low=True):
