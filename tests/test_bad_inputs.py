@@ -194,3 +194,34 @@ def test_exp_name_stays_in_the_outputs_folder(name, tmp_path, video_root, t5_dir
     with pytest.raises(SystemExit, match=r"error: --exp-name .* must be a plain name"):
         train_script.main([str(cfg), "--exp-name", name])
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_full_disk_while_writing_a_video_is_one_line(sample_setup, tmp_path, monkeypatch):
+    import errno
+
+    import sample
+    from causalvdm.sampling import writer
+
+    def full(self, frames):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "first.mp4"))
+
+    monkeypatch.setattr(writer.StreamingVideoWriter, "write", full)
+    argv = [str(sample_setup / "cfg2.py"), "--ckpt", str(sample_setup / "ckpt2"), "--out", str(tmp_path),
+            "--first-image", str(sample_setup / "first.png")]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    assert str(exit_info.value.code) == f"error: {tmp_path / 'first.mp4'}: No space left on device"
+
+
+def test_pipeline_call_checks_its_arguments(sample_setup):
+    from causalvdm.config import load_config
+    from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
+
+    cfg = load_config(sample_setup / "cfg2.py")
+    pipe = CausalVDMPipeline.from_config(cfg, SampleSettings.from_cfg(cfg.get("sample")), torch.device("cpu"))
+    for kwargs, message in ((dict(num_frames=0), r"sample\.num_frames must be >= 1, got 0"),
+                            (dict(cfg_scale=float("nan")), r"sample\.cfg_scale must be a finite number"),
+                            (dict(num_steps=-1), r"sample\.num_steps must be >= 1"),
+                            (dict(mode="fast"), r"sample\.mode must be 'cache' or 'recompute'")):
+        with pytest.raises(ConfigError, match=message):
+            pipe(**kwargs)

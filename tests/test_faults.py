@@ -4,11 +4,13 @@ import errno
 import fcntl
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from causalvdm.training import checkpoint as checkpoint_module
 from causalvdm.training import trainer as trainer_module
 from causalvdm.training.checkpoint import list_checkpoints
+from causalvdm.utils import io as io_module
 from conftest import ROOT
 from test_training import _config, _env, _free_port, video_root  # noqa: F401  (video_root is a fixture)
 
@@ -118,10 +121,14 @@ def test_run_folder_of_an_earlier_run_is_refused_then_resumed_or_overwritten(tmp
     with pytest.raises(SystemExit, match="give one of them"):
         train_script.main([str(cfg), "--exp-name", "again", "--resume", "auto", "--overwrite"])
 
-    # resume: the backup is neither the newest checkpoint nor pruned (keep_last=2 with steps 2 and 4)
+    # resume: the backup is neither the newest checkpoint nor pruned (keep_last=2 with steps 2 and 4); the run's
+    # config.py stays as it started, the checkpoints hold the config they were written with
+    config = (run / "config.py").read_text()
     assert train_script.main([str(cfg), "--exp-name", "again", "--resume", "auto",
                               "--cfg-options", "train.max_steps=6"]) == 0
     assert _steps(run / "checkpoints") == [4, 6] and backup.is_dir()
+    assert (run / "config.py").read_text() == config and "max_steps=2" in config
+    assert "max_steps=6" in (run / "checkpoints" / "step_00000006" / "config.py").read_text()
 
     assert train_script.main([str(cfg), "--exp-name", "again", "--overwrite"]) == 0
     assert _steps(run / "checkpoints") == [2] and not backup.exists()
@@ -150,3 +157,14 @@ def test_launcher_refuses_an_earlier_run_on_every_process(tmp_path, video_root, 
                           env=dict(_env(), NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "two: holds an earlier run; pass --resume auto" in proc.stderr
+
+
+def test_too_little_disk_for_a_checkpoint_stops_before_step_1(tmp_path, video_root, t5_dir, train_script,
+                                                             monkeypatch, caplog):
+    cfg = _config(tmp_path, video_root, t5_dir, steps=2, ckpt_every=2)
+    monkeypatch.setattr(io_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=10_000))
+    assert train_script.main([str(cfg), "--exp-name", "full"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and re.search(r"full: 0\.0 MiB free, one checkpoint needs about [\d.]+ MiB", errors[0]), errors
+    run = tmp_path / "outputs" / "full"
+    assert not (run / "metrics.jsonl").exists() and not list_checkpoints(run / "checkpoints")

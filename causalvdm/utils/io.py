@@ -114,4 +114,4 @@ def check_free_space(path: str | Path, needed: int, what: str) -> None:
     """Fail with one line when the disk holding `path` has less than `needed` bytes free for `what`."""
     free = shutil.disk_usage(path).free
     if free < needed:
-        raise ConfigError(f"{path}: {free / 2**20:.0f} MiB free, {what} needs about {needed / 2**20:.0f} MiB")
+        raise ConfigError(f"{path}: {free / 2**20:.1f} MiB free, {what} needs about {needed / 2**20:.1f} MiB")
