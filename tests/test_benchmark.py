@@ -41,3 +41,14 @@ def test_long_mode_with_control(tmp_path, capsys):
 def test_long_mode_too_short():
     with pytest.raises(SystemExit, match="too short"):
         main(["--config", TINY, "--long", "3"])
+
+
+def test_forward_mode_times_spatial_prefixes_side_by_side(tmp_path, capsys):
+    out = tmp_path / "forward.json"
+    assert main(["--config", TINY, "--forward", "2", "--spatial-prefix", "none,prev_frames_2", "--json", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"forward float32=\S+ float32\+prev_frames_2=\S+ speedup_float32\+prev_frames_2=\S+", last), last
+    variants = json.loads(out.read_text())["variants"]
+    assert all(v["cache_vs_recompute_rel_diff"] < 1e-4 for v in variants.values())  # the cache equals its baseline
+    with pytest.raises(SystemExit):
+        main(["--config", TINY, "--forward", "2", "--spatial-prefix", "prev_frames_0"])

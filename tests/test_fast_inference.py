@@ -161,9 +161,11 @@ def test_step_noise_is_what_each_step_would_draw():
     assert make_sampler("ddim", IDDPM(), 5).step_noise((2, 3)) is None
 
 
+@pytest.mark.parametrize("spatial_prefix", [None, "prev_frames_2"])
 @pytest.mark.parametrize("case", ["no_cache", "cached_call", "cache_write"])
-def test_flop_formula_matches_the_flop_counter(make_model, case):
-    model = make_model()
+def test_flop_formula_matches_the_flop_counter(make_model, case, spatial_prefix):
+    model = make_model(spatial_prefix=spatial_prefix)
+    reading = 0 if spatial_prefix is None else 2  # frames whose spatial attention also reads 2 earlier frames
     b, k, h, w = 2, 3, 4, 8
     y, mask = _text(model, b)
     x, t = torch.randn(b, 4, k, h, w), torch.randint(0, 1000, (b, k))
@@ -173,11 +175,12 @@ def test_flop_formula_matches_the_flop_counter(make_model, case):
         text = model.encode_text(y, mask, b, per_block_kv=True)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # math SDPA: counted matmuls
             if case == "no_cache":
-                model(x, t, y, mask)
-                expected = forward_flops(model, b, k, h, w, text_tokens=y.shape[1])
+                model(x, t, y, mask, chunk=(1, 3))  # frames 1, 2 the chunk: each reads frame 0 (all there is)
+                expected = forward_flops(model, b, k, h, w, text_tokens=y.shape[1], spatial_context=(reading, 1))
             elif case == "cached_call":
                 model.step(x, t, model.prepare(k, h, w, cache, text))
-                expected = forward_flops(model, b, k, h, w, keys=5 + k, text_tokens=y.shape[1], project_text=False)
+                expected = forward_flops(model, b, k, h, w, keys=5 + k, text_tokens=y.shape[1], project_text=False,
+                                         spatial_context=(k if reading else 0, 2))
             else:
                 model.write_cache(x, cache, text=text)
                 expected = forward_flops(model, b, k, h, w, keys=5 + k, text_tokens=y.shape[1], project_text=False,

@@ -65,9 +65,11 @@ def test_mask_sees_filled_slots_and_causal_chunk():
 
 @pytest.mark.parametrize("tpe_mode", ["absolute", "cyclic", "rope"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_cached_chunks_match_reference(make_model, tpe_mode, bidirectional):
-    """Recompute baseline before eviction, naive keep-everything cache after, with text and a CFG batch."""
-    model = make_model(tpe_mode=tpe_mode, chunk_bidirectional=bidirectional)
+@pytest.mark.parametrize("spatial_prefix", [None, "first_frame", "prev_frames_3"])
+def test_cached_chunks_match_reference(make_model, tpe_mode, bidirectional, spatial_prefix):
+    """Recompute baseline before eviction, naive keep-everything cache after, with text and a CFG batch; with a
+    spatial prefix the naive cache keeps every frame's spatial keys/values and picks frame 0 or the last N."""
+    model = make_model(tpe_mode=tpe_mode, chunk_bidirectional=bidirectional, spatial_prefix=spatial_prefix)
     steps = 3 if tpe_mode == "absolute" else 6  # absolute TPE: within its 33 frames
     results = verify(model, ar_steps=steps, chunk=8, max_cond=17, latent_size=(4, 4), first_frames=1,
                      denoise_calls=2, batch_size=2)
@@ -105,8 +107,9 @@ def test_eviction_changes_output(make_model):
 
 
 @torch.no_grad()
-def test_clone_and_state_dict_continue_exactly(make_model):
-    model = make_model()
+@pytest.mark.parametrize("spatial_prefix", [None, "prev_frames_2"])
+def test_clone_and_state_dict_continue_exactly(make_model, spatial_prefix):
+    model = make_model(spatial_prefix=spatial_prefix)
     gen = torch.Generator().manual_seed(0)
     y, mask = _text(model, 2, gen)
     cache = model.new_cache(2, 9, chunk_size=4)

@@ -56,6 +56,21 @@ def test_cache_matches_recompute_until_eviction(make_model, sampler, cfg_scale):
     assert (cache[:, :, 13:] - recompute[:, :, 13:]).abs().max() > 1e-2  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("spatial_prefix", ["first_frame", "prev_frames_2"])
+@pytest.mark.parametrize("n0", [0, 3])
+def test_cache_matches_recompute_with_a_spatial_prefix(make_model, spatial_prefix, n0):
+    """The whole generator with a spatial prefix, guided, with and without given frames, until eviction; and the
+    prefix is read: the video differs from the same weights without it."""
+    model, diffusion = _bounded(make_model, spatial_prefix=spatial_prefix)
+    first, y, mask = _inputs(model, n0=n0)
+    videos = [AutoregressiveGenerator(model, diffusion, "ddim", 3, 4, 9, cfg_scale=2.0, mode=mode)
+              .generate(first, n0 + 8, y, mask) for mode in ("cache", "recompute")]
+    torch.testing.assert_close(videos[0], videos[1], atol=1e-4, rtol=0)
+    model.spatial_prefix = None
+    plain = AutoregressiveGenerator(model, diffusion, "ddim", 3, 4, 9, cfg_scale=2.0).generate(first, n0 + 8, y, mask)
+    assert (plain[:, :, n0 + 4:] - videos[0][:, :, n0 + 4:]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("n0", [0, 3])
 def test_cache_matches_recompute_with_other_given_counts(make_model, n0):
     """No given frame (the first chunk from the prompt alone) and several, the last chunk cut short."""

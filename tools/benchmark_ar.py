@@ -56,6 +56,7 @@ import causalvdm
 from causalvdm.cli.common import (ArgumentParser, finite_float, non_negative_int, one_line_errors, positive_float,
                                   positive_int)
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
+from causalvdm.models.kv_cache import spatial_context, spatial_prefix_frames
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
@@ -91,6 +92,7 @@ def video_flops(model, mode: str, n0: int, chunks: int, k: int, max_cond: int, s
     stops at the last block's K/V, the caption projected once; recompute: per chunk `steps` calls on p + k frames.
     """
     f = dict(batch=rows, height=h, width=w, text_tokens=text_tokens)
+    rule = model.spatial_prefix
     total = 0
     if text_tokens:  # caption MLP and the per-block text K/V, once per video
         total += forward_flops(model, frames=0, **f)
@@ -98,13 +100,15 @@ def video_flops(model, mode: str, n0: int, chunks: int, k: int, max_cond: int, s
         if n0:
             total += forward_flops(model, frames=n0, keys=max(k, n0) + max_cond, project_text=False, head=False,
                                    last_block_kv_only=True, **f)
-        call = forward_flops(model, frames=k, keys=max_cond + max(k, n0), project_text=False, **f)
+        call = forward_flops(model, frames=k, keys=max_cond + max(k, n0), project_text=False,
+                             spatial_context=(k, spatial_prefix_frames(rule)), **f)
         write = forward_flops(model, frames=k, keys=max_cond + max(k, n0), project_text=False, head=False,
                               last_block_kv_only=True, **f)
         return total + chunks * (steps * call + write)
     for j in range(chunks):
         p = min(n0 + j * k, max_cond)
-        total += steps * forward_flops(model, frames=p + k, project_text=False, **f)
+        total += steps * forward_flops(model, frames=p + k, project_text=False,
+                                       spatial_context=(k, len(spatial_context(rule, p))), **f)
     return total
 
 
@@ -202,12 +206,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_variant(model, ar, first, text, dtype: torch.dtype, compile_mode: str | None, seed: int) -> dict:
-    """One variant of --forward: the model in `dtype` with a full queue, the hot call (compiled or not), its output
-    and the recompute baseline's output for the same chunk (the queue holds exactly max_cond frames, none evicted)."""
+def forward_variant(model, ar, first, text, dtype: torch.dtype, compile_mode: str | None, seed: int,
+                    spatial_prefix: str | None) -> dict:
+    """One variant of --forward: the model in `dtype` (and with `spatial_prefix`) with a full queue, the hot call
+    (compiled or not), its output and the recompute baseline's output for the same chunk (the queue holds exactly
+    max_cond frames, none evicted)."""
     # Cast outside inference mode: weights made inside it are inference tensors, and CPU bf16 matmuls then run
     # about 3x slower (measured on this project's 2-core CPU).
     model = copy.deepcopy(model).to(dtype)
+    model.spatial_prefix = spatial_prefix  # no weights of its own: the same model reads a prefix or not
     with torch.inference_mode():
         return _prepare_variant(model, ar, first, text, compile_mode, seed)
 
@@ -239,11 +246,13 @@ def _prepare_variant(model, ar, first, text, compile_mode: str | None, seed: int
 def forward_bench(args, model, ar, first, text) -> tuple[dict, str]:
     modes = [None, args.compile] if args.compile else [None]
     variants = {}
-    for name in args.dtypes:
-        for mode in modes:
-            label = name if mode is None else f"{name}+compile"
-            log.info("%s: preparing ...", label)
-            variants[label] = forward_variant(model, ar, first, text, DTYPES[name], mode, args.seed)
+    for prefix in args.spatial_prefixes:
+        for name in args.dtypes:
+            for mode in modes:
+                label = name + ("" if mode is None else "+compile") + ("" if prefix == model.spatial_prefix
+                                                                      else f"+{prefix}")
+                log.info("%s: preparing ...", label)
+                variants[label] = forward_variant(model, ar, first, text, DTYPES[name], mode, args.seed, prefix)
     times = {label: [] for label in variants}
     for _ in range(args.forward):
         for label, v in variants.items():
@@ -362,6 +371,17 @@ def name_list(choices: tuple[str, ...]):
     return parse
 
 
+def spatial_prefix_list(text: str) -> list[str | None]:
+    """An argparse type: comma-separated spatial prefixes ('none' for None), each checked by the model's rule."""
+    prefixes = [None if name == "none" else name for name in text.split(",")]
+    for prefix in prefixes:
+        try:
+            spatial_prefix_frames(prefix)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return prefixes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", help="config with `model`, `latent_size` (default 32 32), `autoregressive` and "
@@ -376,6 +396,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", type=name_list((*DTYPES, "auto")), default="auto", help="weights and KV cache: "
                         "float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU); --forward takes a "
                         "comma-separated list")
+    parser.add_argument("--spatial-prefix", type=spatial_prefix_list, help="--forward: also time these spatial "
+                        "prefixes, a comma-separated list of none, first_frame, prev_frames_N (default: the config's)")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
                         "per-step model call (mode default; reduce-overhead adds CUDA graphs); --forward then times "
                         "eager and compiled side by side")
@@ -417,6 +439,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtypes = [str(inference_dtype(name, args.device)).removeprefix("torch.") for name in args.dtype]
     if len(args.dtypes) > 1 and not args.forward:
         parser.error("a list of dtypes is for --forward; other runs take one")
+    if args.spatial_prefix is not None and not args.forward:
+        parser.error("--spatial-prefix is for --forward (other runs read model.spatial_prefix of the config)")
     return args
 
 
@@ -435,6 +459,7 @@ def main(argv=None) -> int:
         model = causalvdm.build_model(model_cfg)
         diffusion = build(SCHEDULERS, cfg.get("diffusion") or dict(type="IDDPM"), "diffusion")
         ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
+    args.spatial_prefixes = [model.spatial_prefix] if args.spatial_prefix is None else args.spatial_prefix
     device = args.device
     randomize_weights(model, seed=args.seed, scale=args.weight_scale).to(device).eval()
     h, w = cfg.get("latent_size", (32, 32))

@@ -49,7 +49,7 @@ def verify(model, ar_steps: int, chunk: int, max_cond: int, latent_size, first_f
 
     frames = randn(batch_size, c, first_frames, h, w)
     cache = model.new_cache(batch_size, max_cond, chunk_size=max(chunk, first_frames))
-    naive = ReferenceKVCache(len(model.blocks), max_cond)
+    naive = ReferenceKVCache(len(model.blocks), max_cond, model.spatial_prefix)
     model.write_cache(frames, cache, y, mask)
     model.write_cache(frames, naive, y, mask)
     results = []
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ar-steps", type=positive_int, default=12, help="autoregressive chunks to generate "
                         "(default 12)")
     parser.add_argument("--tpe-mode", choices=["absolute", "cyclic", "rope"], help="override model.tpe_mode")
+    parser.add_argument("--spatial-prefix", help="override model.spatial_prefix: none, first_frame or prev_frames_N "
+                        "(the chunk's spatial attention also reads frame 0 or the N frames before it)")
     parser.add_argument("--chunk", type=positive_int, default=8, help="frames per chunk, k (default 8)")
     parser.add_argument("--max-cond", type=positive_int, default=25, help="cache capacity in frames (default 25)")
     parser.add_argument("--first-frames", type=positive_int, default=1, help="clean frames given at the start "
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
     with one_line_errors(ConfigError, prefix=f"{args.config}: "):
         if args.tpe_mode:
             cfg.model.tpe_mode = args.tpe_mode
+        if args.spatial_prefix:
+            cfg.model.spatial_prefix = None if args.spatial_prefix == "none" else args.spatial_prefix
         model = causalvdm.build_model(cfg.model)
     randomize_weights(model, seed=args.seed).eval().to(getattr(torch, args.dtype))
     latent_size = args.latent_size or tuple(cfg.get("latent_size", (4, 4)))
@@ -121,8 +125,8 @@ def main(argv=None) -> int:
         if steps > fit:
             log.info("absolute TPE covers %d frames: running %d steps instead of %d", model.max_tpe_len, fit, steps)
             steps = fit
-    log.info("tpe_mode=%s chunk=%d max_cond=%d max_tpe_len=%d latent=%s dtype=%s",
-             model.tpe_mode, args.chunk, args.max_cond, model.max_tpe_len, latent_size, args.dtype)
+    log.info("tpe_mode=%s spatial_prefix=%s chunk=%d max_cond=%d max_tpe_len=%d latent=%s dtype=%s", model.tpe_mode,
+             model.spatial_prefix, args.chunk, args.max_cond, model.max_tpe_len, latent_size, args.dtype)
     results = verify(model, steps, args.chunk, args.max_cond, latent_size, args.first_frames,
                      args.denoise_calls, seed=args.seed)
     for r in results:

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from causalvdm.models.kv_cache import KVCache
+from causalvdm.models.kv_cache import KVCache, spatial_context, spatial_prefix_frames
 from causalvdm.models.layers import (
     CaptionEmbedder,
     CrossAttention,
     FinalLayer,
     Mlp,
     PatchEmbed3D,
-    SelfAttention,
+    SpatialAttention,
     TemporalAttention,
     TimestepEmbedder,
     modulate,
@@ -46,6 +46,18 @@ class TextContext:
 
 
 @dataclass
+class SpatialPrefix:
+    """How a call's spatial attention reads earlier frames (`spatial_prefix`): "read" the cache's (a chunk being
+    denoised), "write" this call's into it (a cache write), or "window": the frames from `start` on (the chunk) read
+    this call's frames `frames` (training and the recompute baseline, which have no cache)."""
+
+    mode: str
+    frames: list[int] | None = None  # window: the context frames, as indices into this call's frames
+    start: int = 0  # window: the first frame that reads them
+    mask: torch.Tensor | None = None  # read: (1, C + S) bool, empty cache slots hidden
+
+
+@dataclass
 class CallContext:
     """Everything a model call needs besides x and t, from `model.prepare`: the same for every denoising step
     of a chunk, so it is built once per chunk on the device and the per-step call is pure tensor work."""
@@ -56,6 +68,7 @@ class CallContext:
     pos_spatial: torch.Tensor  # (S, D) 2D sin-cos embedding of the patch grid
     cache: object | None  # KVCache (or the reference cache) read by this call
     text: TextContext | None  # None for an unconditional model
+    spatial: SpatialPrefix | None = None  # None: spatial attention within each frame only
 
 
 class STDiTBlock(nn.Module):
@@ -67,7 +80,7 @@ class STDiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, cross_attention: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(hidden_size, num_heads)
+        self.attn = SpatialAttention(hidden_size, num_heads)
         self.attn_temp = TemporalAttention(hidden_size, num_heads)
         self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -81,7 +94,7 @@ class STDiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:, :, :, None].unbind(2)  # (B, T, 1, D)
 
         h = modulate(self.norm1(x), shift_msa, scale_msa).reshape(b * t, s, d)  # (B*T, S, D)
-        x = x + gate_msa * self.attn(h).view(b, t, s, d)
+        x = x + gate_msa * self.attn(h, ctx, layer, t).view(b, t, s, d)
 
         # Open-Sora v1 feeds the unnormalised stream to the temporal attention, plus the TPE in block 0 only.
         h = x + ctx.tpe[:, :, None] if ctx.tpe is not None and layer == 0 else x
@@ -107,6 +120,9 @@ class CausalSTDiT(nn.Module):
     space_scale: divides the spatial grid coordinates of the 2D sin-cos embedding (Open-Sora v1).
     chunk_bidirectional: frames of the chunk being denoised see each other; the past stays causal.
     caption_channels: width of the text-encoder tokens; 0 builds an unconditional model.
+    spatial_prefix: None | 'first_frame' | 'prev_frames_N': the spatial attention of the chunk being denoised also
+    attends to the tokens of frame 0, or of the N frames before the chunk (Ca2-VDM's prefix-enhanced spatial
+    attention); their spatial keys/values are cached like the temporal ones.
     """
 
     def __init__(
@@ -124,6 +140,7 @@ class CausalSTDiT(nn.Module):
         max_tpe_len: int = 33,
         space_scale: float = 1.0,
         chunk_bidirectional: bool = False,
+        spatial_prefix: str | None = None,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
@@ -143,6 +160,8 @@ class CausalSTDiT(nn.Module):
         self.max_tpe_len = max_tpe_len
         self.space_scale = space_scale
         self.chunk_bidirectional = chunk_bidirectional
+        spatial_prefix_frames(spatial_prefix)  # a one-line error for a bad value
+        self.spatial_prefix = spatial_prefix
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
@@ -238,12 +257,12 @@ class CausalSTDiT(nn.Module):
         return mask.to(device)
 
     def prepare(self, num_frames: int, height: int, width: int, cache=None, text: TextContext | None = None,
-                chunk: tuple[int, int] | None = None, tpe_offset=None, bidirectional: bool | None = None) -> CallContext:
+                chunk: tuple[int, int] | None = None, tpe_offset=None, write: bool = False) -> CallContext:
         """The context of calls on `num_frames` frames of height x width latents (see `forward` for the arguments).
 
         With a cache this starts a call on it (positions follow its queue) and preallocates its buffers, so build
-        one per chunk, then run `step` at every denoising step. bidirectional: the chunk's frames see each other
-        (default: the model's `chunk_bidirectional`; cache writes pass False).
+        one per chunk, then run `step` at every denoising step. write: a cache write of clean frames (causal among
+        themselves, and their spatial keys/values are kept for the spatial prefix).
         """
         ph, pw = self.patch_size[1:]
         if height % ph or width % pw:
@@ -256,7 +275,7 @@ class CausalSTDiT(nn.Module):
         else:
             cache.allocate((height // ph) * (width // pw), self.num_heads, head_dim, dtype, device)
             positions = cache.begin(num_frames)
-            attn_mask = cache.attn_mask(self.chunk_bidirectional if bidirectional is None else bidirectional, device)
+            attn_mask = cache.attn_mask(self.chunk_bidirectional and not write, device)
         tpe = rope = None
         if self.tpe_mode == "rope":
             cos, sin = rope_cos_sin(positions, head_dim)
@@ -265,7 +284,22 @@ class CausalSTDiT(nn.Module):
             index = tpe_index(positions, self.tpe_mode, self.max_tpe_len, tpe_offset)
             tpe = self.pos_embed_temporal[index.to(device)].to(dtype)  # (B or 1, T, D)
         pos_spatial = sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(device, dtype)
-        return CallContext(attn_mask=attn_mask, tpe=tpe, rope=rope, pos_spatial=pos_spatial, cache=cache, text=text)
+        spatial = self._spatial_prefix(cache, chunk, write, (height // ph) * (width // pw), device)
+        return CallContext(attn_mask=attn_mask, tpe=tpe, rope=rope, pos_spatial=pos_spatial, cache=cache, text=text,
+                           spatial=spatial)
+
+    def _spatial_prefix(self, cache, chunk, write: bool, tokens_per_frame: int, device) -> SpatialPrefix | None:
+        """How this call's spatial attention reads earlier frames; None when it does not."""
+        if self.spatial_prefix is None:
+            return None
+        if cache is not None:
+            if write:
+                return SpatialPrefix("write")
+            return SpatialPrefix("read", mask=cache.spatial_mask(tokens_per_frame, device))
+        if chunk is None:  # no chunk being denoised (a plain causal pass)
+            return None
+        frames = spatial_context(self.spatial_prefix, chunk[0])
+        return SpatialPrefix("window", frames=frames, start=chunk[0]) if frames else None
 
     # -------------------------------------------------------------------------------- forward
     def _trunk(self, x, t, ctx: CallContext, kv_only_last: bool = False):
@@ -333,7 +367,7 @@ class CausalSTDiT(nn.Module):
     # ---------------------------------------------------------------------------------- cache
     def new_cache(self, batch_size: int, max_frames: int, chunk_size: int | None = None) -> KVCache:
         """An empty queue of `max_frames` conditioning frames; calls stage up to `chunk_size` frames."""
-        return KVCache(len(self.blocks), batch_size, max_frames, chunk_size or max_frames)
+        return KVCache(len(self.blocks), batch_size, max_frames, chunk_size or max_frames, self.spatial_prefix)
 
     @torch.no_grad()
     def write_cache(self, x_clean, cache, y=None, mask=None, text: TextContext | None = None) -> None:
@@ -344,7 +378,7 @@ class CausalSTDiT(nn.Module):
         """
         b, _, num_frames, height, width = x_clean.shape
         text = self.encode_text(y, mask, b) if text is None else text
-        ctx = self.prepare(num_frames, height, width, cache, text, bidirectional=False)
+        ctx = self.prepare(num_frames, height, width, cache, text, write=True)
         t = torch.zeros(b, num_frames, dtype=torch.long, device=x_clean.device)
         self._trunk(x_clean, t, ctx, kv_only_last=True)
         cache.commit()

@@ -18,6 +18,40 @@ def staged_mask(num_new: int, bidirectional: bool) -> torch.Tensor:
     return mask if bidirectional else mask.tril()
 
 
+def spatial_prefix_frames(spatial_prefix: str | None) -> int:
+    """How many earlier frames a chunk's spatial attention reads: 0 (None), 1 ('first_frame'), N ('prev_frames_N')."""
+    if spatial_prefix is None:
+        return 0
+    if spatial_prefix == "first_frame":
+        return 1
+    count = spatial_prefix.removeprefix("prev_frames_")
+    if spatial_prefix.startswith("prev_frames_") and count.isdigit() and int(count) >= 1:
+        return int(count)
+    raise ValueError(f"spatial_prefix must be None, 'first_frame' or 'prev_frames_N' (N >= 1), got {spatial_prefix!r}")
+
+
+def spatial_context(spatial_prefix: str | None, start: int) -> list[int]:
+    """Positions of the frames whose spatial tokens a chunk starting at frame `start` also attends to: frame 0, or
+    the (up to) N frames just before the chunk; none for frames at the very start."""
+    if spatial_prefix is None or start == 0:
+        return []
+    if spatial_prefix == "first_frame":
+        return [0]
+    return list(range(max(0, start - spatial_prefix_frames(spatial_prefix)), start))
+
+
+def attend_with_context(q, k, v, context_k, context_v, mask=None) -> torch.Tensor:
+    """Spatial attention of T frames (B*T, H, S, Dh) over their own tokens plus context tokens (B, H, C, Dh) shared by
+    the frames of a row; mask (1, C + S) bool hides empty context slots -> (B*T, H, S, Dh)."""
+    rows, heads, _, head_dim = context_k.shape
+    frames = q.shape[0] // rows
+    keys = torch.cat([context_k[:, None].expand(-1, frames, -1, -1, -1).reshape(rows * frames, heads, -1, head_dim), k],
+                     dim=2)
+    values = torch.cat([context_v[:, None].expand(-1, frames, -1, -1, -1).reshape(rows * frames, heads, -1, head_dim),
+                        v], dim=2)
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
 class KVCache:
     """Per-layer temporal keys/values of the last `capacity` clean frames, preallocated.
 
@@ -25,9 +59,14 @@ class KVCache:
     the (up to chunk_size) frames of the current call, each in slot position % (capacity + chunk_size), so
     attention reads one fixed-size view of the buffers instead of concatenating the cache every step.
     `allocate()` (done by `model.prepare`) sizes them once the token count S and the head shape are known.
+
+    With a spatial prefix (`model.spatial_prefix`) it also keeps the spatial keys/values of the frames a chunk's
+    spatial attention reads: frame 0 for ever ('first_frame'), or the last N written frames in a ring of N slots
+    ('prev_frames_N'), as (num_layers, B, heads, slots, S, head_dim); cache writes fill them, reads never do.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, capacity: int, chunk_size: int):
+    def __init__(self, num_layers: int, batch_size: int, capacity: int, chunk_size: int,
+                 spatial_prefix: str | None = None):
         if capacity < 1 or chunk_size < 1:
             raise ValueError(f"KV cache needs capacity >= 1 and chunk_size >= 1, got {capacity}, {chunk_size}")
         self.num_layers = num_layers
@@ -38,6 +77,11 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
+        self.spatial_prefix = spatial_prefix
+        self.spatial_slots = spatial_prefix_frames(spatial_prefix)
+        self.spatial_k: torch.Tensor | None = None
+        self.spatial_v: torch.Tensor | None = None
+        self.spatial_pos = torch.full((self.spatial_slots,), -1, dtype=torch.long)  # position per spatial slot
         self.next_position = 0  # absolute position of the next frame to be written
         self._num_new = 0
         self._slots: torch.Tensor | None = None  # (T,) slots of the current call's frames, on the buffers' device
@@ -47,8 +91,9 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the key and value buffers (0 before the first write)."""
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+        """Bytes held by the key and value buffers, spatial prefix included (0 before the first write)."""
+        spatial = 0 if self.spatial_k is None else self.spatial_k.nbytes + self.spatial_v.nbytes
+        return spatial + (0 if self.k is None else self.k.nbytes + self.v.nbytes)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -58,6 +103,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget every frame; buffers are kept for reuse."""
         self.slot_pos.fill_(-1)
+        self.spatial_pos.fill_(-1)
         self.next_position = 0
 
     def clone(self) -> "KVCache":
@@ -66,27 +112,38 @@ class KVCache:
         other.k = None if self.k is None else self.k.clone()
         other.v = None if self.v is None else self.v.clone()
         other.slot_pos = self.slot_pos.clone()
+        other.spatial_k = None if self.spatial_k is None else self.spatial_k.clone()
+        other.spatial_v = None if self.spatial_v is None else self.spatial_v.clone()
+        other.spatial_pos = self.spatial_pos.clone()
         return other
 
     def state_dict(self) -> dict:
-        """The queue's keys/values (L, B*S, H, len, Dh), oldest first, and its positions."""
+        """The queue's keys/values (L, B*S, H, len, Dh), oldest first, and its positions; with a spatial prefix
+        also its buffers (L, B, H, slots, S, Dh) and the position held in each slot."""
         slots = self.positions % self.num_slots
         return {
             "k": None if self.k is None else self.k[:, :, :, slots.to(self.k.device)],
             "v": None if self.v is None else self.v[:, :, :, slots.to(self.v.device)],
+            "spatial_k": self.spatial_k,
+            "spatial_v": self.spatial_v,
+            "spatial_pos": self.spatial_pos.clone(),
             "next_position": self.next_position,
             "capacity": self.capacity,
             "chunk_size": self.chunk_size,
             "batch_size": self.batch_size,
             "num_layers": self.num_layers,
+            "spatial_prefix": self.spatial_prefix,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()`; the cache must have the same capacity, chunk size, batch size and depth."""
-        for name in ("capacity", "chunk_size", "batch_size", "num_layers"):
+        for name in ("capacity", "chunk_size", "batch_size", "num_layers", "spatial_prefix"):
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)}")
         self.next_position = int(state["next_position"])
+        self.spatial_pos = state["spatial_pos"].clone()
+        self.spatial_k = None if state["spatial_k"] is None else state["spatial_k"].clone()
+        self.spatial_v = None if state["spatial_v"] is None else state["spatial_v"].clone()
         positions = self.positions
         slots = positions % self.num_slots
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)
@@ -114,6 +171,16 @@ class KVCache:
         halves the bytes) at static addresses, which CUDA graphs then read and write in place.
         """
         shape = (self.num_layers, self.batch_size * tokens_per_frame, heads, self.num_slots, head_dim)
+        spatial_shape = (self.num_layers, self.batch_size, heads, self.spatial_slots, tokens_per_frame, head_dim)
+        if self.spatial_slots and (self.spatial_k is None or self.spatial_k.shape != spatial_shape
+                                   or self.spatial_k.dtype != dtype or self.spatial_k.device != torch.device(device)):
+            if self.spatial_k is None or self.spatial_k.shape != spatial_shape:
+                self.spatial_k = torch.zeros(spatial_shape, dtype=dtype, device=device)
+                self.spatial_v = torch.zeros_like(self.spatial_k)
+            else:  # a state loaded on the CPU
+                self.spatial_k, self.spatial_v = self.spatial_k.to(device, dtype), self.spatial_v.to(device, dtype)
+            torch._dynamo.mark_static_address(self.spatial_k)
+            torch._dynamo.mark_static_address(self.spatial_v)
         if self.k is None:
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros_like(self.k)
@@ -177,8 +244,43 @@ class KVCache:
         """Make the frames of the last call part of the queue (their keys/values are in place already); the
         oldest leave it when it is full."""
         self.slot_pos[self._new_slots] = torch.arange(self.next_position, self.next_position + self._num_new)
+        kept = self._spatial_kept()
+        self.spatial_pos[kept % max(self.spatial_slots, 1)] = kept
         self.next_position += self._num_new
         self._num_new = 0
+
+    # ---- spatial prefix
+    def _spatial_kept(self) -> torch.Tensor:
+        """Positions among the current call's frames that a later chunk's spatial attention may read -> (m,)."""
+        new = torch.arange(self.next_position, self.next_position + self._num_new)
+        if self.spatial_prefix == "first_frame":
+            return new[new == 0]
+        return new[max(0, len(new) - self.spatial_slots):] if self.spatial_slots else new[:0]
+
+    def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the spatial keys/values (B*T, H, S, Dh) of this write's frames that later chunks will read."""
+        kept = self._spatial_kept()
+        if not len(kept):
+            return
+        rows = self.batch_size
+        index = (kept - self.next_position).to(k.device)  # frames of this call
+        slots = (kept % self.spatial_slots).to(k.device)
+        for buffer, new in ((self.spatial_k, k), (self.spatial_v, v)):
+            frames = new.detach().view(rows, -1, *new.shape[1:]).index_select(1, index)  # (B, m, H, S, Dh)
+            buffer[layer].index_copy_(2, slots, frames.transpose(1, 2))
+
+    def spatial_mask(self, tokens_per_frame: int, device) -> torch.Tensor | None:
+        """Keys a reading call's spatial attention may use -> (1, slots * S + S) bool: written slots, own tokens;
+        None once every slot is written (an unmasked attention takes the faster kernels)."""
+        if bool((self.spatial_pos >= 0).all()):
+            return None
+        written = (self.spatial_pos >= 0).repeat_interleave(tokens_per_frame)
+        return torch.cat([written, torch.ones(tokens_per_frame, dtype=torch.bool)])[None].to(device)
+
+    def spatial_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached spatial keys and values of `layer` -> each (B, H, slots * S, Dh)."""
+        k, v = self.spatial_k[layer], self.spatial_v[layer]  # (B, H, slots, S, Dh)
+        return k.flatten(2, 3), v.flatten(2, 3)
 
 
 class ReferenceKVCache:
@@ -187,11 +289,16 @@ class ReferenceKVCache:
     Same protocol as `KVCache` (allocate / begin / attn_mask / stage / attend / commit); slow and unbounded on purpose.
     """
 
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, spatial_prefix: str | None = None):
         self.capacity = capacity
+        self.spatial_prefix = spatial_prefix
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.staged: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        # spatial keys/values of every written frame, (B, H, S, Dh) each, by position
+        self.frame_keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.frame_values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.staged_spatial: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.next_position = 0
         self._num_new = 0
 
@@ -219,10 +326,30 @@ class ReferenceKVCache:
         start = all_k.shape[2] - k.shape[2] - len(self)
         return all_k[:, :, start:], all_v[:, :, start:]
 
+    def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.staged_spatial[layer] = (k.detach(), v.detach())
+
+    def spatial_mask(self, tokens_per_frame: int, device) -> None:
+        """No empty slots to hide: the context is exactly the frames the rule names."""
+
+    def spatial_context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The frames the rule names for a chunk starting here, concatenated -> (B, H, n * S, Dh) each, or None."""
+        frames = spatial_context(self.spatial_prefix, self.next_position)
+        if not frames:
+            return None, None
+        keys, values = self.frame_keys[layer], self.frame_values[layer]
+        return torch.cat([keys[p] for p in frames], dim=2), torch.cat([values[p] for p in frames], dim=2)
+
     def commit(self) -> None:
         for layer, (k, v) in enumerate(self.staged):
             self.keys[layer].append(k)
             self.values[layer].append(v)
+        for layer, staged in enumerate(self.staged_spatial):
+            if staged is not None:
+                for store, new in zip((self.frame_keys[layer], self.frame_values[layer]), staged):
+                    frames = new.view(-1, self._num_new, *new.shape[1:])  # (B, T, H, S, Dh)
+                    store.extend(frames.unbind(1))
         self.staged = [None] * len(self.staged)
+        self.staged_spatial = [None] * len(self.staged_spatial)
         self.next_position += self._num_new
         self._num_new = 0

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from causalvdm.models.kv_cache import attend_with_context
 from causalvdm.models.positional import apply_rope
 
 
@@ -99,6 +100,38 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project_qkv(x)
         return self.out(F.scaled_dot_product_attention(q, k, v))
+
+
+class SpatialAttention(SelfAttention):
+    """Attention among the tokens of each frame, x (B*T, S, D) -> (B*T, S, D).
+
+    With a spatial prefix (`ctx.spatial`, see CausalSTDiT's `spatial_prefix`) the frames of the chunk being
+    denoised also attend to the tokens of earlier frames: from the cache (its reads), from this call's own earlier
+    frames (no cache: training and the recompute baseline), and a cache write keeps them for later chunks.
+    """
+
+    def forward(self, x: torch.Tensor, ctx, layer: int, num_frames: int) -> torch.Tensor:
+        q, k, v = self.project_qkv(x)  # (B*T, H, S, Dh)
+        prefix = ctx.spatial
+        if prefix is None:
+            return self.out(F.scaled_dot_product_attention(q, k, v))
+        if prefix.mode == "write":
+            ctx.cache.stage_spatial(layer, k, v)
+            return self.out(F.scaled_dot_product_attention(q, k, v))
+        if prefix.mode == "read":
+            context_k, context_v = ctx.cache.spatial_context(layer)  # (B, H, C, Dh)
+            if context_k is None:
+                return self.out(F.scaled_dot_product_attention(q, k, v))
+            return self.out(attend_with_context(q, k, v, context_k, context_v, prefix.mask))
+        # window: frames from `prefix.start` on read the frames `prefix.frames` of this very call
+        q, k, v = (z.view(-1, num_frames, *z.shape[1:]) for z in (q, k, v))  # (B, T, H, S, Dh)
+        context_k, context_v = (z[:, prefix.frames].transpose(1, 2).flatten(2, 3) for z in (k, v))  # (B, H, C, Dh)
+        start = prefix.start
+        before = F.scaled_dot_product_attention(*(z[:, :start].flatten(0, 1) for z in (q, k, v)))
+        after = attend_with_context(*(z[:, start:].flatten(0, 1) for z in (q, k, v)), context_k, context_v)
+        o = torch.cat([before.view(q.shape[0], start, *before.shape[1:]),
+                       after.view(q.shape[0], num_frames - start, *after.shape[1:])], dim=1)
+        return self.out(o.flatten(0, 1))
 
 
 class TemporalAttention(SelfAttention):

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from causalvdm.diffusion import make_sampler
+from causalvdm.models.kv_cache import spatial_prefix_frames
 
 MODES = ("cache", "recompute")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +65,9 @@ class AutoregressiveGenerator:
         if model.tpe_mode == "cyclic" and max_cond_frames + chunk_size > model.max_tpe_len:
             raise ValueError(f"cyclic TPE: max_cond_frames + chunk_size = {max_cond_frames + chunk_size} frames in view "
                              f"exceed max_tpe_len={model.max_tpe_len}, so two of them would share a position")
+        if spatial_prefix_frames(model.spatial_prefix) > max_cond_frames:
+            raise ValueError(f"spatial_prefix={model.spatial_prefix!r} reads more frames than the max_cond_frames="
+                             f"{max_cond_frames} the recompute baseline keeps")
         if not 0 <= prefix_perturb_t < diffusion.num_timesteps:
             raise ValueError(f"prefix_perturb_t must be in [0, {diffusion.num_timesteps}), got {prefix_perturb_t}")
         compile_mode = "default" if compile is True else compile or None

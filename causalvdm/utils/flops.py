@@ -35,14 +35,16 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 
 def forward_flops(model, batch: int, frames: int, height: int, width: int, keys: int | None = None,
-                  text_tokens: int = 0, project_text: bool = True, head: bool = True, last_block_kv_only: bool = False) -> int:
+                  text_tokens: int = 0, project_text: bool = True, head: bool = True, last_block_kv_only: bool = False,
+                  spatial_context: tuple[int, int] = (0, 0)) -> int:
     """FLOPs of one forward of `model` (a CausalSTDiT) on latents (batch, C, frames, height, width).
 
     keys: temporal keys each frame's attention reads (default `frames`: no cache; with a cache, its capacity
     plus the frames of the call, since a masked attention computes every product); text_tokens: caption
     length L (0: unconditional); project_text: count the caption MLP and the per-block text K/V projections
     (False when they were computed once per video); head: the output layer; last_block_kv_only: the cache
-    write pass, whose last block stops after its temporal K/V projection.
+    write pass, whose last block stops after its temporal K/V projection; spatial_context: (frames, context frames):
+    with a spatial prefix, that many of the call's frames also attend to the tokens of that many earlier frames.
     """
     d = model.hidden_size
     ph, pw = model.patch_size[1:]
@@ -52,7 +54,9 @@ def forward_flops(model, batch: int, frames: int, height: int, width: int, keys:
     mlp_hidden = model.blocks[0].mlp.fc1.out_features
     cross = model.caption_channels > 0
 
+    reading, context = spatial_context
     spatial = 2 * n * d * 3 * d + 4 * n * s * d + 2 * n * d * d  # qkv, QK^T and AV, out projection
+    spatial += 4 * batch * reading * s * context * s * d  # the spatial prefix's extra keys
     temporal = 2 * n * d * 3 * d + 4 * n * keys * d + 2 * n * d * d
     text = 2 * n * d * d + 4 * n * text_tokens * d + 2 * n * d * d if cross else 0  # q, QK^T and AV, out
     text_kv = 2 * batch * text_tokens * d * 2 * d if cross and project_text else 0
