@@ -24,10 +24,10 @@ from causalvdm.config import AutoregressiveSettings, check_range, load_config, s
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
 from causalvdm.diffusion.samplers import SAMPLERS
-from causalvdm.models.pretrained import extract_state_dict, load_pretrained
+from causalvdm.models.pretrained import extract_state_dict, load_pretrained, split_init_fields
 from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, inference_dtype
+from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, RECOMPUTE_POSITIONS, inference_dtype
 from causalvdm.sampling.writer import psnr, to_uint8
 from causalvdm.utils.io import CheckpointError, check_architecture, load_weights
 
@@ -48,6 +48,7 @@ class SampleSettings:
     image_size: int | tuple[int, int] | None = None  # (H, W) of the frames (default: dataset.image_size)
     seed: int = 0
     mode: str = "cache"  # cache | recompute (the baseline without a cache)
+    recompute_positions: str = "absolute"  # recompute window after eviction: absolute (as the cache) | window (from 0)
     prompt: str = ""
     first_image: str | None = None
     first_video: str | None = None
@@ -71,6 +72,9 @@ class SampleSettings:
         check_range("sample", settings, 0, None, "seed", "cfg_scale")
         if settings.mode not in ("cache", "recompute"):
             raise ConfigError(f"sample.mode must be 'cache' or 'recompute', got {settings.mode!r}")
+        if settings.recompute_positions not in RECOMPUTE_POSITIONS:
+            raise ConfigError(f"sample.recompute_positions must be one of {', '.join(RECOMPUTE_POSITIONS)}, "
+                              f"got {settings.recompute_positions!r}")
         if settings.weights not in ("ema", "model"):
             raise ConfigError(f"sample.weights must be 'ema' or 'model', got {settings.weights!r}")
         if settings.first_image and settings.first_video:
@@ -205,13 +209,12 @@ class CausalVDMPipeline:
         """
         sample = sample or SampleSettings.from_cfg(cfg.get("sample"))
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model_cfg = dict(cfg.model)
-        pretrained = model_cfg.pop("from_pretrained", None)
+        model_cfg, pretrained, strict = split_init_fields(cfg.model)
         model = build(MODELS, model_cfg, "model")
         if sample.ckpt:
             log.info("weights: %s", load_checkpoint_weights(model, sample.ckpt, sample.weights))
         elif pretrained:
-            load_pretrained(model, pretrained)
+            load_pretrained(model, pretrained, strict=strict)
         else:
             log.warning("no checkpoint: sampling from untrained weights")
         vae = build(VAES, cfg.get("vae"), "vae")
@@ -264,7 +267,7 @@ class CausalVDMPipeline:
             self.generator = AutoregressiveGenerator(
                 self.model, self.diffusion, sampler, num_steps, ar.chunk_size, ar.max_cond_frames, cfg_scale,
                 ar.prefix_perturb_t, mode=mode, progress=self.progress, dtype=self.dtype,
-                compile=self.defaults.compile or False)
+                compile=self.defaults.compile or False, recompute_positions=self.defaults.recompute_positions)
             self._generator_key = key
         return self.generator
 

@@ -5,6 +5,7 @@ import torch
 
 import causalvdm
 from causalvdm.config import AutoregressiveSettings, load_config
+from causalvdm.models.pretrained import split_init_fields
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, build, validate
 from causalvdm.training.settings import TrainSettings
 from conftest import ROOT
@@ -15,7 +16,7 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.py") if "_base_" not in 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_shipped_config_builds(path):
     cfg = load_config(path)
-    model_cfg = {k: v for k, v in cfg.model.items() if k != "from_pretrained"}
+    model_cfg = split_init_fields(cfg.model)[0]
     big = "XL" in str(model_cfg["type"]) or "B/2" in str(model_cfg["type"])
     with torch.device("meta" if big else "cpu"):
         model = causalvdm.build_model(model_cfg)

@@ -265,6 +265,50 @@ def test_clean_prefix_perturbation_and_text_dropout(make_model):
     assert not torch.allclose(kept, explicit, atol=1e-4)
 
 
+def test_clean_prefix_tpe_offsets(make_model):
+    # 'full_window' (the reference code): random cyclic offsets only when prefix + chunk fill the 33-row table.
+    x0, y, mask = _batch(make_model())
+    kwargs = dict(y=y, mask=mask, ar_size=8, prefix_perturb_t=50, txt_dropout_prob=0.5)
+    for p in (9, 25):
+        calls = {}
+        for tpe_offsets in ("always", "full_window"):
+            model = Recorder(make_model())
+            res = clean_prefix_loss(model, IDDPM(), x0, prefix_len=p, generators=_gens([5, 6]),
+                                    tpe_offsets=tpe_offsets, **kwargs)
+            calls[tpe_offsets] = (model.calls[0], res["loss"].item())
+        (always, loss_always), (full, loss_full) = calls["always"], calls["full_window"]
+        assert always["tpe_offset"].shape == (2,) and always["tpe_offset"].tolist() != [0, 0]
+        if p + 8 == 33:  # a full window: the same offsets, drawn by each sample's generator
+            assert torch.equal(full["tpe_offset"], always["tpe_offset"]) and loss_full == loss_always
+        else:  # shorter: row 0 first, as at inference before the queue is full; the other draws are unchanged
+            assert full["tpe_offset"] is None and loss_full != loss_always
+        assert torch.equal(full["x"], always["x"]) and torch.equal(full["t"], always["t"])
+        assert torch.equal(full["text_drop"], always["text_drop"])
+    with pytest.raises(ValueError, match="tpe_offsets must be one of always, full_window, got 'sometimes'"):
+        clean_prefix_loss(make_model(), IDDPM(), x0, prefix_len=9, generators=_gens([5, 6]), tpe_offsets="sometimes",
+                          **kwargs)
+
+
+def test_clean_prefix_text_dropout_with_fixed_null_caption(make_model):
+    # The reference code's null caption: frozen, and a dropped row keeps its prompt's padding mask.
+    model = Recorder(make_model(null_caption="fixed").train())
+    x0, y, mask = _batch(model, frames=17)
+    res = clean_prefix_loss(model, IDDPM(), x0, y=y, mask=mask, ar_size=8, prefix_len=9, prefix_perturb_t=0,
+                            txt_dropout_prob=1.0, generators=_gens([0, 1]))
+    res["loss"].backward()
+    call = model.calls[0]
+    assert call["text_drop"].tolist() == [True, True]
+    null = model.y_embedder.y_embedding
+    assert not null.requires_grad and null.grad is None
+    kwargs = dict(chunk=call["chunk"], tpe_offset=call["tpe_offset"])
+    with torch.no_grad():
+        dropped = model.model(call["x"], call["t"], y=y, mask=mask, text_drop=call["text_drop"], **kwargs)
+        under_mask = model.model(call["x"], call["t"], y=null[None].expand(2, -1, -1), mask=mask, **kwargs)
+        unmasked = model.model(call["x"], call["t"], y=None, **kwargs)
+    assert torch.allclose(dropped, under_mask, atol=1e-6)
+    assert not torch.allclose(dropped, unmasked, atol=1e-4)  # the mask's 2 padded tokens are not attended
+
+
 def test_clean_prefix_batch_equals_mean_of_halves(make_model):
     model = make_model()
     d = IDDPM()

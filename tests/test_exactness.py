@@ -71,15 +71,12 @@ def rope_positions(rope: tuple[torch.Tensor, torch.Tensor]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ recording the calls
-def record_prepare(model, exact_window_positions: bool = False) -> list[dict]:
+def record_prepare(model) -> list[dict]:
     """Wrap `model.prepare` (what every denoising step and cache write of the generator goes through) and log,
     per call, its kind and the positions its frames get: TPE table rows (absolute/cyclic) or RoPE positions.
 
     kinds: 'write' (a t = 0 cache write: a call made inside `model.write_cache`), 'chunk' (a cached chunk: the
     chunk's frames only) and 'window' (a recompute call on [conditioning frames | chunk]).
-    exact_window_positions: give each recompute call the absolute position of its window's first frame as
-    `tpe_offset`, so the window's frames get the TPE rows they have in cache mode (the generator restarts the
-    window at position 0, a rotation of the cyclic table).
     """
     original, original_write = model.prepare, model.write_cache
     signature = inspect.signature(original)
@@ -99,9 +96,6 @@ def record_prepare(model, exact_window_positions: bool = False) -> list[dict]:
         cache = call.arguments.get("cache")
         if cache is None:
             kind = "window"
-            if exact_window_positions:
-                written = N0 + K * sum(entry["kind"] == "window" for entry in log)  # frames written before this chunk
-                call.arguments["tpe_offset"] = torch.tensor([written - call.arguments["chunk"][0]])
         else:
             kind = "write" if writing else "chunk"
         ctx = original(*call.args, **call.kwargs)
@@ -141,12 +135,17 @@ def inputs(model, batch=2, seed=1):
     return first, y, mask
 
 
-def generate(model, diffusion, mode, num_chunks, exact_window_positions=False, cfg_scale=1.0, seed=3):
-    """A video of N0 + num_chunks * K frames (iddpm, 4 steps, perturbed prefix) and the log of its model calls."""
-    log = record_prepare(model, exact_window_positions)
+def generate(model, diffusion, mode, num_chunks, recompute_positions="absolute", cfg_scale=1.0, seed=3):
+    """A video of N0 + num_chunks * K frames (iddpm, 4 steps, perturbed prefix) and the log of its model calls.
+
+    recompute_positions: 'absolute' gives the recompute window's frames the positions they have in cache mode,
+    'window' numbers them from 0 (see AutoregressiveGenerator).
+    """
+    log = record_prepare(model)
     first, y, mask = inputs(model)
     gen = AutoregressiveGenerator(model, diffusion, "iddpm", num_steps=4, chunk_size=K, max_cond_frames=MAX_COND,
-                                  cfg_scale=cfg_scale, prefix_perturb_t=20, mode=mode)
+                                  cfg_scale=cfg_scale, prefix_perturb_t=20, mode=mode,
+                                  recompute_positions=recompute_positions)
     video = gen.generate(first, N0 + num_chunks * K, y, mask, seed=seed)
     del model.prepare, model.write_cache  # unwrap: the next generation records afresh
     return video, log
@@ -193,24 +192,25 @@ def test_cyclic_tpe_rows_per_chunk_and_cache_matches_recompute_until_the_table_i
 
     No wrap can happen before an eviction here: the generator requires max_cond_frames + chunk_size <=
     max_tpe_len and positions start at 0, so with nothing evicted every position is < max_tpe_len. The exact
-    comparison across wrap and eviction is the next test.
+    comparison across wrap and eviction is the next test. The recompute baseline's window keeps the rows of the
+    cache by default ('absolute'); recompute_positions='window' restarts it at row 0 after eviction.
     """
     model = make_model(max_tpe_len=TPE_LEN, learn_sigma=False)
     diffusion = IDDPM(prediction_type="v_prediction", learn_sigma=False)  # O(1) samples from a random model
     cached, cache_log = generate(model, diffusion, "cache", num_chunks=5)
     recomputed, window_log = generate(model, diffusion, "recompute", num_chunks=5)
+    from_zero, from_zero_log = generate(model, diffusion, "recompute", num_chunks=5, recompute_positions="window")
 
     assert [e["kind"] for e in cache_log] == ["write"] + ["chunk", "write"] * 5
     assert cache_log[0]["rows"] == [0] and [e["rows"] for e in cache_log[2::2]] == [
         [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [0, 1, 2, 3], [4, 5, 6, 7]]  # rows stored with each frame
     assert in_view(cache_log) == VIEWS_13
-    window_views = in_view(window_log)
-    assert window_views[:3] == VIEWS_13[:3]
-    for rows in window_views[3:]:  # after eviction the baseline may start its window at any row (today: 0)
-        assert rows == [(rows[0] + i) % TPE_LEN for i in range(MAX_COND + K)], "not one rotation of the table"
+    assert in_view(window_log) == VIEWS_13  # the baseline's window at the rows its frames have in the cache
+    assert in_view(from_zero_log) == VIEWS_13[:3] + [list(range(TPE_LEN))] * 2  # after eviction: from row 0
 
     frames_full_table = N0 + 3 * K  # chunks 0-2: at most 9 conditioning frames, nothing evicted
     assert cached[:, :, 1:].std() > 0.3
+    assert torch.equal(from_zero[:, :, :frames_full_table], recomputed[:, :, :frames_full_table])
     assert_close_rel(cached[:, :, :frames_full_table], recomputed[:, :, :frames_full_table], rel=1e-5)
     # After eviction the cached frames keep the context they were written with: the baselines part.
     assert (cached[:, :, frames_full_table:] - recomputed[:, :, frames_full_table:]).abs().max() > 1e-2
@@ -223,9 +223,10 @@ def test_wrap_and_evict_cache_matches_exact_recompute(make_model, tpe_mode):
 
     With one block the temporal keys/values of a frame depend on that frame (and its timestep and position)
     alone, so the context a cached frame was written with does not matter and the recompute baseline is exact
-    after eviction, provided its window's frames get the same positions as in cache mode: cyclic, the window is
-    given its absolute start as the TPE offset; rope, positions are relative, so the generator's baseline is
-    used as is. 8 chunks with a 15-row table: the cyclic rows wrap twice, the queue evicts from chunk 3 on.
+    after eviction, provided its window's frames get the same positions as in cache mode (the generator's default
+    recompute_positions='absolute'). With 'window' (numbered from 0 after eviction) rope still agrees, its
+    positions being relative, and cyclic does not. 8 chunks with a 15-row table: the cyclic rows wrap twice, the
+    queue evicts from chunk 3 on.
 
     Catches, without any reference cache: the ring buffer attending to a wrong or stale slot after it wraps,
     an eviction off by one, cyclic rows taken from slots, RoPE positions taken mod the table or from slots.
@@ -233,17 +234,26 @@ def test_wrap_and_evict_cache_matches_exact_recompute(make_model, tpe_mode):
     model = make_model(depth=1, tpe_mode=tpe_mode, max_tpe_len=LONG_TPE_LEN, learn_sigma=False)
     diffusion = IDDPM(prediction_type="v_prediction", learn_sigma=False)
     cached, cache_log = generate(model, diffusion, "cache", num_chunks=8)
-    recomputed, window_log = generate(model, diffusion, "recompute", num_chunks=8, exact_window_positions=True)
+    recomputed, window_log = generate(model, diffusion, "recompute", num_chunks=8)
+    from_zero, from_zero_log = generate(model, diffusion, "recompute", num_chunks=8, recompute_positions="window")
 
+    starts = [max(0, N0 + K * j - MAX_COND) for j in range(8)]
     if tpe_mode == "cyclic":
         assert in_view(cache_log) == VIEWS_15
         assert in_view(window_log) == VIEWS_15
-    else:  # absolute positions in the cache, never wrapped; the baseline's window from 0
-        starts = [max(0, N0 + K * j - MAX_COND) for j in range(8)]
+        assert in_view(from_zero_log) == [[p % LONG_TPE_LEN for p in range(N0 + K * j + K - s)]
+                                          for j, s in enumerate(starts)]
+    else:  # absolute positions in the cache, never wrapped; the 'window' baseline's from 0
         assert in_view(cache_log) == [list(range(s, N0 + K * j + K)) for j, s in enumerate(starts)]
-        assert in_view(window_log) == [list(range(N0 + K * j + K - s)) for j, s in enumerate(starts)]
+        assert in_view(window_log) == in_view(cache_log)
+        assert in_view(from_zero_log) == [list(range(N0 + K * j + K - s)) for j, s in enumerate(starts)]
     assert cached[:, :, 1:].std() > 0.3
     assert_close_rel(cached, recomputed, rel=1e-5)
+    evicted = N0 + 3 * K  # from chunk 3 on the 'window' baseline numbers its frames from 0
+    if tpe_mode == "rope":
+        assert_close_rel(cached, from_zero, rel=1e-5)
+    else:
+        assert (cached[:, :, evicted:] - from_zero[:, :, evicted:]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("spatial_prefix", ["first_frame", "prev_frames_3"])
@@ -261,7 +271,7 @@ def test_spatial_prefix_cache_matches_exact_recompute_after_eviction(make_model,
     model = make_model(depth=1, max_tpe_len=LONG_TPE_LEN, learn_sigma=False, spatial_prefix=spatial_prefix)
     diffusion = IDDPM(prediction_type="v_prediction", learn_sigma=False)
     cached, _ = generate(model, diffusion, "cache", num_chunks=5)
-    recomputed, _ = generate(model, diffusion, "recompute", num_chunks=5, exact_window_positions=True)
+    recomputed, _ = generate(model, diffusion, "recompute", num_chunks=5)
     before_eviction = N0 + 3 * K
     assert_close_rel(cached[:, :, :before_eviction], recomputed[:, :, :before_eviction], rel=1e-5)
     if spatial_prefix == "first_frame":
@@ -288,8 +298,7 @@ def test_iddpm_epsilon_learned_sigma_cache_matches_recompute(make_model, depth):
     assert model.out_channels == 2 * model.in_channels and diffusion.learn_sigma
     num_chunks = 8 if depth == 1 else 3
     cached, _ = generate(model, diffusion, "cache", num_chunks, cfg_scale=2.0)
-    recomputed, _ = generate(model, diffusion, "recompute", num_chunks, exact_window_positions=depth == 1,
-                             cfg_scale=2.0)
+    recomputed, _ = generate(model, diffusion, "recompute", num_chunks, cfg_scale=2.0)
     assert cached.shape == (2, model.in_channels, N0 + num_chunks * K, 4, 4)
     assert torch.isfinite(cached).all() and cached[:, :, 1:].std() > 1.0
     for j in range(num_chunks):

@@ -142,6 +142,32 @@ def test_cfg_combines_halves(make_model):
     assert torch.allclose(guided[:, c:], cond[:, c:], atol=1e-6)
 
 
+def test_null_caption_modes(make_model):
+    """'learned': a trained null caption attending to all its tokens; 'fixed' (PixArt / Open-Sora v1, the reference
+    code): frozen, and in a guidance batch its rows keep the prompt's padding mask."""
+    learned, fixed = make_model(), make_model(null_caption="fixed")
+    assert learned.y_embedder.y_embedding.requires_grad and not fixed.y_embedder.y_embedding.requires_grad
+    assert learned.state_dict().keys() == fixed.state_dict().keys()
+    for (name, a), b in zip(learned.state_dict().items(), fixed.state_dict().values()):
+        assert torch.equal(a, b), name  # same seeded weights: only the null rows' mask differs below
+    x, t, y = _inputs(learned, frames=3)
+    mask = torch.ones(2, learned.model_max_length, dtype=torch.bool)
+    mask[1, 2:] = False
+    null = learned.y_embedder.y_embedding[None].expand(2, -1, -1)
+    scale, c = 3.0, learned.in_channels
+    with torch.no_grad():
+        for model, null_mask in ((learned, None), (fixed, mask)):
+            guided = model.forward_with_cfg(x, t, y, mask, scale)
+            cond, uncond = model(x, t, y, mask), model(x, t, null, null_mask)
+            assert torch.allclose(guided[:, :c], uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c]), atol=1e-5)
+        assert torch.equal(learned(x, t, y, mask), fixed(x, t, y, mask))
+        assert torch.equal(learned(x, t, None), fixed(x, t, None))  # no prompt at all: every null token
+        assert not torch.allclose(learned.forward_with_cfg(x, t, y, mask, scale),
+                                  fixed.forward_with_cfg(x, t, y, mask, scale), atol=1e-4)
+    with pytest.raises(ConfigError, match="null_caption must be one of learned, fixed, got 'zero'"):
+        make_model(null_caption="zero")
+
+
 def test_gradient_checkpointing_same_gradients(make_model):
     grads = []
     for ckpt in (False, True):

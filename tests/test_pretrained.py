@@ -154,7 +154,10 @@ def test_adaptations_and_mismatches(tiny_cfg, tmp_path):
     save_file(src, path)
     model = tiny_model(tiny_cfg, in_channels=12, caption_channels=8, learn_sigma=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    summary = load_pretrained(model, path, source="opensora")
+    with pytest.raises(CheckpointError, match="20 tensors have no place in this model"):
+        load_pretrained(model, path, source="opensora")  # strict by default: nothing is loaded
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    summary = load_pretrained(model, path, source="opensora", strict=False)
     state = model.state_dict()
     skipped = {s.split()[0] for s in summary["skipped"]}
     assert skipped == {"x_embedder.proj.weight", "final_layer.linear.weight", "final_layer.linear.bias",
@@ -170,7 +173,7 @@ def test_adaptations_and_mismatches(tiny_cfg, tmp_path):
 
     # learned sigma in the checkpoint, none in the model: the first C channels of every patch position.
     model = tiny_model(tiny_cfg, learn_sigma=False, model_max_length=8)
-    summary = load_pretrained(model, path)
+    summary = load_pretrained(model, path, strict=False)
     assert sorted(summary["reshaped"]) == ["final_layer.linear.bias", "final_layer.linear.weight",
                                            "y_embedder.y_embedding"]
     head = model.state_dict()["final_layer.linear.weight"].view(4, 4, -1)
@@ -178,6 +181,64 @@ def test_adaptations_and_mismatches(tiny_cfg, tmp_path):
     null = model.state_dict()["y_embedder.y_embedding"]  # 4 tokens extended to 8 by repeating the last one
     assert torch.equal(null[:4], src["y_embedder.y_embedding"])
     assert torch.equal(null[4:], src["y_embedder.y_embedding"][-1:].expand(4, -1))
+
+
+def reference_checkpoint(seed=5):
+    """Open-Sora v1 keys plus what only the Ca2-VDM reference model has: a cross-frame attention and a linear
+    before the temporal merge per block, and a <BOV> token (causal_stdit2.py)."""
+    shapes = published_shapes()
+    for i in range(2):
+        shapes.update({f"blocks.{i}.attn_cf.q_linear.weight": (32, 32),
+                       f"blocks.{i}.attn_cf.kv_linear.weight": (64, 32),
+                       f"blocks.{i}.attn_temp_pre_merge.weight": (32, 32)})
+    shapes["bov_token"] = (4, 4, 4)
+    return random_state(shapes, seed)
+
+
+def test_foreign_modules_fail_unless_not_strict(tiny_cfg, tmp_path, capsys):
+    src = reference_checkpoint()
+    path = tmp_path / "ca2vdm.safetensors"
+    save_file(src, path)
+    model = tiny_model(tiny_cfg)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(model, path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "7 tensors have no place in this model" in message
+    assert "(blocks.0.attn_cf.kv_linear.weight, blocks.0.attn_cf.q_linear.weight, " \
+           "blocks.0.attn_temp_pre_merge.weight, +4)" in message and "strict=False" in message  # safetensors: sorted
+
+    summary = load_pretrained(model, path, strict=False)
+    foreign = [k for k in src if "attn_cf" in k or "pre_merge" in k] + ["bov_token"]
+    assert sorted(summary["unexpected"]) == sorted(foreign)
+    assert sorted(summary["dropped"]) == ["pos_embed", "pos_embed_temporal"]  # dropped silently, strict or not
+    assert torch.equal(model.blocks[1].attn_temp.qkv.weight, src["blocks.1.attn_temp.qkv.weight"])
+
+    cfg = dict(tiny_cfg.model, from_pretrained=str(path))
+    with pytest.raises(CheckpointError, match="7 tensors have no place"):
+        build_model_from_config(cfg)
+    model = build_model_from_config(dict(cfg, from_pretrained_strict=False))
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, src["blocks.0.mlp.fc1.weight"])
+    with pytest.raises(ConfigError, match=r"^model\.from_pretrained_strict must be True or False, got 'no'$"):
+        build_model_from_config(dict(cfg, from_pretrained_strict="no"))
+
+    out = tmp_path / "init.safetensors"
+    argv = ["--src", str(path), "--config", str(TINY), "--out", str(out)]
+    with pytest.raises(SystemExit, match="^error: .*7 tensors have no place in this model .*--no-strict\\)$"):
+        convert_checkpoint.main(argv)
+    assert not out.exists()
+    assert convert_checkpoint.main(argv + ["--no-strict"]) == 0
+    assert "7 unexpected, 2 dropped" in capsys.readouterr().out
+    assert torch.equal(load_file(out)["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
+
+
+def test_fixed_null_caption_loads_under_the_same_key(tiny_cfg, tmp_path):
+    src = random_state(published_shapes(), seed=6)
+    path = tmp_path / "ckpt.safetensors"
+    save_file(src, path)
+    model = build_model_from_config(dict(tiny_cfg.model, null_caption="fixed", from_pretrained=str(path)))
+    null = model.y_embedder.y_embedding
+    assert torch.equal(null, src["y_embedder.y_embedding"]) and not null.requires_grad
+    assert sorted(model.state_dict()) == sorted(k for k in src if not k.startswith("pos_embed"))
 
 
 class Foreign:

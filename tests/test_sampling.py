@@ -148,6 +148,23 @@ def test_generator_rejects_bad_settings(make_model):
         AutoregressiveGenerator(absolute, diffusion, chunk_size=8, max_cond_frames=8).generate(first, 34)
     with pytest.raises(ValueError, match="mode='cache'"):
         AutoregressiveGenerator(model, diffusion, mode="recompute").iter_chunks(first, 9, cache_state={})
+    with pytest.raises(ValueError, match="recompute_positions must be one of absolute, window, got 'zero'"):
+        AutoregressiveGenerator(model, diffusion, mode="recompute", recompute_positions="zero")
+
+
+def test_recompute_positions_from_the_sample_settings(make_model):
+    """`sample.recompute_positions` reaches the pipeline's generator (its effect: tests/test_exactness.py)."""
+    from causalvdm.autoencoders.pixel import PixelVAE
+    from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
+    from causalvdm.registry import ConfigError
+
+    model, diffusion = _bounded(make_model, in_channels=12, caption_channels=0)
+    assert SampleSettings.from_cfg({}).recompute_positions == "absolute"
+    sample = SampleSettings.from_cfg(dict(mode="recompute", recompute_positions="window"))
+    pipe = CausalVDMPipeline(model, PixelVAE(factor=2), diffusion, sample=sample)
+    assert pipe.generator.mode == "recompute" and pipe.generator.recompute_positions == "window"
+    with pytest.raises(ConfigError, match=r"^sample\.recompute_positions must be one of absolute, window, got 'zero'$"):
+        SampleSettings.from_cfg(dict(recompute_positions="zero"))
 
 
 def _read_mp4(path):

@@ -85,6 +85,10 @@ def test_settings_reject_unknown_and_bad_values():
         TrainSettings.from_cfg(dict(lrr=1e-4))
     with pytest.raises(ConfigError, match="train.parallel must be 'ddp' or 'fsdp'"):
         TrainSettings.from_cfg(dict(parallel="zero3"))
+    assert TrainSettings.from_cfg({}).tpe_offsets == "always"
+    assert TrainSettings.from_cfg(dict(tpe_offsets="full_window")).tpe_offsets == "full_window"
+    with pytest.raises(ConfigError, match=r"^train\.tpe_offsets must be one of always, full_window, got 'never'$"):
+        TrainSettings.from_cfg(dict(tpe_offsets="never"))
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
@@ -150,6 +154,34 @@ def test_distributed_matches_single_process(tmp_path, video_root, t5_dir):
         got = load_file(str(runs[resumed] / "checkpoints" / "step_00000006" / "model.safetensors"))
         for key, value in final.items():
             torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=f"{resumed}: {key}")
+
+
+def test_reference_options_fsdp_matches_single_process(tmp_path, video_root, t5_dir):
+    """The reference code's settings, model.null_caption='fixed' and train.tpe_offsets='full_window': FSDP2 over 2
+    processes still follows 1 process (offsets drawn per sample, for the 9-frame windows p = 5 + k = 4 only), the
+    frozen null caption never changes in the weights nor in the EMA, and the EMA loads strictly into a fresh model
+    (validation sampling)."""
+    cfg = _config(tmp_path, video_root, t5_dir, steps=4, ckpt_every=2)
+    options = ["model.null_caption=fixed", "train.tpe_offsets=full_window"]
+    single = subprocess.run([sys.executable, "scripts/train.py", str(cfg), "--exp-name", "single", "--cfg-options",
+                             *options, "train.validation_every=4", "train.validation_frames=9",
+                             "train.validation_steps=2"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    fsdp = subprocess.run(["bash", "scripts/train.sh", str(cfg), "fsdp", str(_free_port()), "--cfg-options", *options,
+                           "train.batch_size=2", "train.parallel=fsdp"], cwd=ROOT,
+                          env=dict(_env(), NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=300)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    runs = {name: tmp_path / "outputs" / name for name in ("single", "fsdp")}
+    assert (runs["single"] / "samples" / "step_00000004.mp4").is_file()
+    np.testing.assert_allclose(_losses(runs["fsdp"]), _losses(runs["single"]), rtol=1e-4, atol=1e-6)
+    step2, step4 = (load_file(str(runs["single"] / "checkpoints" / f"step_0000000{n}" / "model.safetensors"))
+                    for n in (2, 4))
+    assert not torch.equal(step2["y_embedder.y_proj.fc1.weight"], step4["y_embedder.y_proj.fc1.weight"])  # it trains
+    for run in runs.values():
+        for file in ("model.safetensors", "ema.safetensors"):
+            final = load_file(str(run / "checkpoints" / "step_00000004" / file))
+            assert torch.equal(final["y_embedder.y_embedding"], step2["y_embedder.y_embedding"]), f"{run.name}: {file}"
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, video_root, t5_dir):

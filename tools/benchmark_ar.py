@@ -57,6 +57,7 @@ from causalvdm.cli.common import (ArgumentParser, finite_float, non_negative_int
                                   positive_int)
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.models.kv_cache import spatial_context, spatial_prefix_frames
+from causalvdm.models.pretrained import split_init_fields
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
@@ -454,9 +455,7 @@ def main(argv=None) -> int:
     with one_line_errors(ConfigError):  # its errors name the file
         cfg = load_config(args.config, args.cfg_options)
     with one_line_errors(ConfigError, prefix=f"{args.config}: "):
-        model_cfg = dict(require(cfg, "model"))
-        model_cfg.pop("from_pretrained", None)
-        model = causalvdm.build_model(model_cfg)
+        model = causalvdm.build_model(split_init_fields(require(cfg, "model"))[0])
         diffusion = build(SCHEDULERS, cfg.get("diffusion") or dict(type="IDDPM"), "diffusion")
         ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
     args.spatial_prefixes = [model.spatial_prefix] if args.spatial_prefix is None else args.spatial_prefix

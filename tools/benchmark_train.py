@@ -41,6 +41,7 @@ import causalvdm
 from causalvdm.cli.common import ArgumentParser, non_negative_int, one_line_errors, positive_float, positive_int
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
+from causalvdm.models.pretrained import split_init_fields
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.training.distributed import DistInfo, init_distributed, parallelize
 from causalvdm.training.settings import TrainSettings
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.cfg_options)
         require(cfg, "model")
     with one_line_errors(ConfigError, ValueError, prefix=f"{args.config}: "):
-        model_cfg = {k: v for k, v in cfg.model.items() if k != "from_pretrained"}
+        model_cfg = split_init_fields(cfg.model)[0]
         with torch.device("meta"):  # shapes only, for the FLOP count; every run trains a fresh model
             plain = causalvdm.build_model(model_cfg)
         diffusion = build(SCHEDULERS, cfg.get("diffusion") or dict(type="IDDPM"), "diffusion")

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int  # noqa: E402
 from causalvdm.config import add_config_args, load_config  # noqa: E402
+from causalvdm.models.pretrained import split_init_fields  # noqa: E402
 from causalvdm.registry import ConfigError  # noqa: E402
 from causalvdm.utils.memory_plan import CPU_BASELINE_MB, fits, sample_plan, train_plan  # noqa: E402
 
@@ -83,7 +84,7 @@ def measure(cfg, mode: str, batch_size: int, steps: int = 2) -> dict:
     torch.manual_seed(0)
     reset_peak_memory(cpu)
     baseline = proc_status_mb("VmRSS")
-    model = causalvdm.build_model({k: v for k, v in dict(cfg.model).items() if k != "from_pretrained"})
+    model = causalvdm.build_model(split_init_fields(cfg.model)[0])
     diffusion = build(SCHEDULERS, cfg.get("diffusion", dict(type="IDDPM")), "diffusion")
     c, cc, length = model.in_channels, model.caption_channels, model.model_max_length
     y = torch.randn(batch_size, length, cc) if cc else None

@@ -8,6 +8,10 @@ import torch
 
 from causalvdm.diffusion.gaussian import GaussianDiffusion
 
+# Which samples get a random cyclic-TPE offset: every one, or only those whose prefix + chunk fill the table
+# (p + k >= max_tpe_len; shorter windows start at row 0, as they do at inference before the queue is full).
+TPE_OFFSETS = ("always", "full_window")
+
 
 def prefix_lengths(clip_len: int, ar_size: int) -> list[int]:
     """Allowed prefix lengths [1, 1 + k, 1 + 2k, ...] with p + k <= clip_len (k = ar_size)."""
@@ -16,14 +20,15 @@ def prefix_lengths(clip_len: int, ar_size: int) -> list[int]:
     return list(range(1, clip_len - ar_size + 1, ar_size))
 
 
-def _draw(model, diffusion, sample_shape, prefix_len, prefix_perturb_t, drop_text, txt_dropout_prob, gen):
-    """One sample's random draws, always in the same order: t, chunk noise, prefix noise, text drop, TPE offset."""
+def _draw(model, diffusion, sample_shape, prefix_len, prefix_perturb_t, drop_text, txt_dropout_prob, shift, gen):
+    """One sample's random draws, always in the same order: t, chunk noise, prefix noise, text drop, TPE offset
+    (drawn last, so whether it is drawn changes none of the others)."""
     c, k, h, w = sample_shape
     t = torch.randint(0, diffusion.num_timesteps, (1,), generator=gen)
     noise = torch.randn(c, k, h, w, generator=gen)
     prefix_noise = torch.randn(c, prefix_len, h, w, generator=gen) if prefix_perturb_t > 0 else None
     drop = bool(torch.rand((), generator=gen) < txt_dropout_prob) if drop_text else False
-    return t, noise, prefix_noise, drop, model.sample_tpe_offset(1, gen)
+    return t, noise, prefix_noise, drop, model.sample_tpe_offset(1, gen) if shift else None
 
 
 def clean_prefix_loss(
@@ -38,12 +43,14 @@ def clean_prefix_loss(
     prefix_perturb_t: int,
     txt_dropout_prob: float,
     generators: list[torch.Generator],
+    tpe_offsets: str = "always",
 ) -> dict:
     """Diffusion loss on the chunk frames [p, p + k) of clean latents x0 (B, C, L, H, W) given the clean prefix [0, p).
 
     The prefix has timestep input 0 (its frames optionally noised to `prefix_perturb_t`); the chunk shares one
     random t per sample. y (B, L_text, C_text) / mask (B, L_text) are replaced by the model's null caption with
-    probability `txt_dropout_prob`. generators: B CPU generators, one per sample.
+    probability `txt_dropout_prob`. generators: B CPU generators, one per sample. tpe_offsets (cyclic TPE):
+    'always' draws a random table offset for every sample, 'full_window' only when p + k >= max_tpe_len.
     Returns dict(loss=scalar tensor with grad, mse=float, vb=float), batch means.
     """
     b, c, clip_len, h, w = x0.shape
@@ -53,10 +60,15 @@ def clean_prefix_loss(
         raise ValueError(f"prefix_len={p} is not one of {allowed} (clip_len={clip_len}, ar_size={k})")
     if len(generators) != b:
         raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {b}")
+    if tpe_offsets not in TPE_OFFSETS:
+        raise ValueError(f"tpe_offsets must be one of {', '.join(TPE_OFFSETS)}, got {tpe_offsets!r}")
     # Applied even at probability 0: the null caption then stays in the graph, so DDP sees every parameter used.
     drop_text = y is not None and model.caption_channels > 0
 
-    draws = [_draw(model, diffusion, (c, k, h, w), p, prefix_perturb_t, drop_text, txt_dropout_prob, g)
+    # The reference code draws one offset per batch, for full windows only; each sample's own draw has the same
+    # distribution and keeps its loss independent of the batch.
+    shift = tpe_offsets == "always" or p + k >= model.max_tpe_len
+    draws = [_draw(model, diffusion, (c, k, h, w), p, prefix_perturb_t, drop_text, txt_dropout_prob, shift, g)
              for g in generators]
     t, noise, prefix_noise, drop, tpe_offset = zip(*draws)
     t = torch.cat(t).to(x0.device)  # (B,)

@@ -34,6 +34,7 @@ PRESETS = {
     "B/2": dict(depth=12, hidden_size=768, num_heads=12),
     "S/2": dict(depth=12, hidden_size=384, num_heads=6),
 }
+NULL_CAPTIONS = ("learned", "fixed")
 
 
 @dataclass
@@ -120,6 +121,8 @@ class CausalSTDiT(nn.Module):
     space_scale: divides the spatial grid coordinates of the 2D sin-cos embedding (Open-Sora v1).
     chunk_bidirectional: frames of the chunk being denoised see each other; the past stays causal.
     caption_channels: width of the text-encoder tokens; 0 builds an unconditional model.
+    null_caption: 'learned' (a trained null caption; its rows attend to all its tokens) | 'fixed' (frozen, and its
+    rows keep the prompt's padding mask, as in PixArt / Open-Sora v1 and the reference code).
     spatial_prefix: None | 'first_frame' | 'prev_frames_N': the spatial attention of the chunk being denoised also
     attends to the tokens of frame 0, or of the N frames before the chunk (Ca2-VDM's prefix-enhanced spatial
     attention); their spatial keys/values are cached like the temporal ones.
@@ -135,6 +138,7 @@ class CausalSTDiT(nn.Module):
         mlp_ratio: float = 4.0,
         caption_channels: int = 4096,
         model_max_length: int = 120,
+        null_caption: str = "learned",
         learn_sigma: bool = True,
         tpe_mode: str = "cyclic",
         max_tpe_len: int = 33,
@@ -154,8 +158,11 @@ class CausalSTDiT(nn.Module):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
+        if null_caption not in NULL_CAPTIONS:
+            raise ValueError(f"null_caption must be one of {', '.join(NULL_CAPTIONS)}, got {null_caption!r}")
         self.caption_channels = caption_channels
         self.model_max_length = model_max_length
+        self.null_caption = null_caption
         self.tpe_mode = check_tpe_mode(tpe_mode)
         self.max_tpe_len = max_tpe_len
         self.space_scale = space_scale
@@ -167,7 +174,8 @@ class CausalSTDiT(nn.Module):
         self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, model_max_length) if caption_channels else None
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, model_max_length,
+                                          learned_null=null_caption == "learned") if caption_channels else None
         self.register_buffer("pos_embed_temporal", sincos_table(hidden_size, max_tpe_len), persistent=False)
         self.blocks = nn.ModuleList(
             STDiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=caption_channels > 0) for _ in range(depth)
@@ -206,7 +214,7 @@ class CausalSTDiT(nn.Module):
 
     # ----------------------------------------------------------------------------------- text
     def null_text(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learned null caption for guidance and text dropout -> y (B, L, C_text), mask (B, L)."""
+        """The null caption where there is no prompt at all -> y (B, L, C_text), mask (B, L) all True."""
         y = self.y_embedder.y_embedding[None].expand(batch_size, -1, -1)
         return y, torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)
 
@@ -214,7 +222,8 @@ class CausalSTDiT(nn.Module):
         """Caption tokens y (B, L, C_text), mask (B, L) -> TextContext; None for an unconditional model.
 
         Missing text means the null caption. text_drop (B,) bool swaps those rows for the null caption inside the
-        forward (classifier-free guidance training), where FSDP has gathered the null-caption parameter.
+        forward (classifier-free guidance training), where FSDP has gathered the null-caption parameter; they keep
+        the prompt's mask with a fixed null caption, else attend to all its tokens.
         per_block_kv: also project every block's text keys/values now, once for a video instead of at every call.
         """
         if self.y_embedder is None:
@@ -226,17 +235,21 @@ class CausalSTDiT(nn.Module):
         mask = mask.bool()
         if text_drop is not None:
             y = torch.where(text_drop[:, None, None], self.y_embedder.y_embedding.to(y), y)
-            mask = mask | text_drop[:, None]
+            if self.null_caption == "learned":
+                mask = mask | text_drop[:, None]
         tokens = self.y_embedder(y.to(self.dtype))  # (B, L, D)
         kv = [block.cross_attn.project_kv(tokens) for block in self.blocks] if per_block_kv else None
         return TextContext(tokens, mask[:, None, None, :], kv)
 
     def guided_text(self, y, mask, per_block_kv: bool = False) -> TextContext:
-        """The 2B-row text of a guidance batch: captions y (B, L, C_text), mask (B, L), then the null caption."""
+        """The 2B-row text of a guidance batch: captions y (B, L, C_text), mask (B, L), then the null caption
+        (under the prompt's mask with a fixed null caption, as in training)."""
         y_null, mask_null = self.null_text(y.shape[0])
         if y.shape[1:] != y_null.shape[1:]:
             raise ValueError(f"text tokens must be (B, {self.model_max_length}, {self.caption_channels}), got {tuple(y.shape)}")
         mask = torch.ones_like(mask_null) if mask is None else mask.bool()
+        if self.null_caption == "fixed":
+            mask_null = mask
         y = torch.cat([y.to(y_null), y_null])
         return self.encode_text(y, torch.cat([mask, mask_null]), y.shape[0], per_block_kv=per_block_kv)
 
@@ -257,12 +270,14 @@ class CausalSTDiT(nn.Module):
         return mask.to(device)
 
     def prepare(self, num_frames: int, height: int, width: int, cache=None, text: TextContext | None = None,
-                chunk: tuple[int, int] | None = None, tpe_offset=None, write: bool = False) -> CallContext:
+                chunk: tuple[int, int] | None = None, tpe_offset=None, write: bool = False,
+                start: int = 0) -> CallContext:
         """The context of calls on `num_frames` frames of height x width latents (see `forward` for the arguments).
 
         With a cache this starts a call on it (positions follow its queue) and preallocates its buffers, so build
         one per chunk, then run `step` at every denoising step. write: a cache write of clean frames (causal among
-        themselves, and their spatial keys/values are kept for the spatial prefix).
+        themselves, and their spatial keys/values are kept for the spatial prefix). start: without a cache, the
+        position of the first frame (the recompute baseline's window after eviction).
         """
         ph, pw = self.patch_size[1:]
         if height % ph or width % pw:
@@ -270,7 +285,7 @@ class CausalSTDiT(nn.Module):
         device, dtype = self.x_embedder.proj.weight.device, self.dtype
         head_dim = self.hidden_size // self.num_heads
         if cache is None:
-            positions = torch.arange(num_frames)
+            positions = torch.arange(start, start + num_frames)
             attn_mask = self.frame_mask(num_frames, chunk if self.chunk_bidirectional else None, device)
         else:
             cache.allocate((height // ph) * (width // pw), self.num_heads, head_dim, dtype, device)

@@ -65,14 +65,17 @@ class Mlp(nn.Module):
 
 
 class CaptionEmbedder(nn.Module):
-    """Text tokens (B, L, C_text) -> (B, L, D), with a learned null caption for classifier-free guidance."""
+    """Text tokens (B, L, C_text) -> (B, L, D); y_embedding (L, C_text) is the null caption for guidance.
 
-    def __init__(self, caption_channels: int, hidden_size: int, token_num: int):
+    learned_null=False freezes the null caption (PixArt / Open-Sora v1 keep it fixed). It stays a parameter, only
+    without gradient, so it travels with the weights wherever they go: EMA, checkpoints, pretrained keys.
+    """
+
+    def __init__(self, caption_channels: int, hidden_size: int, token_num: int, learned_null: bool = True):
         super().__init__()
         self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
-        self.register_parameter(
-            "y_embedding", nn.Parameter(torch.randn(token_num, caption_channels) / caption_channels**0.5)
-        )
+        null = torch.randn(token_num, caption_channels) / caption_channels**0.5
+        self.y_embedding = nn.Parameter(null, requires_grad=learned_null)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.y_proj(y)

@@ -7,6 +7,8 @@ position, the null caption is cut or extended to `model_max_length`, and the fix
 (`pos_embed`, `pos_embed_temporal`) are dropped because ours are computed. Weights that have no
 counterpart keep the fresh model's init; for a PixArt source this is the temporal attention, whose
 zeroed output projection makes the video model start as the image model (as in Open-Sora v1).
+A checkpoint tensor with no place in the model (e.g. the reference code's `attn_cf.*`, `bov_token`) is an
+error unless the load is not strict, since the model would silently compute something else than the source.
 """
 
 import logging
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from causalvdm.registry import MODELS, ConfigError, build
+from causalvdm.registry import MODELS, ConfigError, build, check_type
 from causalvdm.utils.io import CheckpointError, load_weights
 
 log = logging.getLogger(__name__)
@@ -115,10 +117,11 @@ def _names(keys: list[str], first: int = 3) -> str:
     return f" ({', '.join(keys[:first])}{more})"
 
 
-def load_pretrained(model: nn.Module, path: str | Path, source: str = "auto") -> dict:
+def load_pretrained(model: nn.Module, path: str | Path, source: str = "auto", strict: bool = True) -> dict:
     """Load an Open-Sora v1 / PixArt-alpha checkpoint (.pth/.pt/.safetensors) into a freshly built CausalSTDiT.
 
     source: 'auto' (temporal blocks present -> 'opensora', else 'pixart'), 'opensora' or 'pixart'.
+    strict: refuse a checkpoint with tensors the model has no place for (DROPPED tables aside); False skips them.
     Returns the summary of `convert_state_dict` plus `source`; logs it on one line.
     """
     if source not in SOURCES:
@@ -133,6 +136,10 @@ def load_pretrained(model: nn.Module, path: str | Path, source: str = "auto") ->
         keys = list(state)
         raise CheckpointError(f"{path}: no tensor of it fits the model ({len(keys)} keys{_names(keys)}); "
                               "is it a PixArt-alpha or Open-Sora v1 checkpoint?")
+    unexpected = summary["unexpected"]
+    if strict and unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} tensors have no place in this model{_names(unexpected)}; "
+                              "to skip them, load with strict=False (model.from_pretrained_strict=False, --no-strict)")
     with torch.no_grad():
         model.load_state_dict(tensors, strict=False)
     summary["source"] = detected
@@ -144,13 +151,22 @@ def load_pretrained(model: nn.Module, path: str | Path, source: str = "auto") ->
     return summary
 
 
-def build_model_from_config(cfg_model) -> nn.Module:
-    """Build `cfg.model`; if it has `from_pretrained` (a checkpoint path), initialise from it with load_pretrained."""
+def split_init_fields(cfg_model) -> tuple[dict, str | None, bool]:
+    """`cfg.model` -> (the fields its builder takes, `from_pretrained` path or None, `from_pretrained_strict`)."""
     cfg = dict(cfg_model)
     path = cfg.pop("from_pretrained", None)
+    strict = cfg.pop("from_pretrained_strict", True)
+    check_type("model.from_pretrained_strict", strict, bool)
+    return cfg, path, strict
+
+
+def build_model_from_config(cfg_model) -> nn.Module:
+    """Build `cfg.model`; if it has `from_pretrained` (a checkpoint path), initialise from it with load_pretrained,
+    strictly unless `from_pretrained_strict=False`."""
+    cfg, path, strict = split_init_fields(cfg_model)
     model = build(MODELS, cfg, "model")
     if path:
         if not Path(path).is_file():
             raise ConfigError(f"model.from_pretrained: {path}: checkpoint not found")
-        load_pretrained(model, path)
+        load_pretrained(model, path, strict=strict)
     return model

@@ -7,7 +7,9 @@ evicts the oldest, so the cost of a chunk and the memory stay constant however l
 
 mode="recompute" is the baseline without a cache: every denoising step runs the model on
 [last <= max_cond_frames written frames | chunk]. Both modes draw the same noise from the same seeds,
-so before the first eviction they produce the same video (fp32: to ~1e-5).
+so before the first eviction they produce the same video (fp32: to ~1e-5). After it the window's frames keep
+their absolute positions, as in the cache (recompute_positions='absolute', the reference code's baseline), or
+are numbered from 0 ('window').
 """
 
 import time
@@ -20,6 +22,7 @@ from causalvdm.diffusion import make_sampler
 from causalvdm.models.kv_cache import spatial_prefix_frames
 
 MODES = ("cache", "recompute")
+RECOMPUTE_POSITIONS = ("absolute", "window")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -52,14 +55,19 @@ class AutoregressiveGenerator:
     training; their timestep input stays 0); mode: 'cache' | 'recompute'; progress: tqdm over steps;
     dtype: None keeps the model's dtype, else the model is cast to it in place, so weights and KV cache are
     stored in it (latents, sampler arithmetic and model outputs stay float32); compile: False, True or a
-    torch.compile mode ('reduce-overhead': CUDA graphs) for the per-step model call.
+    torch.compile mode ('reduce-overhead': CUDA graphs) for the per-step model call; recompute_positions:
+    'absolute' | 'window', the positions of the recompute window's frames (see the module docstring).
     """
 
     def __init__(self, model, diffusion, sampler: str = "iddpm", num_steps: int = 100, chunk_size: int = 8,
                  max_cond_frames: int = 25, cfg_scale: float = 1.0, prefix_perturb_t: int = 0, mode: str = "cache",
-                 progress: bool = False, dtype: torch.dtype | str | None = None, compile: bool | str = False):
+                 progress: bool = False, dtype: torch.dtype | str | None = None, compile: bool | str = False,
+                 recompute_positions: str = "absolute"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if recompute_positions not in RECOMPUTE_POSITIONS:
+            raise ValueError(f"recompute_positions must be one of {', '.join(RECOMPUTE_POSITIONS)}, "
+                             f"got {recompute_positions!r}")
         if chunk_size < 1 or max_cond_frames < 1:
             raise ValueError(f"need chunk_size >= 1 and max_cond_frames >= 1, got {chunk_size}, {max_cond_frames}")
         if model.tpe_mode == "cyclic" and max_cond_frames + chunk_size > model.max_tpe_len:
@@ -85,11 +93,13 @@ class AutoregressiveGenerator:
         self.cfg_scale = cfg_scale
         self.prefix_perturb_t = prefix_perturb_t
         self.mode = mode
+        self.recompute_positions = recompute_positions
         self.progress = progress
         self.cache = None  # KVCache of the current video (cache mode)
         self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
         self.prefill_time = 0.0
         self._window = None  # recompute mode: the written frames in view (B, C, <= max_cond_frames, h, w)
+        self._written = 0  # recompute mode: frames written so far, so the window starts at _written - its length
         self._text = None  # TextContext of the current video (2B rows when guided), None if unconditional
         self._guided = False
         self._cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
@@ -124,6 +134,7 @@ class AutoregressiveGenerator:
         frames = self._perturb(first_latents.to(self.device), generator)
         if self.mode == "recompute":
             self._window = frames
+            self._written = n0
         elif n0:
             self._write(frames)
 
@@ -141,7 +152,8 @@ class AutoregressiveGenerator:
         if cond is None:
             ctx = self.model.prepare(k, h, w, self.cache, self._text)
         else:
-            ctx = self.model.prepare(p + k, h, w, text=self._text, chunk=(p, p + k))
+            start = self._written - p if self.recompute_positions == "absolute" else 0
+            ctx = self.model.prepare(p + k, h, w, text=self._text, chunk=(p, p + k), start=start)
         self.sampler.reset()
         steps = len(self.sampler.timesteps)
         timesteps = torch.zeros(steps, b, p + k, dtype=torch.long, device=x.device)  # the written frames stay at 0
@@ -163,6 +175,7 @@ class AutoregressiveGenerator:
         frames = self._perturb(latents, generator)
         if self.mode == "recompute":
             self._window = torch.cat([self._window, frames], dim=2)[:, :, -self.max_cond_frames :]
+            self._written += frames.shape[2]
         else:
             self._write(frames)
 

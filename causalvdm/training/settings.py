@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from causalvdm.config import check_range, settings_from
+from causalvdm.diffusion.clean_prefix import TPE_OFFSETS
 from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.registry import ConfigError
 
@@ -24,6 +25,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     txt_dropout_prob: float = 0.1
+    tpe_offsets: str = "always"  # random cyclic-TPE offsets: "always" | "full_window" (p + k = max_tpe_len only)
     parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard per block)
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     grad_checkpointing: bool = False
@@ -45,6 +47,9 @@ class TrainSettings:
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {settings.parallel!r}")
         if settings.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.mixed_precision must be 'auto', 'bf16' or 'fp32', got {settings.mixed_precision!r}")
+        if settings.tpe_offsets not in TPE_OFFSETS:
+            raise ConfigError(f"train.tpe_offsets must be one of {', '.join(TPE_OFFSETS)}, "
+                              f"got {settings.tpe_offsets!r}")
         if settings.validation_sampler not in SAMPLERS:  # read at the first validation: checked before step 1
             raise ConfigError(f"train.validation_sampler must be one of {', '.join(SAMPLERS)}, "
                               f"got {settings.validation_sampler!r}")

@@ -30,7 +30,7 @@ import causalvdm
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.data import StatefulSampler, build_dataloader, default_num_workers
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
-from causalvdm.models.pretrained import build_model_from_config
+from causalvdm.models.pretrained import build_model_from_config, split_init_fields
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.sampling import AutoregressiveGenerator
@@ -202,7 +202,7 @@ class Trainer:
         with self.autocast:
             out = clean_prefix_loss(self.model, self.diffusion, x0, y=y, mask=mask, ar_size=self.ar.chunk_size,
                                     prefix_len=prefix_len, prefix_perturb_t=self.ar.prefix_perturb_t,
-                                    txt_dropout_prob=s.txt_dropout_prob, generators=gens)
+                                    txt_dropout_prob=s.txt_dropout_prob, generators=gens, tpe_offsets=s.tpe_offsets)
         return dict(out, prefix_len=prefix_len)
 
     def train_step(self) -> tuple[dict, torch.Tensor]:
@@ -305,7 +305,7 @@ class Trainer:
         ema_state = self.ema.state_dict()  # a collective under FSDP: every rank takes part
         if not self.info.is_main:
             return
-        model = causalvdm.build_model({k: v for k, v in self.cfg.model.items() if k != "from_pretrained"})
+        model = causalvdm.build_model(split_init_fields(self.cfg.model)[0])
         model.load_state_dict(ema_state)
         sample = SampleSettings(sampler=s.validation_sampler, num_steps=s.validation_steps, dtype="float32")
         pipe = CausalVDMPipeline(model, self.vae, self.diffusion, self.text_encoder, ar, sample, device=self.info.device)

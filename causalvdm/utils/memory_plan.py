@@ -14,6 +14,7 @@ import causalvdm
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.diffusion import prefix_lengths
 from causalvdm.models.kv_cache import spatial_prefix_frames
+from causalvdm.models.pretrained import split_init_fields
 from causalvdm.training.settings import TrainSettings
 
 MIB = 2**20
@@ -50,7 +51,7 @@ class ModelDims:
 
 def meta_model(cfg):
     """`cfg.model` built on the meta device (no weights are read or allocated)."""
-    model_cfg = {k: v for k, v in dict(cfg.model).items() if k != "from_pretrained"}
+    model_cfg = split_init_fields(cfg.model)[0]
     with torch.device("meta"):
         return causalvdm.build_model(model_cfg)
 
