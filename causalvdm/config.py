@@ -89,15 +89,17 @@ def check_range(section: str, settings, low=None, high=None, *names: str) -> Non
 
 @dataclass
 class AutoregressiveSettings:
-    """`cfg.autoregressive`, shared by training and sampling: chunk size k, cache queue size, prefix perturbation."""
+    """`cfg.autoregressive`, shared by training and sampling: chunk size k, cache queue size, prefix perturbation,
+    frame sink (the first `sink_frames` frames stay in view for the whole video, besides the rolling queue)."""
 
     chunk_size: int = 8
     max_cond_frames: int = 25
     prefix_perturb_t: int = 0
+    sink_frames: int = 0
 
     @classmethod
     def from_cfg(cls, ar_cfg) -> "AutoregressiveSettings":
         settings = settings_from(cls, "autoregressive", dict(ar_cfg or {}))
         check_range("autoregressive", settings, 1, None, "chunk_size", "max_cond_frames")
-        check_range("autoregressive", settings, 0, None, "prefix_perturb_t")
+        check_range("autoregressive", settings, 0, None, "prefix_perturb_t", "sink_frames")
         return settings

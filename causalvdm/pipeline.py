@@ -267,7 +267,8 @@ class CausalVDMPipeline:
             self.generator = AutoregressiveGenerator(
                 self.model, self.diffusion, sampler, num_steps, ar.chunk_size, ar.max_cond_frames, cfg_scale,
                 ar.prefix_perturb_t, mode=mode, progress=self.progress, dtype=self.dtype,
-                compile=self.defaults.compile or False, recompute_positions=self.defaults.recompute_positions)
+                compile=self.defaults.compile or False, recompute_positions=self.defaults.recompute_positions,
+                sink_frames=ar.sink_frames)
             self._generator_key = key
         return self.generator
 

@@ -387,3 +387,23 @@ def test_sampler_errors():
 def test_gaussian_diffusion_rejects_bad_betas():
     with pytest.raises(ValueError, match="betas"):
         GaussianDiffusion(np.array([0.1, 1.5]))
+
+
+def test_frame_sink_training_layout(make_model):
+    """Training lays a sink out as inference does: the first frames keep TPE rows 0..s-1 whatever the sample's
+    random offset, the others roll over the remaining rows; the loss sees it (it differs from no sink)."""
+    model = make_model(max_tpe_len=11)
+    offsets = torch.tensor([0, 4, 9])
+    ctx = model.prepare(9, 4, 4, tpe_offset=offsets, sink_frames=2)
+    table = model.pos_embed_temporal
+    for row, offset in enumerate(offsets.tolist()):
+        expected = [0, 1] + [2 + (p - 2 + offset) % 9 for p in range(2, 9)]
+        assert torch.equal(ctx.tpe[row], table[expected])
+    x0 = torch.randn(2, 4, 9, 4, 4, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for sink in (0, 2):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        out = clean_prefix_loss(model, IDDPM(), x0, y=None, mask=None, ar_size=4, prefix_len=5, prefix_perturb_t=0,
+                                txt_dropout_prob=0.0, generators=gens, sink_frames=sink)
+        losses.append(out["loss"].item())
+    assert losses[0] != losses[1]

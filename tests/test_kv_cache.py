@@ -79,6 +79,48 @@ def test_cached_chunks_match_reference(make_model, tpe_mode, bidirectional, spat
     assert max(r["max_abs_diff"] for r in results) <= 1e-4
 
 
+@pytest.mark.parametrize("tpe_mode", ["cyclic", "rope"])
+def test_frame_sink_matches_reference_across_wraps(make_model, tpe_mode):
+    """A sink of 2 frames beside a queue of 9 (ring of 13 slots), a 17-row cyclic table (15 rolling rows): 12 chunks
+    wrap the ring and the rolling rows three times; recompute before eviction, the naive cache (first frames kept,
+    RoPE sink turned at attention time) after it, all weights random, text and a guidance batch."""
+    model = make_model(tpe_mode=tpe_mode, max_tpe_len=17)
+    results = verify(model, ar_steps=12, chunk=4, max_cond=9, latent_size=(4, 4), denoise_calls=2, sink_frames=2)
+    assert [r["reference"] for r in results].count("naive") == 9  # 1 + 3 * 4 = 13 > 2 + 9: from the 4th chunk
+    assert max(r["max_abs_diff"] for r in results) <= 1e-4
+
+
+def test_frame_sink_slots_and_state(make_model):
+    """The sink's slots come before the ring, the mask shows them for ever; state_dict / load_state_dict and
+    clone carry the sink (RoPE: as written, not as turned) and continue exactly."""
+    model = make_model(tpe_mode="rope")
+    cache = model.new_cache(2, 3, chunk_size=2, sink_frames=2)
+    gen = torch.Generator().manual_seed(0)
+    model.write_cache(torch.randn(2, 4, 1, 4, 4, generator=gen), cache)
+    _generate_k(model, cache, 4, gen, k=2)  # 9 frames written: sink 0, 1; queue 6, 7, 8
+    assert cache.positions.tolist() == [0, 1, 6, 7, 8] and len(cache) == 5
+    assert cache.slot_pos[:2].tolist() == [0, 1]
+    cache.begin(2)
+    mask = cache.attn_mask(False, "cpu")
+    assert mask[0, :2].all() and mask[0].sum() == 5 + 1
+    restored = model.new_cache(2, 3, chunk_size=2, sink_frames=2)
+    restored.load_state_dict(cache.state_dict())
+    branch = cache.clone()
+    outs = [_generate_k(model, c, 3, torch.Generator().manual_seed(5), k=2) for c in (cache, restored, branch)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(ValueError, match="sink_frames"):
+        model.new_cache(2, 3, chunk_size=2).load_state_dict(cache.state_dict())
+
+
+def _generate_k(model, cache, chunks, gen, k):
+    outs = []
+    for _ in range(chunks):
+        out = model(torch.randn(2, model.in_channels, k, 4, 4, generator=gen), torch.full((2, k), 500), cache=cache)
+        model.write_cache(out[:, : model.in_channels], cache)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
+
+
 def _generate(model, cache, chunks, y, mask, gen):
     outs = []
     for _ in range(chunks):

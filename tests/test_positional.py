@@ -52,3 +52,19 @@ def test_model_training_offsets_are_random_and_applied(make_model):
     full_turn = torch.full((2,), model.max_tpe_len)
     assert torch.allclose(model(x, t, tpe_offset=full_turn), base, atol=1e-6)
     assert not torch.allclose(model(x, t, tpe_offset=torch.tensor([3, 3])), base, atol=1e-4)
+
+
+def test_cyclic_rows_with_a_frame_sink_never_collide():
+    """Sink frames keep rows 0..s-1 whatever the offset; every window of L - s consecutive rolling frames takes the
+    other L - s rows exactly once, so the frames in view (sink + at most L - s rolling) never share a row."""
+    sink, length = 3, 11
+    positions = torch.arange(200)
+    for offset in (None, torch.tensor([0, 5, 17])):
+        rows = tpe_index(positions, "cyclic", length, offset, sink)
+        assert torch.equal(rows[:, :sink], torch.arange(sink).expand(rows.shape[0], -1))
+        rolling = rows[:, sink:]
+        assert rolling.min() >= sink and rolling.max() < length
+        for start in range(0, 200 - sink - (length - sink)):
+            window = rolling[:, start:start + length - sink]
+            assert all(len(set(r.tolist())) == length - sink for r in window)
+    assert torch.equal(tpe_index(positions, "cyclic", length), tpe_index(positions, "cyclic", length, sink=0))

@@ -71,6 +71,29 @@ def test_cache_matches_recompute_with_a_spatial_prefix(make_model, spatial_prefi
     assert (plain[:, :, n0 + 4:] - videos[0][:, :, n0 + 4:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("tpe_mode", ["cyclic", "rope"])
+@pytest.mark.parametrize("n0", [1, 3])
+def test_frame_sink_cache_matches_recompute(make_model, tpe_mode, n0):
+    """A sink of 2 frames beside a queue of 5: with two blocks the modes agree until the first eviction; with one
+    block (a frame's keys/values depend on itself alone) on every chunk, wraps and evictions included, so the
+    sink's positions (fixed cyclic rows, RoPE keys turned next to the queue) are the same in both. Without the
+    sink the chunks after eviction differ: it is really read."""
+    first, y, mask = _inputs(make_model(), n0=n0)
+    videos = {}
+    for depth in (1, 2):
+        model, diffusion = _bounded(make_model, depth=depth, tpe_mode=tpe_mode, max_tpe_len=11)
+        for sink in (0, 2):
+            for mode in ("cache", "recompute"):
+                gen = AutoregressiveGenerator(model, diffusion, "ddim", 2, 4, 5, cfg_scale=2.0, mode=mode,
+                                              sink_frames=sink)
+                videos[depth, sink, mode] = gen.generate(first, n0 + 24, y, mask, seed=1)
+    agree = n0 + 4 * (1 + (2 + 5 - n0) // 4)  # the first chunk generated with more than 2 + 5 frames written
+    torch.testing.assert_close(videos[2, 2, "cache"][:, :, :agree], videos[2, 2, "recompute"][:, :, :agree],
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(videos[1, 2, "cache"], videos[1, 2, "recompute"], atol=1e-4, rtol=0)
+    assert (videos[1, 2, "cache"][:, :, agree:] - videos[1, 0, "cache"][:, :, agree:]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("n0", [0, 3])
 def test_cache_matches_recompute_with_other_given_counts(make_model, n0):
     """No given frame (the first chunk from the prompt alone) and several, the last chunk cut short."""
@@ -202,16 +225,19 @@ def test_psnr():
     assert psnr(b, a).tolist() == pytest.approx([100.0, 20.0])
 
 
-def test_streaming_memory_is_flat(make_model, tmp_path):
-    """999 frames generated, decoded and written: memory after frame 992 is what it was at frame 96.
+@pytest.mark.parametrize("tpe_mode, sink_frames, max_cond", [("cyclic", 0, 25), ("rope", 2, 23)])
+def test_streaming_memory_is_flat(make_model, tmp_path, tpe_mode, sink_frames, max_cond):
+    """999 frames generated, decoded and written: memory after frame 992 is what it was at frame 96, with and
+    without a frame sink (whose RoPE keys are turned at every chunk).
 
     Frames are upsampled to 128x128 for the writer, so keeping them would add ~45 MB of pixels.
     """
     from causalvdm.autoencoders import PixelVAE
 
-    model, diffusion = _bounded(make_model, in_channels=12, caption_channels=0)
+    model, diffusion = _bounded(make_model, in_channels=12, caption_channels=0, tpe_mode=tpe_mode)
     vae = PixelVAE(factor=2)
-    gen = AutoregressiveGenerator(model, diffusion, "ddim", 1, chunk_size=8, max_cond_frames=25)
+    gen = AutoregressiveGenerator(model, diffusion, "ddim", 1, chunk_size=8, max_cond_frames=max_cond,
+                                  sink_frames=sink_frames)
     collector = ContactSheetCollector(999)
     rss = {}
     with StreamingVideoWriter(tmp_path / "long.mp4", 8, 128, 128) as writer:

@@ -117,7 +117,7 @@ def make_generator(args, model, diffusion, ar: AutoregressiveSettings, mode: str
     """The iddpm generator of every run, with --denoise-steps, --cfg-scale, --compile and the config's settings."""
     return AutoregressiveGenerator(model, diffusion, "iddpm", args.denoise_steps, ar.chunk_size, ar.max_cond_frames,
                                    cfg_scale=args.cfg_scale, prefix_perturb_t=ar.prefix_perturb_t, mode=mode,
-                                   compile=args.compile or False)
+                                   compile=args.compile or False, sink_frames=ar.sink_frames)
 
 
 def run(gen: AutoregressiveGenerator, first, text, num_frames: int, seed: int, compare_chunks: int) -> dict:

@@ -120,7 +120,8 @@ def train_step(model, optimizer, data, step: int, w: Workload) -> float:
     with w.autocast:
         out = clean_prefix_loss(model, w.diffusion, x0, y=y, mask=mask, ar_size=w.ar.chunk_size,
                                 prefix_len=w.prefix_len, prefix_perturb_t=w.ar.prefix_perturb_t,
-                                txt_dropout_prob=w.settings.txt_dropout_prob, generators=generators)
+                                txt_dropout_prob=w.settings.txt_dropout_prob, generators=generators,
+                                sink_frames=w.ar.sink_frames)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), w.settings.grad_clip)
     optimizer.step()

@@ -26,9 +26,10 @@ log = logging.getLogger("verify_cache")
 
 @torch.no_grad()
 def verify(model, ar_steps: int, chunk: int, max_cond: int, latent_size, first_frames: int = 1,
-           denoise_calls: int = 3, batch_size: int = 2, seed: int = 0) -> list[dict]:
+           denoise_calls: int = 3, batch_size: int = 2, seed: int = 0, sink_frames: int = 0) -> list[dict]:
     """Run `ar_steps` autoregressive steps through the ring cache and the reference; per-step max abs diff and
-    the largest |output| of the reference (a bf16 model is compared relative to it).
+    the largest |output| of the reference (a bf16 model is compared relative to it). sink_frames: the first frames
+    stay in view besides the rolling queue (eviction starts after sink_frames + max_cond frames).
 
     With text conditioning the batch is a classifier-free-guidance batch: conditional rows, then null text.
     """
@@ -48,14 +49,15 @@ def verify(model, ar_steps: int, chunk: int, max_cond: int, latent_size, first_f
         mask[:, 0] = True  # a caption has at least one token
 
     frames = randn(batch_size, c, first_frames, h, w)
-    cache = model.new_cache(batch_size, max_cond, chunk_size=max(chunk, first_frames))
-    naive = ReferenceKVCache(len(model.blocks), max_cond, model.spatial_prefix)
+    cache = model.new_cache(batch_size, max_cond, chunk_size=max(chunk, first_frames), sink_frames=sink_frames)
+    naive = ReferenceKVCache(len(model.blocks), max_cond, model.spatial_prefix, sink_frames,
+                             rotate_sink=model.tpe_mode == "rope")
     model.write_cache(frames, cache, y, mask)
     model.write_cache(frames, naive, y, mask)
     results = []
     for step in range(ar_steps):
         x = randn(batch_size, c, chunk, h, w)
-        evicted = frames.shape[2] > max_cond
+        evicted = frames.shape[2] > sink_frames + max_cond
         cached = len(cache)
         worst = scale = 0.0
         for _ in range(denoise_calls):
@@ -66,7 +68,8 @@ def verify(model, ar_steps: int, chunk: int, max_cond: int, latent_size, first_f
             else:
                 p = frames.shape[2]
                 t_full = torch.cat([torch.zeros(batch_size, p, dtype=t.dtype, device=device), t], dim=1)
-                ref = model(torch.cat([frames, x], dim=2), t_full, y, mask, chunk=(p, p + chunk))[:, :, p:]
+                ref = model(torch.cat([frames, x], dim=2), t_full, y, mask, chunk=(p, p + chunk),
+                            sink_frames=sink_frames)[:, :, p:]
             worst = max(worst, (out - ref).abs().max().item())
             scale = max(scale, ref.abs().max().item())
             x = x - 0.1 * out[:, :c]  # a stand-in denoising update, so each call sees a new input

@@ -44,6 +44,7 @@ def clean_prefix_loss(
     txt_dropout_prob: float,
     generators: list[torch.Generator],
     tpe_offsets: str = "always",
+    sink_frames: int = 0,
 ) -> dict:
     """Diffusion loss on the chunk frames [p, p + k) of clean latents x0 (B, C, L, H, W) given the clean prefix [0, p).
 
@@ -51,7 +52,8 @@ def clean_prefix_loss(
     random t per sample. y (B, L_text, C_text) / mask (B, L_text) are replaced by the model's null caption with
     probability `txt_dropout_prob`. generators: B CPU generators, one per sample. tpe_offsets (cyclic TPE):
     'always' draws a random table offset for every sample, 'full_window' only when p + k >= max_tpe_len.
-    Returns dict(loss=scalar tensor with grad, mse=float, vb=float), batch means.
+    sink_frames: the first frames of the prefix are a frame sink, laid out as at inference (fixed TPE rows; the
+    offsets roll the other frames only). Returns dict(loss=scalar tensor with grad, mse=float, vb=float), batch means.
     """
     b, c, clip_len, h, w = x0.shape
     p, k = prefix_len, ar_size
@@ -89,7 +91,8 @@ def clean_prefix_loss(
     text_drop = torch.tensor(drop, device=x0.device) if drop_text else None  # (B,) bool
     tpe_offset = None if tpe_offset[0] is None else torch.cat(tpe_offset).to(x0.device)  # (B,)
 
-    out = model(x_in, t_in, y=y, mask=mask, chunk=(p, p + k), tpe_offset=tpe_offset, text_drop=text_drop)  # (B, 2C, p + k, H, W)
+    out = model(x_in, t_in, y=y, mask=mask, chunk=(p, p + k), tpe_offset=tpe_offset, text_drop=text_drop,
+                sink_frames=sink_frames)  # (B, 2C, p + k, H, W)
     losses = diffusion.training_losses(out[:, :, p:p + k], chunk_x0, chunk_xt, t, noise)
     # .item() is a device sync; once per step for logging is acceptable.
     return dict(loss=losses["loss"].mean(), mse=losses["mse"].mean().item(), vb=losses["vb"].mean().item())

@@ -271,13 +271,14 @@ class CausalSTDiT(nn.Module):
 
     def prepare(self, num_frames: int, height: int, width: int, cache=None, text: TextContext | None = None,
                 chunk: tuple[int, int] | None = None, tpe_offset=None, write: bool = False,
-                start: int = 0) -> CallContext:
+                positions: torch.Tensor | None = None, sink_frames: int = 0) -> CallContext:
         """The context of calls on `num_frames` frames of height x width latents (see `forward` for the arguments).
 
         With a cache this starts a call on it (positions follow its queue) and preallocates its buffers, so build
         one per chunk, then run `step` at every denoising step. write: a cache write of clean frames (causal among
-        themselves, and their spatial keys/values are kept for the spatial prefix). start: without a cache, the
-        position of the first frame (the recompute baseline's window after eviction).
+        themselves, and their spatial keys/values are kept for the spatial prefix). Without a cache: positions (T,)
+        the absolute positions of the frames (default 0..T-1; the recompute baseline's window after eviction), and
+        sink_frames, how many of the first positions are a frame sink (a cache knows its own).
         """
         ph, pw = self.patch_size[1:]
         if height % ph or width % pw:
@@ -285,18 +286,23 @@ class CausalSTDiT(nn.Module):
         device, dtype = self.x_embedder.proj.weight.device, self.dtype
         head_dim = self.hidden_size // self.num_heads
         if cache is None:
-            positions = torch.arange(start, start + num_frames)
+            positions = torch.arange(num_frames) if positions is None else positions.cpu()
             attn_mask = self.frame_mask(num_frames, chunk if self.chunk_bidirectional else None, device)
         else:
             cache.allocate((height // ph) * (width // pw), self.num_heads, head_dim, dtype, device)
             positions = cache.begin(num_frames)
             attn_mask = cache.attn_mask(self.chunk_bidirectional and not write, device)
+        sink = cache.sink_frames if cache is not None else sink_frames
         tpe = rope = None
         if self.tpe_mode == "rope":
+            if cache is None and sink:  # the sink sits just before the oldest rolling frame, as the cache turns it
+                rolling = positions[positions >= sink]
+                positions = torch.where(positions < sink, positions + (rolling[0] - sink if len(rolling) else 0),
+                                        positions)
             cos, sin = rope_cos_sin(positions, head_dim)
             rope = (cos.to(device), sin.to(device))
         else:
-            index = tpe_index(positions, self.tpe_mode, self.max_tpe_len, tpe_offset)
+            index = tpe_index(positions, self.tpe_mode, self.max_tpe_len, tpe_offset, sink)
             tpe = self.pos_embed_temporal[index.to(device)].to(dtype)  # (B or 1, T, D)
         pos_spatial = sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(device, dtype)
         spatial = self._spatial_prefix(cache, chunk, write, (height // ph) * (width // pw), device)
@@ -356,18 +362,21 @@ class CausalSTDiT(nn.Module):
         guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([guided, cond[:, c:]], dim=1)
 
-    def forward(self, x, t, y=None, mask=None, cache=None, chunk=None, tpe_offset=None, text_drop=None) -> torch.Tensor:
+    def forward(self, x, t, y=None, mask=None, cache=None, chunk=None, tpe_offset=None, text_drop=None,
+                sink_frames: int = 0) -> torch.Tensor:
         """Predict noise (and variance) for every frame.
 
         x: (B, C, T, H, W); t: (B, T) per-frame timesteps; y: (B, L, C_text) text tokens, mask: (B, L).
         cache: read-only conditioning frames (x is then the chunk only); chunk: (start, end) span of the
         chunk being denoised when cache is None (used in chunk-bidirectional mode); tpe_offset: (B,)
         random cyclic-TPE offsets for training; text_drop: (B,) bool rows whose text is replaced by the
-        null caption (training). Returns (B, 2C, T, H, W) float32.
+        null caption (training); sink_frames: without a cache, the first frames are a frame sink (see `prepare`).
+        Returns (B, 2C, T, H, W) float32.
         """
         b, _, num_frames, height, width = x.shape
         text = self.encode_text(y, mask, b, text_drop)
-        return self.step(x, t, self.prepare(num_frames, height, width, cache, text, chunk, tpe_offset))
+        ctx = self.prepare(num_frames, height, width, cache, text, chunk, tpe_offset, sink_frames=sink_frames)
+        return self.step(x, t, ctx)
 
     def forward_with_cfg(self, x, t, y, mask, cfg_scale: float, cache=None, chunk=None) -> torch.Tensor:
         """Classifier-free guidance in one batch: conditional and null text side by side.
@@ -380,9 +389,12 @@ class CausalSTDiT(nn.Module):
         return self.step_with_cfg(x, t, ctx, cfg_scale)
 
     # ---------------------------------------------------------------------------------- cache
-    def new_cache(self, batch_size: int, max_frames: int, chunk_size: int | None = None) -> KVCache:
-        """An empty queue of `max_frames` conditioning frames; calls stage up to `chunk_size` frames."""
-        return KVCache(len(self.blocks), batch_size, max_frames, chunk_size or max_frames, self.spatial_prefix)
+    def new_cache(self, batch_size: int, max_frames: int, chunk_size: int | None = None,
+                  sink_frames: int = 0) -> KVCache:
+        """An empty queue of `max_frames` conditioning frames, plus a sink of the first `sink_frames` frames kept for
+        the whole video; calls stage up to `chunk_size` frames."""
+        return KVCache(len(self.blocks), batch_size, max_frames, chunk_size or max_frames, self.spatial_prefix,
+                       sink_frames, rotate_sink=self.tpe_mode == "rope")
 
     @torch.no_grad()
     def write_cache(self, x_clean, cache, y=None, mask=None, text: TextContext | None = None) -> None:

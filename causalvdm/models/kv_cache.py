@@ -11,6 +11,8 @@ import copy
 
 import torch
 
+from causalvdm.models.positional import apply_rope, rope_cos_sin
+
 
 def staged_mask(num_new: int, bidirectional: bool) -> torch.Tensor:
     """Which of this call's frames each new frame sees -> (T, T) bool: causal, or all of them."""
@@ -55,25 +57,35 @@ def attend_with_context(q, k, v, context_k, context_v, mask=None) -> torch.Tenso
 class KVCache:
     """Per-layer temporal keys/values of the last `capacity` clean frames, preallocated.
 
-    Buffers are (num_layers, B*S, heads, capacity + chunk_size, head_dim), one ring: the queue's frames and
-    the (up to chunk_size) frames of the current call, each in slot position % (capacity + chunk_size), so
+    Buffers are (num_layers, B*S, heads, sink + capacity + chunk_size, head_dim): the sink's slots, then one ring of
+    the queue's frames and the (up to chunk_size) frames of the current call, frame p in slot
+    sink + (p - sink) % (capacity + chunk_size), so
     attention reads one fixed-size view of the buffers instead of concatenating the cache every step.
     `allocate()` (done by `model.prepare`) sizes them once the token count S and the head shape are known.
 
     With a spatial prefix (`model.spatial_prefix`) it also keeps the spatial keys/values of the frames a chunk's
     spatial attention reads: frame 0 for ever ('first_frame'), or the last N written frames in a ring of N slots
     ('prev_frames_N'), as (num_layers, B, heads, slots, S, head_dim); cache writes fill them, reads never do.
+
+    A frame sink (`sink_frames` = s) keeps the first s frames in view for the whole video, in slots 0..s-1 before
+    the ring, besides the `capacity` rolling frames. With RoPE (`rotate_sink`) the sink's keys are turned, once per
+    call, to sit just before the oldest rolling frame, so every distance in view stays below s + capacity + chunk.
     """
 
     def __init__(self, num_layers: int, batch_size: int, capacity: int, chunk_size: int,
-                 spatial_prefix: str | None = None):
-        if capacity < 1 or chunk_size < 1:
-            raise ValueError(f"KV cache needs capacity >= 1 and chunk_size >= 1, got {capacity}, {chunk_size}")
+                 spatial_prefix: str | None = None, sink_frames: int = 0, rotate_sink: bool = False):
+        if capacity < 1 or chunk_size < 1 or sink_frames < 0:
+            raise ValueError(f"KV cache needs capacity >= 1, chunk_size >= 1 and sink_frames >= 0, got {capacity}, "
+                             f"{chunk_size}, {sink_frames}")
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.capacity = capacity
         self.chunk_size = chunk_size
-        self.num_slots = capacity + chunk_size
+        self.sink_frames = sink_frames
+        self.rotate_sink = rotate_sink and sink_frames > 0
+        self.sink_k: torch.Tensor | None = None  # RoPE: the sink's keys as written, at their own positions
+        self._sink_shift = 0  # the rotation the sink slots of `k` hold now
+        self.num_slots = sink_frames + capacity + chunk_size
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
@@ -87,23 +99,36 @@ class KVCache:
         self._slots: torch.Tensor | None = None  # (T,) slots of the current call's frames, on the buffers' device
 
     def __len__(self) -> int:
-        return min(self.next_position, self.capacity)
+        return min(self.next_position, self.sink_frames) + max(0, self.next_position - self.rolling_start)
+
+    @property
+    def rolling_start(self) -> int:
+        """Position of the oldest rolling (non-sink) frame in view (or that the next one will take)."""
+        return max(self.sink_frames, self.next_position - self.capacity)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the key and value buffers, spatial prefix included (0 before the first write)."""
+        """Bytes held by the key and value buffers, spatial prefix and sink included (0 before the first write)."""
         spatial = 0 if self.spatial_k is None else self.spatial_k.nbytes + self.spatial_v.nbytes
-        return spatial + (0 if self.k is None else self.k.nbytes + self.v.nbytes)
+        sink = 0 if self.sink_k is None else self.sink_k.nbytes
+        return spatial + sink + (0 if self.k is None else self.k.nbytes + self.v.nbytes)
 
     @property
     def positions(self) -> torch.Tensor:
-        """Absolute positions of the cached frames, oldest first -> (len,)."""
-        return torch.arange(self.next_position - len(self), self.next_position)
+        """Absolute positions of the cached frames, oldest first -> (len,): the sink, then the rolling queue."""
+        sink = torch.arange(min(self.next_position, self.sink_frames))
+        return torch.cat([sink, torch.arange(self.rolling_start, self.next_position)])
+
+    def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Slot of each absolute position: the sink's own slots, then the ring."""
+        s, ring = self.sink_frames, self.capacity + self.chunk_size
+        return torch.where(positions < s, positions, s + (positions - s) % ring)
 
     def reset(self) -> None:
         """Forget every frame; buffers are kept for reuse."""
         self.slot_pos.fill_(-1)
         self.spatial_pos.fill_(-1)
+        self.sink_k, self._sink_shift = None, 0
         self.next_position = 0
 
     def clone(self) -> "KVCache":
@@ -112,6 +137,7 @@ class KVCache:
         other.k = None if self.k is None else self.k.clone()
         other.v = None if self.v is None else self.v.clone()
         other.slot_pos = self.slot_pos.clone()
+        other.sink_k = None if self.sink_k is None else self.sink_k.clone()
         other.spatial_k = None if self.spatial_k is None else self.spatial_k.clone()
         other.spatial_v = None if self.spatial_v is None else self.spatial_v.clone()
         other.spatial_pos = self.spatial_pos.clone()
@@ -120,9 +146,13 @@ class KVCache:
     def state_dict(self) -> dict:
         """The queue's keys/values (L, B*S, H, len, Dh), oldest first, and its positions; with a spatial prefix
         also its buffers (L, B, H, slots, S, Dh) and the position held in each slot."""
-        slots = self.positions % self.num_slots
+        slots = self.slots_of(self.positions)
+        k = None if self.k is None else self.k[:, :, :, slots.to(self.k.device)]
+        sink = min(self.next_position, self.sink_frames)
+        if self.sink_k is not None and sink:  # the sink as written, not as turned for the current call
+            k[:, :, :, :sink] = self.sink_k[:, :, :, :sink]
         return {
-            "k": None if self.k is None else self.k[:, :, :, slots.to(self.k.device)],
+            "k": k,
             "v": None if self.v is None else self.v[:, :, :, slots.to(self.v.device)],
             "spatial_k": self.spatial_k,
             "spatial_v": self.spatial_v,
@@ -133,11 +163,12 @@ class KVCache:
             "batch_size": self.batch_size,
             "num_layers": self.num_layers,
             "spatial_prefix": self.spatial_prefix,
+            "sink_frames": self.sink_frames,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()`; the cache must have the same capacity, chunk size, batch size and depth."""
-        for name in ("capacity", "chunk_size", "batch_size", "num_layers", "spatial_prefix"):
+        for name in ("capacity", "chunk_size", "batch_size", "num_layers", "spatial_prefix", "sink_frames"):
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)}")
         self.next_position = int(state["next_position"])
@@ -145,15 +176,17 @@ class KVCache:
         self.spatial_k = None if state["spatial_k"] is None else state["spatial_k"].clone()
         self.spatial_v = None if state["spatial_v"] is None else state["spatial_v"].clone()
         positions = self.positions
-        slots = positions % self.num_slots
+        slots = self.slots_of(positions)
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)
         self.slot_pos[slots] = positions
+        self.sink_k, self._sink_shift = None, 0
         if state["k"] is None:
             self.k = self.v = None
             return
         self._allocate(state["k"])
         self.k[:, :, :, slots.to(self.k.device)] = state["k"].to(self.k)
         self.v[:, :, :, slots.to(self.v.device)] = state["v"].to(self.v)
+        self._keep_sink(torch.arange(min(self.next_position, self.sink_frames)))
 
     def _allocate(self, like: torch.Tensor) -> None:
         """Allocate both buffers like a (L or nothing, B*S, H, T, Dh) tensor: its trailing shape, dtype and device."""
@@ -203,18 +236,41 @@ class KVCache:
         self._num_new = num_frames
         device = self.k.device if self.k is not None else None
         self._slots = self._new_slots.to(device)  # a tensor, so a compiled step does not see the slots change
+        self._turn_sink()
         return torch.arange(self.next_position, self.next_position + num_frames)
 
     @property
     def _new_slots(self) -> torch.Tensor:
         """Slots of the current call's frames, on the CPU (T,)."""
-        return torch.arange(self.next_position, self.next_position + self._num_new) % self.num_slots
+        return self.slots_of(torch.arange(self.next_position, self.next_position + self._num_new))
+
+    def _turn_sink(self) -> None:
+        """RoPE sink: rewrite the sink's key slots turned by (rolling start - s), from the keys as written, so they
+        sit just before the oldest rolling frame; done once per call, only when the shift changes."""
+        shift = self.rolling_start - self.sink_frames
+        if self.sink_k is None or shift == self._sink_shift:
+            return
+        sink = min(self.next_position, self.sink_frames)
+        cos, sin = rope_cos_sin(torch.tensor([shift]), self.k.shape[-1])
+        self.k[:, :, :, :sink] = apply_rope(self.sink_k[:, :, :, :sink], cos.to(self.k.device), sin.to(self.k.device))
+        self._sink_shift = shift
+
+    def _keep_sink(self, positions: torch.Tensor) -> None:
+        """RoPE sink: remember the keys of the sink frames among `positions` as they were written."""
+        positions = positions[positions < self.sink_frames]
+        if not self.rotate_sink or not len(positions):
+            return
+        if self.sink_k is None:
+            self.sink_k = torch.zeros_like(self.k[:, :, :, : self.sink_frames])
+        index = positions.to(self.k.device)
+        self.sink_k[:, :, :, index] = self.k[:, :, :, index]
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
-        """Which slots each new frame sees -> (T, capacity + chunk_size) bool: the queue, then this call's frames
-        causally (or all of them); slots of frames out of the queue, or not written, are hidden."""
+        """Which slots each new frame sees -> (T, sink + capacity + chunk_size) bool: the sink and the queue, then
+        this call's frames causally (or all of them); slots of frames out of the queue, or not written, are hidden."""
         start = self.next_position
-        queued = (self.slot_pos >= max(start - self.capacity, 0)) & (self.slot_pos < start)  # (slots,)
+        sink = (self.slot_pos >= 0) & (self.slot_pos < min(start, self.sink_frames))
+        queued = sink | ((self.slot_pos >= self.rolling_start) & (self.slot_pos < start))  # (slots,)
         mask = queued.expand(self._num_new, -1).clone()
         mask[:, self._new_slots] = staged_mask(self._num_new, bidirectional)
         return mask.to(device)
@@ -243,7 +299,10 @@ class KVCache:
     def commit(self) -> None:
         """Make the frames of the last call part of the queue (their keys/values are in place already); the
         oldest leave it when it is full."""
-        self.slot_pos[self._new_slots] = torch.arange(self.next_position, self.next_position + self._num_new)
+        new = torch.arange(self.next_position, self.next_position + self._num_new)
+        self.slot_pos[self._new_slots] = new
+        if self.k is not None:
+            self._keep_sink(new)
         kept = self._spatial_kept()
         self.spatial_pos[kept % max(self.spatial_slots, 1)] = kept
         self.next_position += self._num_new
@@ -289,8 +348,11 @@ class ReferenceKVCache:
     Same protocol as `KVCache` (allocate / begin / attn_mask / stage / attend / commit); slow and unbounded on purpose.
     """
 
-    def __init__(self, num_layers: int, capacity: int, spatial_prefix: str | None = None):
+    def __init__(self, num_layers: int, capacity: int, spatial_prefix: str | None = None, sink_frames: int = 0,
+                 rotate_sink: bool = False):
         self.capacity = capacity
+        self.sink_frames = sink_frames
+        self.rotate_sink = rotate_sink
         self.spatial_prefix = spatial_prefix
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
@@ -303,7 +365,12 @@ class ReferenceKVCache:
         self._num_new = 0
 
     def __len__(self) -> int:
-        return min(self.next_position, self.capacity)
+        return len(self._in_view())
+
+    def _in_view(self) -> list[int]:
+        """Positions of the frames attended to: the first `sink_frames`, then the last `capacity` of the rest."""
+        sink = list(range(min(self.next_position, self.sink_frames)))
+        return sink + list(range(max(self.sink_frames, self.next_position - self.capacity), self.next_position))
 
     def allocate(self, *args) -> None:
         """Nothing to preallocate: this cache grows by concatenation."""
@@ -321,10 +388,16 @@ class ReferenceKVCache:
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.stage(layer, k, v)
-        all_k = torch.cat(self.keys[layer] + [k], dim=2)
-        all_v = torch.cat(self.values[layer] + [v], dim=2)
-        start = all_k.shape[2] - k.shape[2] - len(self)
-        return all_k[:, :, start:], all_v[:, :, start:]
+        view = self._in_view()
+        keys = [torch.cat(self.keys[layer], dim=2)[:, :, view]] if view else []
+        values = [torch.cat(self.values[layer], dim=2)[:, :, view]] if view else []
+        sink = min(self.next_position, self.sink_frames)
+        shift = max(self.sink_frames, self.next_position - self.capacity) - self.sink_frames
+        if self.rotate_sink and sink and shift:  # RoPE: the sink sits just before the oldest rolling frame
+            cos, sin = rope_cos_sin(torch.tensor([shift]), k.shape[-1])
+            turned = apply_rope(keys[0][:, :, :sink], cos.to(k.device), sin.to(k.device))
+            keys = [torch.cat([turned, keys[0][:, :, sink:]], dim=2)]
+        return torch.cat(keys + [k], dim=2), torch.cat(values + [v], dim=2)
 
     def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.staged_spatial[layer] = (k.detach(), v.detach())

@@ -27,11 +27,14 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, scale: float = 1.0) -> torch.T
     return torch.cat([sincos_1d(dim // 2, xs), sincos_1d(dim // 2, ys)], dim=-1)
 
 
-def tpe_index(positions: torch.Tensor, mode: str, max_len: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+def tpe_index(positions: torch.Tensor, mode: str, max_len: int, offset: torch.Tensor | None = None,
+              sink: int = 0) -> torch.Tensor:
     """Table index of each frame for the absolute and cyclic modes.
 
     positions: (T,) absolute frame positions; offset: (B,) random training offsets (cyclic only).
-    Returns (B, T) or (1, T). Cyclic: (position + offset) mod max_len, so a cache queue can roll forever.
+    Returns (B, T) or (1, T). Cyclic: (position + offset) mod max_len, so a cache queue can roll forever; with a
+    frame sink of `sink` frames they keep rows 0..sink-1 and the others roll over the remaining rows,
+    sink + (position - sink + offset) mod (max_len - sink), so no rolling frame ever takes a sink's row.
     """
     if mode == "absolute":
         if int(positions.max()) >= max_len:
@@ -42,7 +45,8 @@ def tpe_index(positions: torch.Tensor, mode: str, max_len: int, offset: torch.Te
         return positions[None]
     if mode == "cyclic":
         shifted = positions[None] if offset is None else positions[None] + offset[:, None]
-        return shifted % max_len
+        rolling = sink + (shifted - sink) % (max_len - sink)
+        return torch.where(positions[None] < sink, positions[None], rolling)
     raise ValueError(f"tpe_index is for 'absolute' and 'cyclic' modes, not {mode!r}")
 
 

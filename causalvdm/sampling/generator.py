@@ -56,13 +56,14 @@ class AutoregressiveGenerator:
     dtype: None keeps the model's dtype, else the model is cast to it in place, so weights and KV cache are
     stored in it (latents, sampler arithmetic and model outputs stay float32); compile: False, True or a
     torch.compile mode ('reduce-overhead': CUDA graphs) for the per-step model call; recompute_positions:
-    'absolute' | 'window', the positions of the recompute window's frames (see the module docstring).
+    'absolute' | 'window', the positions of the recompute window's frames (see the module docstring);
+    sink_frames: the first frames of the video stay in view for its whole length, besides the rolling queue.
     """
 
     def __init__(self, model, diffusion, sampler: str = "iddpm", num_steps: int = 100, chunk_size: int = 8,
                  max_cond_frames: int = 25, cfg_scale: float = 1.0, prefix_perturb_t: int = 0, mode: str = "cache",
                  progress: bool = False, dtype: torch.dtype | str | None = None, compile: bool | str = False,
-                 recompute_positions: str = "absolute"):
+                 recompute_positions: str = "absolute", sink_frames: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if recompute_positions not in RECOMPUTE_POSITIONS:
@@ -70,9 +71,13 @@ class AutoregressiveGenerator:
                              f"got {recompute_positions!r}")
         if chunk_size < 1 or max_cond_frames < 1:
             raise ValueError(f"need chunk_size >= 1 and max_cond_frames >= 1, got {chunk_size}, {max_cond_frames}")
-        if model.tpe_mode == "cyclic" and max_cond_frames + chunk_size > model.max_tpe_len:
-            raise ValueError(f"cyclic TPE: max_cond_frames + chunk_size = {max_cond_frames + chunk_size} frames in view "
-                             f"exceed max_tpe_len={model.max_tpe_len}, so two of them would share a position")
+        if sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {sink_frames}")
+        in_view = sink_frames + max_cond_frames + chunk_size
+        if model.tpe_mode == "cyclic" and in_view > model.max_tpe_len:
+            raise ValueError(f"cyclic TPE: {'sink_frames + ' if sink_frames else ''}max_cond_frames + chunk_size = "
+                             f"{in_view} frames in view exceed max_tpe_len={model.max_tpe_len}, so two of them "
+                             "would share a position")
         if spatial_prefix_frames(model.spatial_prefix) > max_cond_frames:
             raise ValueError(f"spatial_prefix={model.spatial_prefix!r} reads more frames than the max_cond_frames="
                              f"{max_cond_frames} the recompute baseline keeps")
@@ -94,11 +99,13 @@ class AutoregressiveGenerator:
         self.prefix_perturb_t = prefix_perturb_t
         self.mode = mode
         self.recompute_positions = recompute_positions
+        self.sink_frames = sink_frames
         self.progress = progress
         self.cache = None  # KVCache of the current video (cache mode)
         self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
         self.prefill_time = 0.0
-        self._window = None  # recompute mode: the written frames in view (B, C, <= max_cond_frames, h, w)
+        self._window = None  # recompute mode: the rolling frames in view (B, C, <= max_cond_frames, h, w)
+        self._sink = None  # recompute mode: the sink frames written so far (B, C, <= sink_frames, h, w)
         self._written = 0  # recompute mode: frames written so far, so the window starts at _written - its length
         self._text = None  # TextContext of the current video (2B rows when guided), None if unconditional
         self._guided = False
@@ -133,8 +140,8 @@ class AutoregressiveGenerator:
         self._start(b, n0, y, mask)
         frames = self._perturb(first_latents.to(self.device), generator)
         if self.mode == "recompute":
-            self._window = frames
-            self._written = n0
+            self._window, self._sink, self._written = frames[:, :, :0], frames[:, :, :0], 0
+            self._keep(frames)
         elif n0:
             self._write(frames)
 
@@ -147,13 +154,17 @@ class AutoregressiveGenerator:
         """
         b, _, k, h, w = noise.shape
         x = noise.to(self.device, torch.float32, copy=True)  # made here, so every step's x is an inference tensor
-        cond = self._window if self.mode == "recompute" else None
+        cond = torch.cat([self._sink, self._window], dim=2) if self.mode == "recompute" else None
         p = 0 if cond is None else cond.shape[2]
         if cond is None:
             ctx = self.model.prepare(k, h, w, self.cache, self._text)
         else:
-            start = self._written - p if self.recompute_positions == "absolute" else 0
-            ctx = self.model.prepare(p + k, h, w, text=self._text, chunk=(p, p + k), start=start)
+            rolling = torch.arange(self._written - self._window.shape[2], self._written + k)
+            positions = torch.cat([torch.arange(self._sink.shape[2]), rolling])
+            if self.recompute_positions == "window":
+                positions = torch.arange(p + k)
+            ctx = self.model.prepare(p + k, h, w, text=self._text, chunk=(p, p + k), positions=positions,
+                                     sink_frames=self.sink_frames)
         self.sampler.reset()
         steps = len(self.sampler.timesteps)
         timesteps = torch.zeros(steps, b, p + k, dtype=torch.long, device=x.device)  # the written frames stay at 0
@@ -174,8 +185,7 @@ class AutoregressiveGenerator:
         """Append a finished chunk (B, C, k, h, w): perturb (if configured), one t = 0 pass, the queue evicts."""
         frames = self._perturb(latents, generator)
         if self.mode == "recompute":
-            self._window = torch.cat([self._window, frames], dim=2)[:, :, -self.max_cond_frames :]
-            self._written += frames.shape[2]
+            self._keep(frames)
         else:
             self._write(frames)
 
@@ -205,7 +215,14 @@ class AutoregressiveGenerator:
         self.cache = None
         if self.mode == "cache":
             rows = 2 * batch_size if self._guided else batch_size
-            self.cache = self.model.new_cache(rows, self.max_cond_frames, max(self.chunk_size, n0))
+            self.cache = self.model.new_cache(rows, self.max_cond_frames, max(self.chunk_size, n0), self.sink_frames)
+
+    def _keep(self, frames: torch.Tensor) -> None:
+        """Recompute mode: add written frames (B, C, n, h, w) to the sink (while it has room) and the rolling window."""
+        to_sink = max(0, min(frames.shape[2], self.sink_frames - self._written))
+        self._sink = torch.cat([self._sink, frames[:, :, :to_sink]], dim=2)
+        self._window = torch.cat([self._window, frames[:, :, to_sink:]], dim=2)[:, :, -self.max_cond_frames:]
+        self._written += frames.shape[2]
 
     def _perturb(self, frames: torch.Tensor, generator) -> torch.Tensor:
         """Forward-noise clean frames to level prefix_perturb_t, as the training prefix was (noise drawn on CPU)."""

@@ -202,7 +202,8 @@ class Trainer:
         with self.autocast:
             out = clean_prefix_loss(self.model, self.diffusion, x0, y=y, mask=mask, ar_size=self.ar.chunk_size,
                                     prefix_len=prefix_len, prefix_perturb_t=self.ar.prefix_perturb_t,
-                                    txt_dropout_prob=s.txt_dropout_prob, generators=gens, tpe_offsets=s.tpe_offsets)
+                                    txt_dropout_prob=s.txt_dropout_prob, generators=gens, tpe_offsets=s.tpe_offsets,
+                                    sink_frames=self.ar.sink_frames)
         return dict(out, prefix_len=prefix_len)
 
     def train_step(self) -> tuple[dict, torch.Tensor]:
@@ -331,7 +332,8 @@ class Trainer:
             try:
                 AutoregressiveGenerator(self.core, self.diffusion, s.validation_sampler, s.validation_steps,
                                         self.ar.chunk_size, self.ar.max_cond_frames,
-                                        prefix_perturb_t=self.ar.prefix_perturb_t).check_length(1, frames)
+                                        prefix_perturb_t=self.ar.prefix_perturb_t,
+                                        sink_frames=self.ar.sink_frames).check_length(1, frames)
             except ValueError as err:
                 raise ConfigError(f"train.validation_every={s.validation_every} samples {frames} frames "
                                   f"(train.validation_frames), but {err}") from None
