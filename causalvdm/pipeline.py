@@ -25,10 +25,11 @@ from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
 from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.models.pretrained import extract_state_dict, load_pretrained, split_init_fields
-from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
+from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build, check_type
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, RECOMPUTE_POSITIONS, inference_dtype
-from causalvdm.sampling.writer import psnr, to_uint8
+from causalvdm.sampling.drift import DriftMonitor
+from causalvdm.sampling.writer import ContactSheetCollector, psnr, to_uint8
 from causalvdm.utils.io import CheckpointError, check_architecture, load_weights
 
 log = logging.getLogger("causalvdm.pipeline")
@@ -50,6 +51,8 @@ class SampleSettings:
     mode: str = "cache"  # cache | recompute (the baseline without a cache)
     recompute_positions: str = "absolute"  # recompute window after eviction: absolute (as the cache) | window (from 0)
     prompt: str = ""
+    prompts: tuple[dict, ...] = ()  # prompt switches [{"frame": j, "prompt": "..."}]: from chunk boundary j on
+    recache_on_switch: bool = False  # at a switch, re-encode the cached frames in view under the new prompt
     first_image: str | None = None
     first_video: str | None = None
     first_frames: int = 1  # frames taken from first_video
@@ -68,6 +71,7 @@ class SampleSettings:
             given.pop("first_image", None)
             given.pop("first_video", None)
         settings = settings_from(cls, "sample", {**given, **overrides})
+        settings.prompts = check_prompts(settings.prompts, "sample.prompts")
         check_range("sample", settings, 1, None, "num_steps", "num_frames", "fps", "first_frames", "eval_len")
         check_range("sample", settings, 0, None, "seed", "cfg_scale")
         if settings.mode not in ("cache", "recompute"):
@@ -86,6 +90,17 @@ class SampleSettings:
         if settings.compile is not None and settings.compile not in COMPILE_MODES:
             raise ConfigError(f"sample.compile must be one of {', '.join(COMPILE_MODES)}, got {settings.compile!r}")
         return settings
+
+
+def check_prompts(entries, where: str) -> tuple[dict, ...]:
+    """A prompt-switch schedule [{"frame": int, "prompt": str}, ...] -> its entries as plain dicts; a bad entry is a
+    one-line ConfigError naming `where` and its index (whether the frames fit the video is checked when sampling)."""
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"frame", "prompt"}:
+            raise ConfigError(f"{where}[{i}] must be {{\"frame\": FRAME, \"prompt\": TEXT}}, got {entry!r}")
+        check_type(f"{where}[{i}].frame", entry["frame"], int)
+        check_type(f"{where}[{i}].prompt", entry["prompt"], str)
+    return tuple(dict(frame=entry["frame"], prompt=entry["prompt"]) for entry in entries)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -165,7 +180,8 @@ class CausalVDMPipeline:
     model: CausalSTDiT (moved to `device`, cast in place to `dtype`: 'auto' = bf16 on CUDA, fp32 on CPU);
     vae: encode (B, 3, T, H, W) <-> decode (B, C, T, h, w); text_encoder: None or `encode([prompt]) -> (y, mask)`;
     sample: the call defaults (SampleSettings); image_size: (H, W) first images/videos are resized to (default:
-    sample.image_size). After a video, `self.info` holds its record: settings, timings, PSNR (the CLI's sidecar).
+    sample.image_size). After a video, `self.info` holds its record: settings, timings, PSNR, per-chunk drift
+    statistics (the CLI's sidecar); `self.drift` (DriftMonitor) and `self.contact_sheet` are filled as chunks are made.
     """
 
     def __init__(self, model, vae, diffusion, text_encoder=None, autoregressive: AutoregressiveSettings | None = None,
@@ -192,6 +208,8 @@ class CausalVDMPipeline:
         self.progress = progress
         self.config = config  # the model/vae/text_encoder/diffusion dicts save_pretrained writes
         self.info: dict = {}
+        self.drift: DriftMonitor | None = None  # of the last video: per-chunk statistics, filled as chunks are made
+        self.contact_sheet: ContactSheetCollector | None = None  # of the last video: .save(path) writes the PNG
         # Built now so bad settings (chunk and queue beyond the TPE) fail here; rebuilt only when a call changes
         # them, so a compiled step is compiled once.
         self._generator_key = None
@@ -276,7 +294,8 @@ class CausalVDMPipeline:
     def __call__(self, first_image=None, first_video=None, first_frames: int | None = None, first_latents=None,
                  prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                  sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
-                 mode: str | None = None, writer=None, output_type: str | None = "np"):
+                 mode: str | None = None, writer=None, output_type: str | None = "np", prompts=None,
+                 recache_on_switch: bool | None = None):
         """Sample one video -> uint8 (T, H, W, 3) ('np'), float (3, T, H, W) in [-1, 1] ('pt') or None.
 
         Arguments as for `iter_chunks`; writer: anything with `write(frames (t, H, W, 3) uint8)`, e.g. a
@@ -286,7 +305,8 @@ class CausalVDMPipeline:
             raise ValueError(f"output_type must be 'np', 'pt' or None, got {output_type!r}")
         chunks = []
         for pixels in self.iter_chunks(first_image, first_video, first_frames, first_latents, prompt, num_frames,
-                                       seed, sampler, num_steps, cfg_scale, mode, output_type="pt"):
+                                       seed, sampler, num_steps, cfg_scale, mode, output_type="pt", prompts=prompts,
+                                       recache_on_switch=recache_on_switch):
             frames = to_uint8(pixels) if writer is not None or output_type == "np" else None
             if writer is not None:
                 writer.write(frames)
@@ -299,12 +319,15 @@ class CausalVDMPipeline:
     def iter_chunks(self, first_image=None, first_video=None, first_frames: int | None = None, first_latents=None,
                     prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                     sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
-                    mode: str | None = None, output_type: str = "np"):
+                    mode: str | None = None, output_type: str = "np", prompts=None,
+                    recache_on_switch: bool | None = None):
         """Yield the decoded video, given frames first, then chunk by chunk: uint8 (t, H, W, 3) or float (3, t, H, W).
 
         Given frames, at most one of: first_image (a path or uint8 (H, W, 3)); first_video (a path or float
         (3, T, H, W) in [-1, 1]: its first `first_frames` frames are given, the later ones are the PSNR reference);
         first_latents (1, C, n0, h, w), already encoded. Paths are resized and centre-cropped to `image_size`.
+        prompts: prompt switches [{"frame": j, "prompt": "..."}], each j a chunk boundary (n0 + i * chunk_size);
+        recache_on_switch: re-encode the cached frames in view under the new prompt (else they keep the old one).
         The other arguments default to `self.defaults`. Checks run at call time; `self.info` is set when done.
         """
         if output_type not in ("np", "pt"):
@@ -315,7 +338,7 @@ class CausalVDMPipeline:
             raise ValueError("give at most one of first_image, first_video and first_latents")
         settings = SampleSettings.from_cfg(asdict(self.defaults), dict(  # the call's values, checked like the config's
             first_frames=first_frames, prompt=prompt, num_frames=num_frames, seed=seed, sampler=sampler,
-            num_steps=num_steps, cfg_scale=cfg_scale, mode=mode))
+            num_steps=num_steps, cfg_scale=cfg_scale, mode=mode, prompts=prompts, recache_on_switch=recache_on_switch))
         settings = replace(settings, num_frames=settings.num_frames or self.model.max_tpe_len,
                            first_image=_source_name(first_image), first_video=_source_name(first_video))
         generator = self._generator(settings.sampler, settings.num_steps, settings.cfg_scale, settings.mode)
@@ -331,12 +354,23 @@ class CausalVDMPipeline:
                 h, w = self._size()
                 f = self.vae.downsample
                 first = torch.zeros(1, self.model.in_channels, 0, h // f, w // f, device=self.device)
-            y = mask = None
-            if self.text_encoder is not None and settings.prompt:
-                y, mask = self.text_encoder.encode([settings.prompt])
-        chunks = generator.iter_chunks(first, settings.num_frames, y, mask, seed=settings.seed)  # checks the lengths
+            generator.check_switches(first.shape[2], settings.num_frames, [e["frame"] for e in settings.prompts])
+            y, mask = self._encode_prompt(settings.prompt)
+            switches = [(e["frame"], *self._encode_prompt(e["prompt"])) for e in settings.prompts]
+            if switches and self.text_encoder is None:  # no text to change; a re-encode would only drop old context
+                log.warning("an unconditional model ignores the prompt switches")
+                switches = []
+        chunks = generator.iter_chunks(first, settings.num_frames, y, mask, seed=settings.seed,  # checks the lengths
+                                       switches=switches, recache_on_switch=settings.recache_on_switch)
         stream = self._decode(first, chunks, pixels, reference, settings, generator, start)
         return stream if output_type == "pt" else (to_uint8(video) for video in stream)
+
+    def _encode_prompt(self, prompt: str):
+        """A prompt -> text tokens y (1, L, C_text), mask (1, L); (None, None), the null caption, for an empty prompt
+        or an unconditional model."""
+        if self.text_encoder is None or not prompt:
+            return None, None
+        return self.text_encoder.encode([prompt])
 
     def _size(self) -> tuple[int, int]:
         if self.image_size is None:
@@ -369,13 +403,19 @@ class CausalVDMPipeline:
         return None, None
 
     def _decode(self, first, chunks, pixels, reference, settings: SampleSettings, generator, start: float):
-        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W); PSNR, timings, info."""
+        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W); PSNR, timings, info,
+        drift statistics and the contact sheet's frames."""
         n0 = first.shape[2]
         scores, baseline, compared = [], [], []
         written = 0
+        self.drift = DriftMonitor()
+        self.contact_sheet = ContactSheetCollector(settings.num_frames)
         if n0:
             with torch.inference_mode():
                 video = self.vae.decode(first)[0]  # (3, n0, H, W)
+            frames = to_uint8(video)
+            self.drift.add(frames, given=True)
+            self.contact_sheet.add(frames, real=to_uint8(pixels) if reference is not None else None, given=True)
             written += n0
             yield video
         total = generator.num_chunks(n0, settings.num_frames)
@@ -383,11 +423,18 @@ class CausalVDMPipeline:
             with torch.inference_mode():
                 video = self.vae.decode(latents)[0]  # (3, k, H, W)
             real = list(islice(reference, video.shape[1])) if reference is not None else []
+            chunk_scores = chunk_baseline = real_frames = None
             if real:  # the repeat-the-last-given-frame baseline tells how much the model adds
                 real = torch.stack(real, dim=1).cpu()  # (3, r, H, W)
-                scores += psnr(video[:, : real.shape[1]].cpu(), real).tolist()
-                baseline += psnr(pixels[:, -1:].cpu().expand_as(real), real).tolist()
+                chunk_scores = psnr(video[:, : real.shape[1]].cpu(), real).tolist()
+                chunk_baseline = psnr(pixels[:, -1:].cpu().expand_as(real), real).tolist()
+                scores += chunk_scores
+                baseline += chunk_baseline
                 compared += range(written, written + real.shape[1])
+                real_frames = to_uint8(real)  # (r, H, W, 3)
+            frames = to_uint8(video)  # (k, H, W, 3)
+            self.drift.add(frames, psnr=chunk_scores, psnr_repeat_last=chunk_baseline)
+            self.contact_sheet.add(frames, real=real_frames)
             written += video.shape[1]
             yield video
         h, w = (s * self.vae.downsample for s in first.shape[-2:])
@@ -402,3 +449,4 @@ class CausalVDMPipeline:
         )
         if compared:
             self.info["metrics"] = psnr_summary(compared, scores, baseline, settings.eval_len or self.model.max_tpe_len)
+        self.info["drift"] = self.drift.summary()

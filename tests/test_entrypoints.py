@@ -214,6 +214,13 @@ SAMPLE_CASES = [
          _sample_jobs(frames=3)),
     Case("job name climbing out", SAMPLE + ("--manifest", "{tmp}/jobs.jsonl"), r"line 1: name '\.\./x' must be a plain",
          _sample_jobs(name="../x")),
+    # prompt switches: checked even by this unconditional model, which then ignores them
+    Case("prompt switch off a chunk boundary", SAMPLE + ("--prompt-at", "6", "x"),
+         r"prompt switch at frame 6 is not a chunk boundary \(chunks of 4 from frame 0\): the nearest are 4 and 8"),
+    Case("prompt switch frame a word", SAMPLE + ("--prompt-at", "end", "x"),
+         r"argument --prompt-at: FRAME expected an integer, got 'end'"),
+    Case("job prompt switch without a frame", SAMPLE + ("--manifest", "{tmp}/jobs.jsonl"),
+         r'line 1: prompts\[0\] must be \{"frame": FRAME, "prompt": TEXT\}', _sample_jobs(prompts=[{"prompt": "x"}])),
     Case("checkpoint of another model", SAMPLE[:3] + ("--ckpt", "{ckpt3}", "--out", "{tmp}/out"),
          r"not a checkpoint of this model architecture"),
     Case("launcher: two processes, bad setting", ("scripts/sample.sh",) + SAMPLE[2:] + ("--fps", "0"),

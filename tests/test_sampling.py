@@ -209,7 +209,8 @@ def test_writer_mp4_and_contact_sheet(tmp_path):
     assert len(frames) == 13 and frames[0].shape == (24, 32, 3) and fps == 12
     assert sorted(collector.frames) == [0, 4, 8, 12]
     collector.save(tmp_path / "sheet.png")
-    assert Image.open(tmp_path / "sheet.png").size == (4 * 32 + 5 * 2, 24 + 2 * 2)
+    # 24x32 frames upscaled 6x (short side >= 128), 4 px apart, a 14 px frame-number strip under each
+    assert Image.open(tmp_path / "sheet.png").size == (4 * 192 + 5 * 4, 144 + 14 + 2 * 4)
     with pytest.raises(RuntimeError), StreamingVideoWriter(tmp_path / "broken.mp4", 8, 32, 24) as writer:
         writer.write(frames[0][None])
         raise RuntimeError("generation failed")

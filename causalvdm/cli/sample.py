@@ -5,12 +5,15 @@
     bash scripts/sample.sh CONFIG --ckpt CKPT --first-video clip.mp4 --first-frames 1      # + PSNR against the clip
     NPROC_PER_NODE=4 bash scripts/sample.sh CONFIG --ckpt CKPT --manifest prompts.jsonl   # batch, 4 processes
 
-Per video, into --out: NAME.mp4 (H.264, written while generating), NAME.png (contact sheet), NAME.json
-(settings, seed, per-chunk timings, PSNR when the first frames come from a video). Defaults come from the
+Per video, into --out: NAME.mp4 (H.264, written while generating), NAME.png (contact sheet: numbered frames, the
+real ones above when the first frames come from a video), NAME_drift.png (per-chunk drift statistics), NAME.json
+(settings, seed, per-chunk timings and drift statistics, PSNR when the first frames come from a video). A statistic
+leaving its reference band is logged once (causalvdm/sampling/drift.py). Defaults come from the
 config's `sample` and `autoregressive` dicts; flags override them. Without CONFIG, --ckpt must be a training
 checkpoint directory or a save_pretrained folder, and the config saved with it is used.
 """
 
+import argparse
 import json
 import logging
 import os
@@ -24,10 +27,12 @@ from causalvdm.cli.common import (ArgumentParser, debugging, error_line, non_neg
                                   one_line_errors, positive_int)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import VideoReadError
-from causalvdm.pipeline import PIPELINE_CONFIG, CausalVDMPipeline, SampleSettings, pretrained_config_path
+from causalvdm.pipeline import (PIPELINE_CONFIG, CausalVDMPipeline, SampleSettings, check_prompts,
+                                pretrained_config_path)
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES, DTYPES
-from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter
+from causalvdm.sampling.drift import plot_drift
+from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir
 from causalvdm.utils.memory import keep_freed_memory
 from causalvdm.utils.memory_plan import estimate_line
@@ -45,6 +50,12 @@ def parse_args(argv=None):
     parser.add_argument("--weights", choices=["ema", "model"], help="weights of a checkpoint directory (default: ema)")
     parser.add_argument("--prompt", help="text prompt (default: sample.prompt; empty: the null caption, no guidance; "
                         "ignored by an unconditional model)")
+    parser.add_argument("--prompt-at", nargs=2, action="append", metavar=("FRAME", "PROMPT"), help="from frame FRAME "
+                        "on, the prompt is PROMPT; FRAME must start a chunk, n0 + i * chunk_size (41 = chunk 5 after 1 "
+                        "given frame in chunks of 8); repeatable (default: sample.prompts)")
+    parser.add_argument("--recache-on-switch", action=argparse.BooleanOptionalAction, help="at a prompt switch, "
+                        "re-encode the cached frames in view under the new prompt (one t = 0 pass), instead of keeping "
+                        "their keys/values (default: sample.recache_on_switch, off; recompute mode always re-encodes)")
     parser.add_argument("--first-image", help="image giving the first frame; resized (short side) and centre-cropped "
                         "to the config's image size")
     parser.add_argument("--first-video", help="video whose first --first-frames frames are given; the rest are the "
@@ -68,12 +79,18 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="output folder (default: outputs/<config stem, or the checkpoint's run>/samples)")
     parser.add_argument("--name", help="file name stem of the outputs (default: the first image/video's stem, else 'sample')")
     parser.add_argument("--manifest", help="batch mode: a .jsonl file, one video per row: {first_image | first_video, "
-                        "prompt, name, first_frames, seed} (all optional; relative paths are relative to the manifest). "
+                        "prompt, prompts, name, first_frames, seed} (all optional; prompts: [{frame, prompt}] "
+                        "switches as --prompt-at; relative paths are relative to the manifest). "
                         "Rows are split over torchrun processes; videos whose mp4 exists are skipped")
     add_config_args(parser)
     args = parser.parse_args(argv)
     if not args.config and not args.ckpt:
         parser.error("give a config, or --ckpt with a checkpoint directory (its saved config is used)")
+    try:  # --prompt-at as sample.prompts entries
+        args.prompts = [dict(frame=non_negative_int(frame), prompt=prompt) for frame, prompt in args.prompt_at or []]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --prompt-at: FRAME {err}")
+    args.prompts = args.prompts or None  # none given: the config's
     return args
 
 
@@ -87,26 +104,28 @@ class Job:
     first_image: str | None = None
     first_video: str | None = None
     first_frames: int = 1
+    prompts: tuple[dict, ...] = ()  # prompt switches, {"frame": j, "prompt": "..."} each
 
 
 def run_job(job: Job, pipe: CausalVDMPipeline, out_dir: Path, config_path: str) -> dict:
-    """Generate one video into out_dir/NAME.{mp4,png,json} -> the sidecar dict."""
+    """Generate one video into out_dir/NAME.{mp4,png,json} and NAME_drift.png -> the sidecar dict."""
     h, w = pipe.image_size
-    collector = ContactSheetCollector(pipe.defaults.num_frames or pipe.model.max_tpe_len)
     mp4 = out_dir / f"{job.name}.mp4"
     chunks = pipe.iter_chunks(first_image=job.first_image, first_video=job.first_video, first_frames=job.first_frames,
-                              prompt=job.prompt, seed=job.seed)
+                              prompt=job.prompt, prompts=job.prompts, seed=job.seed)
     with StreamingVideoWriter(mp4, pipe.defaults.fps, w, h) as writer:
         for frames in chunks:  # (t, H, W, 3) uint8
             writer.write(frames)
-            collector.add(frames)
-        collector.save(out_dir / f"{job.name}.png")
-    sidecar = dict(config=config_path, name=job.name, **pipe.info, video=mp4.name, contact_sheet=f"{job.name}.png")
+        pipe.contact_sheet.save(out_dir / f"{job.name}.png")
+    plot_drift(pipe.info["drift"], out_dir / f"{job.name}_drift.png", title=job.name)
+    sidecar = dict(config=config_path, name=job.name, **pipe.info, video=mp4.name, contact_sheet=f"{job.name}.png",
+                   drift_plot=f"{job.name}_drift.png")
     if "metrics" in sidecar:
         metrics = sidecar["metrics"] = sidecar.pop("metrics")  # last, after the file names
         log.info("%s: PSNR over frames %d-%d: %.2f dB (repeating the last given frame: %.2f dB)", job.name,
                  sidecar["given_frames"], min(metrics["eval_len"], metrics["frames"][-1] + 1) - 1,
                  metrics["psnr_mean_eval"], metrics["psnr_repeat_last_mean_eval"])
+    sidecar["drift"] = sidecar.pop("drift")  # last: one record per chunk
     (out_dir / f"{job.name}.json").write_text(json.dumps(sidecar, indent=2))
     return sidecar
 
@@ -149,6 +168,7 @@ def read_jobs(manifest: str, settings: SampleSettings) -> list[Job]:
             first_image=str(root / row["first_image"]) if row.get("first_image") else None,
             first_video=str(root / row["first_video"]) if row.get("first_video") else None,
             first_frames=row.get("first_frames", settings.first_frames),
+            prompts=check_prompts(row["prompts"], f"{where}: prompts") if "prompts" in row else settings.prompts,
         ))
     return jobs
 
@@ -178,7 +198,7 @@ def main(argv=None) -> int:
                      first_video=args.first_video, first_frames=args.first_frames, num_frames=args.num_frames,
                      fps=args.fps, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
                      cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len, dtype=args.dtype,
-                     compile=args.compile)
+                     compile=args.compile, prompts=args.prompts, recache_on_switch=args.recache_on_switch)
     with one_line_errors():
         config_path = str(args.config or pretrained_config_path(args.ckpt))
         cfg = load_config(config_path, args.cfg_options)
@@ -193,7 +213,7 @@ def main(argv=None) -> int:
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             jobs = [Job(name, settings.prompt, settings.seed, settings.first_image, settings.first_video,
-                        settings.first_frames)]
+                        settings.first_frames, settings.prompts)]
         out_dir = writable_dir(args.out or default_out_dir(args), "--out" if args.out else "the output folder")
         log.info(estimate_line(cfg, "sample", device.type, 1, cfg_scale=settings.cfg_scale))
         pipe = CausalVDMPipeline.from_config(cfg, settings, device, progress=rank == 0)

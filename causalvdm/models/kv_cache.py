@@ -131,6 +131,17 @@ class KVCache:
         self.sink_k, self._sink_shift = None, 0
         self.next_position = 0
 
+    def seek(self, position: int) -> None:
+        """Write the next call at absolute `position` (>= next_position), leaving out the frames before it: the
+        rolling frames held so far leave the queue, the sink stays. A re-encode (after `reset()`) writes the sink,
+        seeks to the oldest rolling frame in view and writes the rest, so every frame keeps its position; len() and
+        `positions` count the frames left out until the writes reach the old end of the queue again."""
+        if position < self.next_position or (position > self.next_position and self.next_position < self.sink_frames):
+            raise ValueError(f"cannot seek from frame {self.next_position} to frame {position}: only forward, and "
+                             f"only once the {self.sink_frames} sink frames are written")
+        self.slot_pos[self.slot_pos >= self.sink_frames] = -1
+        self.next_position = position
+
     def clone(self) -> "KVCache":
         """An independent copy, to branch a generation."""
         other = copy.copy(self)

@@ -10,8 +10,15 @@ mode="recompute" is the baseline without a cache: every denoising step runs the 
 so before the first eviction they produce the same video (fp32: to ~1e-5). After it the window's frames keep
 their absolute positions, as in the cache (recompute_positions='absolute', the reference code's baseline), or
 are numbered from 0 ('window').
+
+A caption can change at a chunk boundary (`switch_prompt`, or `switches` of `iter_chunks`). In cache mode the
+frames already cached keep the keys/values of the old caption, or are re-encoded under the new one: the generator
+keeps the latents of the frames in view (sink + queue, bounded) and writes them again, each at its own position in
+the call that first wrote it. Recompute mode runs the window under the current caption at every step, so it always
+re-encodes.
 """
 
+import itertools
 import time
 
 import numpy as np
@@ -104,10 +111,14 @@ class AutoregressiveGenerator:
         self.cache = None  # KVCache of the current video (cache mode)
         self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
         self.prefill_time = 0.0
-        self._window = None  # recompute mode: the rolling frames in view (B, C, <= max_cond_frames, h, w)
-        self._sink = None  # recompute mode: the sink frames written so far (B, C, <= sink_frames, h, w)
-        self._written = 0  # recompute mode: frames written so far, so the window starts at _written - its length
-        self._text = None  # TextContext of the current video (2B rows when guided), None if unconditional
+        # The written (perturbed) latents in view: recompute mode's input, what a re-encode writes again in cache mode.
+        self._window = None  # the rolling frames in view (B, C, <= max_cond_frames, h, w)
+        self._sink = None  # the sink frames written so far (B, C, <= sink_frames, h, w)
+        self._first = None  # cache mode, spatial_prefix='first_frame': frame 0, whose spatial keys are read for ever
+        self._written = 0  # frames written so far, so the window starts at _written - its length
+        self._given = 0  # n0 of the current video: the calls that wrote its frames are [0, n0), then chunks
+        self._batch_size = 0
+        self._text = None  # TextContext of the current caption (2B rows when guided), None if unconditional
         self._guided = False
         self._cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
         self._call = self._model_call
@@ -129,20 +140,22 @@ class AutoregressiveGenerator:
 
     # ------------------------------------------------------------------------------ phases
     @torch.inference_mode()
-    def prefill(self, first_latents: torch.Tensor, y=None, mask=None, generator: torch.Generator | None = None) -> None:
+    def prefill(self, first_latents: torch.Tensor, y=None, mask=None, generator: torch.Generator | None = None,
+                guided: bool | None = None) -> None:
         """Start a video: set its text and write the n0 given clean frames (B, C, n0, h, w) once (n0 may be 0).
 
         y (B, L, C_text), mask (B, L): the caption (None: the null caption); with guidance the cache holds
         2B rows, conditional then null text. generator draws the perturbation noise of the given frames.
+        guided: run classifier-free guidance (if cfg_scale != 1); default: when there is a caption. A video that
+        switches from no caption to one needs True (its conditional rows hold the null caption until then).
         """
         self._check_first(first_latents)
         b, _, n0 = first_latents.shape[:3]
-        self._start(b, n0, y, mask)
+        self._start(b, n0, y, mask, y is not None if guided is None else guided)
         frames = self._perturb(first_latents.to(self.device), generator)
-        if self.mode == "recompute":
-            self._window, self._sink, self._written = frames[:, :, :0], frames[:, :, :0], 0
-            self._keep(frames)
-        elif n0:
+        self._window, self._sink, self._written = frames[:, :, :0], frames[:, :, :0], 0
+        self._keep(frames)
+        if self.mode == "cache" and n0:
             self._write(frames)
 
     @torch.inference_mode()
@@ -184,10 +197,27 @@ class AutoregressiveGenerator:
     def commit(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Append a finished chunk (B, C, k, h, w): perturb (if configured), one t = 0 pass, the queue evicts."""
         frames = self._perturb(latents, generator)
-        if self.mode == "recompute":
-            self._keep(frames)
-        else:
+        self._keep(frames)
+        if self.mode == "cache":
             self._write(frames)
+
+    @torch.inference_mode()
+    def switch_prompt(self, y=None, mask=None, recache: bool = False) -> None:
+        """Between chunks: the caption y (B, L, C_text), mask (B, L) (None: the null caption) of the next chunks.
+
+        Cache mode: the cached frames keep their keys/values (recache=False), or the frames in view are encoded
+        again under the new caption (one t = 0 pass at their own positions, their written latents as first written,
+        prefix perturbation included). Recompute mode re-encodes at every step anyway: recache changes nothing.
+        """
+        if y is not None and self._guidable and not self._guided:
+            raise ValueError("a prompt switch to a caption in a video started without one, so without the null-caption "
+                             "rows guidance needs: pass guided=True to prefill")
+        self._text = self._encode_text(y, mask)
+        if recache and self.mode == "cache":
+            if self._window is None:
+                raise ValueError("re-encoding at a prompt switch needs the latents of the frames in view, which a "
+                                 "resumed cache state does not hold")
+            self._recache()
 
     # ------------------------------------------------------------------------------ helpers
     def _check_first(self, first_latents: torch.Tensor) -> None:
@@ -198,27 +228,39 @@ class AutoregressiveGenerator:
             raise ValueError(f"{first_latents.shape[2]} given frames do not fit max_cond_frames={self.max_cond_frames}")
 
     @torch.inference_mode()
-    def _start(self, batch_size: int, n0: int, y, mask) -> None:
+    def _start(self, batch_size: int, n0: int, y, mask, guided: bool) -> None:
         """Set the text of a new video (its cross-attention keys/values, projected once) and, in cache mode, a
         fresh cache (guidance: 2B rows)."""
-        self._guided = self._guidable and y is not None
-        self._text = None
-        if self.model.caption_channels:
-            if y is not None:
-                y = y.to(self.device)
-                mask = None if mask is None else mask.to(self.device)
-            if self._guided:
-                self._text = self.model.guided_text(y, mask, per_block_kv=True)
-            else:
-                self._text = self.model.encode_text(y, mask, batch_size, per_block_kv=True)
-        self._window = None
+        self._guided = self._guidable and guided
+        self._batch_size, self._given = batch_size, n0
+        self._text = self._encode_text(y, mask)
+        self._window = self._sink = self._first = None
         self.cache = None
         if self.mode == "cache":
             rows = 2 * batch_size if self._guided else batch_size
             self.cache = self.model.new_cache(rows, self.max_cond_frames, max(self.chunk_size, n0), self.sink_frames)
 
+    def _encode_text(self, y, mask):
+        """Caption y (B, L, C_text), mask (B, L) (None: the null caption) -> the TextContext this video's calls read:
+        B rows, or 2B when guided (conditional, then null); None for an unconditional model."""
+        if not self.model.caption_channels:
+            return None
+        if y is not None:
+            y = y.to(self.device)
+            mask = None if mask is None else mask.to(self.device)
+        if not self._guided:
+            return self.model.encode_text(y, mask, self._batch_size, per_block_kv=True)
+        if y is None:  # a guided video without a caption yet: null on both halves
+            y, mask = self.model.null_text(self._batch_size)
+        return self.model.guided_text(y, mask, per_block_kv=True)
+
     def _keep(self, frames: torch.Tensor) -> None:
-        """Recompute mode: add written frames (B, C, n, h, w) to the sink (while it has room) and the rolling window."""
+        """Add written frames (B, C, n, h, w) to the sink (while it has room) and the rolling window."""
+        if self._window is None:  # resumed from a cache state: the latents of the frames in view are unknown
+            return
+        first_frame = self.model.spatial_prefix == "first_frame" and self.mode == "cache"
+        if first_frame and self._written == 0 and frames.shape[2]:
+            self._first = frames[:, :, :1]
         to_sink = max(0, min(frames.shape[2], self.sink_frames - self._written))
         self._sink = torch.cat([self._sink, frames[:, :, :to_sink]], dim=2)
         self._window = torch.cat([self._window, frames[:, :, to_sink:]], dim=2)[:, :, -self.max_cond_frames:]
@@ -231,6 +273,27 @@ class AutoregressiveGenerator:
         noise = torch.randn(frames.shape, generator=generator, dtype=frames.dtype).to(frames.device)
         t = torch.full((frames.shape[0],), self.prefix_perturb_t, dtype=torch.long, device=frames.device)
         return self.diffusion.q_sample(frames, t, noise)
+
+    def _recache(self) -> None:
+        """Cache mode: reset the cache and write the frames in view again under the current text, each at its own
+        position in the call that first wrote it (the given frames, then chunks), so each is encoded as it first was
+        but for the caption and the frames that have left the view."""
+        positions = self.cache.positions.tolist()  # the sink, then the queue: the frames of _sink, then _window
+        frames = torch.cat([self._sink, self._window], dim=2)
+        if self._first is not None and positions[0] != 0:  # frame 0 has left the queue, its spatial keys are still read
+            positions, frames = [0] + positions, torch.cat([self._first, frames], dim=2)
+        n0, k = self._given, self.chunk_size
+
+        def run(i: int) -> tuple[int, int]:  # frames i, i + 1 are in one run: the same call, consecutive positions
+            p = positions[i]
+            return -1 if p < n0 else (p - n0) // k, p - i
+
+        self.cache.reset()
+        for _, run_indices in itertools.groupby(range(len(positions)), key=run):
+            first, *rest = run_indices
+            if positions[first] > self.cache.next_position:  # the frames in between have left the view
+                self.cache.seek(positions[first])
+            self._write(frames[:, :, first:first + 1 + len(rest)])
 
     def _write(self, frames: torch.Tensor) -> None:
         if self._guided:
@@ -261,32 +324,59 @@ class AutoregressiveGenerator:
             raise ValueError(f"absolute TPE covers max_tpe_len={self.model.max_tpe_len} frames, but {num_frames} frames "
                              f"in chunks of {self.chunk_size} need {end}; use a cyclic or rope model for longer videos")
 
+    def check_switches(self, n0: int, num_frames: int, frames: list[int]) -> None:
+        """Fail unless each prompt-switch frame starts a chunk of this video, n0 + i * chunk_size < num_frames, and
+        no frame switches twice."""
+        k = self.chunk_size
+        for frame in frames:
+            if frames.count(frame) > 1:
+                raise ValueError(f"two prompt switches at frame {frame}")
+            if frame >= num_frames:
+                raise ValueError(f"prompt switch at frame {frame} is beyond the video's {num_frames} frames")
+            if frame < n0 or (frame - n0) % k:
+                below = n0 + (frame - n0) // k * k
+                above = below + k if frame > n0 else n0
+                nearest = [str(b) for b in (below, above) if n0 <= b < num_frames]
+                raise ValueError(f"prompt switch at frame {frame} is not a chunk boundary (chunks of {k} from frame "
+                                 f"{n0}): the nearest {'are' if len(nearest) > 1 else 'is'} "
+                                 f"{' and '.join(nearest) or 'none'}")
+
     def iter_chunks(self, first_latents: torch.Tensor, num_frames: int, y=None, mask=None, seed: int = 0,
-                    cache_state: dict | None = None):
+                    cache_state: dict | None = None, switches=(), recache_on_switch: bool = False):
         """Yield the latents (B, C, k, h, w) of each new chunk until `num_frames` frames (given ones included).
 
         A chunk is committed to the cache before it is yielded, so `self.cache.state_dict()` taken then can
         be passed as `cache_state` to a new generator with the same arguments: it skips the prefill and
         resumes at the next chunk, drawing the same noise as the uninterrupted run. The last chunk is cut to
         the requested length. Nothing kept here grows with the video's length.
+        switches: (frame, y, mask) triples: from `frame` on (a chunk boundary) the caption is y, mask (None: the null
+        caption); recache_on_switch: re-encode the frames in view under it (see `switch_prompt`).
         """
         self._check_first(first_latents)
-        self.check_length(first_latents.shape[2], num_frames)
-        start = self._resume(first_latents, y, mask, cache_state) if cache_state is not None else None
-        return self._chunks(first_latents, num_frames, y, mask, seed, start)
+        n0 = first_latents.shape[2]
+        self.check_length(n0, num_frames)
+        self.check_switches(n0, num_frames, [frame for frame, _, _ in switches])
+        schedule = {frame: (y_new, mask_new) for frame, y_new, mask_new in switches}
+        guided = y is not None or any(y_new is not None for y_new, _ in schedule.values())
+        start = None
+        if cache_state is not None:
+            start = self._resume(first_latents, y, mask, cache_state, guided, schedule, recache_on_switch)
+        return self._chunks(first_latents, num_frames, y, mask, seed, start, guided, schedule, recache_on_switch)
 
-    def _chunks(self, first_latents, num_frames, y, mask, seed, start):
+    def _chunks(self, first_latents, num_frames, y, mask, seed, start, guided, schedule, recache):
         """The loop of `iter_chunks` (a generator, so its checks above run at call time)."""
         b, c, n0, h, w = first_latents.shape
         self.chunk_times = []
         if start is None:
             t0 = time.perf_counter()
-            self.prefill(first_latents, y, mask, chunk_generator(seed, -1))
+            self.prefill(first_latents, y, mask, chunk_generator(seed, -1), guided)
             self._sync()
             self.prefill_time = time.perf_counter() - t0
             start = 0
         for j in range(start, self.num_chunks(n0, num_frames)):
             t0 = time.perf_counter()
+            if n0 + j * self.chunk_size in schedule:
+                self.switch_prompt(*schedule[n0 + j * self.chunk_size], recache=recache)
             gen = chunk_generator(seed, j)
             noise = torch.randn((b, c, self.chunk_size, h, w), generator=gen, dtype=first_latents.dtype)
             latents = self.denoise_chunk(noise, gen)
@@ -297,8 +387,9 @@ class AutoregressiveGenerator:
             yield latents[:, :, :keep]
 
     @torch.inference_mode()  # the cache's tensors are then made as in `prefill`, so a compiled step takes them as is
-    def _resume(self, first_latents, y, mask, cache_state: dict) -> int:
-        """Load a cache state saved after some chunk -> index of the next chunk to generate."""
+    def _resume(self, first_latents, y, mask, cache_state: dict, guided: bool, schedule: dict, recache: bool) -> int:
+        """Load a cache state saved after some chunk -> index of the next chunk to generate; the caption is the one
+        the schedule gives there (the state holds the effect of earlier switches)."""
         if self.mode != "cache":
             raise ValueError("resuming from a cache state needs mode='cache'")
         n0 = first_latents.shape[2]
@@ -306,18 +397,27 @@ class AutoregressiveGenerator:
         if done < 0 or rest:
             raise ValueError(f"cache state at frame {cache_state['next_position']} is not a chunk boundary "
                              f"after {n0} given frames in chunks of {self.chunk_size}")
-        self._start(first_latents.shape[0], n0, y, mask)
+        at = n0 + done * self.chunk_size
+        if recache and any(frame >= at for frame in schedule):
+            raise ValueError("recache_on_switch needs the latents of the frames in view, which a cache state does not "
+                             "hold: a resumed video must keep the cache at its later prompt switches")
+        earlier = [frame for frame in schedule if frame < at]
+        if earlier:
+            y, mask = schedule[max(earlier)]
+        self._start(first_latents.shape[0], n0, y, mask, guided)
         self.cache.load_state_dict(cache_state)
         return done
 
     def generate(self, first_latents: torch.Tensor, num_frames: int, y=None, mask=None, seed: int = 0,
-                 callback=None) -> torch.Tensor:
+                 callback=None, switches=(), recache_on_switch: bool = False) -> torch.Tensor:
         """The whole video's latents (B, C, num_frames, h, w), given frames first.
 
-        callback(chunk_index, latents) is called on each chunk as it is finished.
+        callback(chunk_index, latents) is called on each chunk as it is finished; switches, recache_on_switch: prompt
+        switches, as in `iter_chunks`.
         """
         chunks = [first_latents.to(self.device)]
-        for j, latents in enumerate(self.iter_chunks(first_latents, num_frames, y, mask, seed)):
+        for j, latents in enumerate(self.iter_chunks(first_latents, num_frames, y, mask, seed, switches=switches,
+                                                     recache_on_switch=recache_on_switch)):
             if callback is not None:
                 callback(j, latents)
             chunks.append(latents)

@@ -1,7 +1,7 @@
 """Streaming video output: H.264 mp4 written chunk by chunk, a contact sheet kept from a few frames, PSNR.
 
 A long video never sits in memory as pixels: each decoded chunk is encoded and dropped, and the
-contact sheet keeps only the frames it will show.
+contact sheet keeps only the frames it will show (and the real frames at their positions).
 """
 
 import math
@@ -11,7 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -76,6 +76,10 @@ class StreamingVideoWriter:
             self.abort()
 
 
+TILE_SHORT_SIDE = 128  # px: 32x32 demo frames shown 1:1 are too small to judge
+LABEL_HEIGHT = 14  # px under each tile for its frame number (the default font is 11 px high)
+
+
 def sheet_indices(num_frames: int, count: int) -> list[int]:
     """`count` evenly spaced frame indices over [0, num_frames), first and last included."""
     count = max(1, min(count, num_frames))
@@ -83,39 +87,77 @@ def sheet_indices(num_frames: int, count: int) -> list[int]:
 
 
 class ContactSheetCollector:
-    """Keep only the frames a contact sheet of a `num_frames` video will show, as they stream past."""
+    """Keep only the frames a contact sheet of a `num_frames` video will show, as they stream past.
+
+    At most `count` evenly spaced frames, and the real frames at the same positions when a reference video is
+    offered, are kept at their own size (upscaled only when saved): memory is bounded however long the video.
+    """
 
     def __init__(self, num_frames: int, count: int = 8):
         self.indices = sheet_indices(num_frames, count)
         self.frames: dict[int, np.ndarray] = {}
+        self.real: dict[int, np.ndarray] = {}
+        self.given = 0  # frames offered with given=True, labelled as such
         self._seen = 0
 
-    def add(self, frames: np.ndarray) -> None:
-        """Offer the next frames (T, H, W, 3) uint8 of the video; copies of the wanted ones are kept."""
+    def add(self, frames: np.ndarray, real: np.ndarray | None = None, given: bool = False) -> None:
+        """Offer the next frames (T, H, W, 3) uint8 of the video; copies of the wanted ones are kept.
+
+        real: the real frames (r, H, W, 3) at the same positions, r <= T (the reference video may end first);
+        given: these are the given (conditioning) frames, offered before the generated ones.
+        """
         for i in self.indices:
-            if self._seen <= i < self._seen + len(frames):
-                self.frames[i] = frames[i - self._seen].copy()
+            j = i - self._seen
+            if 0 <= j < len(frames):
+                self.frames[i] = frames[j].copy()
+                if real is not None and j < len(real):
+                    self.real[i] = real[j].copy()
         self._seen += len(frames)
+        if given:
+            self.given = self._seen
 
     def save(self, path: str | Path, columns: int = 4) -> None:
-        """Write the kept frames as a PNG grid, in video order."""
-        contact_sheet([self.frames[i] for i in sorted(self.frames)], path, columns)
+        """Write the kept frames as a PNG grid in video order, `columns` a row, each labelled with its frame number;
+        a row of generated frames has the real frames at the same positions above it, where any were offered."""
+        shown = sorted(self.frames)
+        rows = []
+        for start in range(0, len(shown), columns):
+            part = shown[start : start + columns]
+            if any(i in self.real for i in part):  # a row past the end of the reference video would be all blanks
+                rows.append([(self.real.get(i), f"real {i}" if i in self.real else "no real frame") for i in part])
+            rows.append([(self.frames[i], f"frame {i} (given)" if i < self.given else f"frame {i}") for i in part])
+        contact_sheet(rows, path)
 
 
-def contact_sheet(frames: list[np.ndarray], path: str | Path, columns: int = 4, pad: int = 2) -> None:
-    """Write frames (each (H, W, 3) uint8) as a PNG grid, row-major, `pad` white pixels between them."""
+def contact_sheet(rows: list[list[tuple[np.ndarray | None, str]]], path: str | Path, pad: int = 4) -> None:
+    """Write rows of labelled tiles, (frame (H, W, 3) uint8 or None for a blank, label), as a PNG grid.
+
+    All frames share one size. They are upscaled by nearest neighbour, by the smallest integer factor that makes the
+    short side at least TILE_SHORT_SIDE px (pixels stay sharp squares); each label is drawn under its tile in PIL's
+    default font; `pad` white pixels between tiles.
+    """
+    frames = [frame for row in rows for frame, _ in row if frame is not None]
     if not frames:
         raise ValueError("contact_sheet needs at least one frame")
     h, w = frames[0].shape[:2]
-    columns = min(columns, len(frames))
-    rows = math.ceil(len(frames) / columns)
-    sheet = np.full((rows * h + (rows + 1) * pad, columns * w + (columns + 1) * pad, 3), 255, dtype=np.uint8)
-    for n, frame in enumerate(frames):
-        r, c = divmod(n, columns)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        sheet[top : top + h, left : left + w] = frame
+    factor = max(1, math.ceil(TILE_SHORT_SIDE / min(h, w)))
+    tile_h, tile_w = h * factor, w * factor
+    cell_h = tile_h + LABEL_HEIGHT
+    columns = max(len(row) for row in rows)
+    sheet = Image.new("RGB", (columns * tile_w + (columns + 1) * pad, len(rows) * cell_h + (len(rows) + 1) * pad),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for r, row in enumerate(rows):
+        for c, (frame, label) in enumerate(row):
+            left, top = pad + c * (tile_w + pad), pad + r * (cell_h + pad)
+            if frame is None:
+                draw.rectangle((left, top, left + tile_w - 1, top + tile_h - 1), fill=(224, 224, 224))
+            else:
+                sheet.paste(Image.fromarray(frame).resize((tile_w, tile_h), Image.Resampling.NEAREST), (left, top))
+            draw.text((left + 2, top + tile_h + 1), label, fill="black", font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).save(path)
+    sheet.save(path)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
