@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sample videos autoregressively with the shared KV cache (causalvdm-sample, i.e. causalvdm.cli.sample; --help lists every flag).
-#   bash scripts/sample.sh [<config>] [--ckpt PATH] [--prompt TEXT] [--first-image PATH | --first-video PATH --first-frames N]
+#   bash scripts/sample.sh [<config>] [--ckpt PATH] [--prompt TEXT] [--prompt-at FRAME TEXT ...] [--recache-on-switch]
+#        [--first-image PATH | --first-video PATH --first-frames N]
 #        [--num-frames N] [--out DIR] [--seed S] [--sampler NAME] [--num-steps N] [--cfg-scale X] [--mode cache|recompute]
 #        [--dtype auto|float32|bfloat16|float16] [--compile [MODE]] [--manifest FILE] [--cfg-options k=v ...]
 # NPROC_PER_NODE=N (> 1) runs N processes through torchrun; with --manifest they split the rows.
@@ -9,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 PY=python
 if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" && -x "$root/.venv/bin/python" ]]; then PY="$root/.venv/bin/python"; fi
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,6p' "$0"; echo; exec "$PY" -m causalvdm.cli.sample --help
+  sed -n '2,7p' "$0"; echo; exec "$PY" -m causalvdm.cli.sample --help
 fi
 nproc=${NPROC_PER_NODE:-1}
 if (( nproc > 1 )); then
