@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

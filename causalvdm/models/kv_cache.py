@@ -97,6 +97,7 @@ class KVCache:
         self.next_position = 0  # absolute position of the next frame to be written
         self._num_new = 0
         self._slots: torch.Tensor | None = None  # (T,) slots of the current call's frames, on the buffers' device
+        self._spatial_new = (torch.zeros(0, dtype=torch.long), None, None)  # see begin()
 
     def __len__(self) -> int:
         return min(self.next_position, self.sink_frames) + max(0, self.next_position - self.rolling_start)
@@ -247,6 +248,11 @@ class KVCache:
         self._num_new = num_frames
         device = self.k.device if self.k is not None else None
         self._slots = self._new_slots.to(device)  # a tensor, so a compiled step does not see the slots change
+        # The frames of this call a later chunk's spatial prefix reads: their positions, their indices among the
+        # call's frames and their spatial slots (on the buffers' device), made once for every layer of a write.
+        kept = self._spatial_kept()
+        slots = kept % max(self.spatial_slots, 1)
+        self._spatial_new = (kept, (kept - self.next_position).to(device), slots.to(device))
         self._turn_sink()
         return torch.arange(self.next_position, self.next_position + num_frames)
 
@@ -314,7 +320,7 @@ class KVCache:
         self.slot_pos[self._new_slots] = new
         if self.k is not None:
             self._keep_sink(new)
-        kept = self._spatial_kept()
+        kept = self._spatial_new[0]
         self.spatial_pos[kept % max(self.spatial_slots, 1)] = kept
         self.next_position += self._num_new
         self._num_new = 0
@@ -329,14 +335,11 @@ class KVCache:
 
     def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the spatial keys/values (B*T, H, S, Dh) of this write's frames that later chunks will read."""
-        kept = self._spatial_kept()
+        kept, index, slots = self._spatial_new
         if not len(kept):
             return
-        rows = self.batch_size
-        index = (kept - self.next_position).to(k.device)  # frames of this call
-        slots = (kept % self.spatial_slots).to(k.device)
         for buffer, new in ((self.spatial_k, k), (self.spatial_v, v)):
-            frames = new.detach().view(rows, -1, *new.shape[1:]).index_select(1, index)  # (B, m, H, S, Dh)
+            frames = new.detach().view(self.batch_size, -1, *new.shape[1:]).index_select(1, index)  # (B, m, H, S, Dh)
             buffer[layer].index_copy_(2, slots, frames.transpose(1, 2))
 
     def spatial_mask(self, tokens_per_frame: int, device) -> torch.Tensor | None:

@@ -172,10 +172,11 @@ class AutoregressiveGenerator:
         if cond is None:
             ctx = self.model.prepare(k, h, w, self.cache, self._text)
         else:
-            rolling = torch.arange(self._written - self._window.shape[2], self._written + k)
-            positions = torch.cat([torch.arange(self._sink.shape[2]), rolling])
             if self.recompute_positions == "window":
                 positions = torch.arange(p + k)
+            else:  # the sink at 0.., the rolling frames and the chunk at their absolute positions
+                rolling = torch.arange(self._written - self._window.shape[2], self._written + k)
+                positions = torch.cat([torch.arange(self._sink.shape[2]), rolling])
             ctx = self.model.prepare(p + k, h, w, text=self._text, chunk=(p, p + k), positions=positions,
                                      sink_frames=self.sink_frames)
         self.sampler.reset()
