@@ -247,3 +247,16 @@ def test_a_subclass_swaps_only_the_objective(tmp_path, video_root, t5_dir):
     assert ckpt.name == "step_00000002"
     model, ema = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
     assert all(torch.equal(model[k], ema[k]) for k in model)  # never moved, so the average did not either
+
+
+def test_lr_schedules():
+    """Linear warm-up, then constant or a half cosine reaching 0 at max_steps; an unknown schedule is one line."""
+    from causalvdm.training.settings import lr_factor
+
+    assert [lr_factor(i, 4, 12, "constant") for i in (0, 3, 4, 11)] == [0.25, 1.0, 1.0, 1.0]
+    cosine = [lr_factor(i, 4, 12, "cosine") for i in range(12)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0] and cosine[4] == 1.0
+    assert cosine[8] == pytest.approx(0.5) and lr_factor(12, 4, 12, "cosine") == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(cosine[4:], cosine[5:]))
+    with pytest.raises(ConfigError, match="train.lr_schedule must be one of constant, cosine, got 'linear'"):
+        TrainSettings.from_cfg(dict(lr_schedule="linear"))

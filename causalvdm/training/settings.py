@@ -1,11 +1,25 @@
 """The trainer's settings (`train = dict(...)` in a config), with every default declared once here."""
 
+import math
 from dataclasses import dataclass
 
 from causalvdm.config import check_range, settings_from
 from causalvdm.diffusion.clean_prefix import TPE_OFFSETS
 from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.registry import ConfigError
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning rate at optimizer step `step` (0-based) as a fraction of train.lr: linear warm-up, then
+    constant or a half cosine that reaches 0 at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))))
 
 
 @dataclass
@@ -22,6 +36,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: "constant" | "cosine" (to 0 at max_steps)
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     txt_dropout_prob: float = 0.1
@@ -47,6 +62,9 @@ class TrainSettings:
             raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {settings.parallel!r}")
         if settings.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.mixed_precision must be 'auto', 'bf16' or 'fp32', got {settings.mixed_precision!r}")
+        if settings.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                              f"got {settings.lr_schedule!r}")
         if settings.tpe_offsets not in TPE_OFFSETS:
             raise ConfigError(f"train.tpe_offsets must be one of {', '.join(TPE_OFFSETS)}, "
                               f"got {settings.tpe_offsets!r}")
