@@ -58,8 +58,10 @@ class RunLogger:
             self.wandb.log(metrics, step=step)
         log.info("step %d  %s", step, "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
-    def plot_loss(self) -> Path:
-        """Draw loss.png from metrics.jsonl."""
+    def plot_loss(self) -> Path | None:
+        """Draw loss.png from metrics.jsonl -> its path; None before the first logged step (nothing to draw)."""
+        if not self.metrics_path.is_file():
+            return None
         import matplotlib
 
         matplotlib.use("Agg")
