@@ -24,6 +24,7 @@ from causalvdm.config import AutoregressiveSettings, check_range, load_config, s
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
 from causalvdm.diffusion.samplers import SAMPLERS
+from causalvdm.distill.objective import STUDENT_SAMPLER
 from causalvdm.models.pretrained import extract_state_dict, load_pretrained, split_init_fields
 from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build, check_type
 from causalvdm.sampling import AutoregressiveGenerator
@@ -70,6 +71,7 @@ class SampleSettings:
         if "first_image" in overrides or "first_video" in overrides:  # a source given here replaces the config's
             given.pop("first_image", None)
             given.pop("first_video", None)
+        given.update(student_schedule(overrides.get("ckpt") or given.get("ckpt")))
         settings = settings_from(cls, "sample", {**given, **overrides})
         settings.prompts = check_prompts(settings.prompts, "sample.prompts")
         check_range("sample", settings, 1, None, "num_steps", "num_frames", "fps", "first_frames", "eval_len")
@@ -104,6 +106,22 @@ def check_prompts(entries, where: str) -> tuple[dict, ...]:
 
 
 # ------------------------------------------------------------------------------------------- loading
+def student_schedule(ckpt) -> dict:
+    """{sampler, num_steps} of a few-step student (its config has a `distill` section) for a checkpoint directory or
+    save_pretrained folder; {} for anything else (a weights file, a teacher)."""
+    if ckpt is None or not Path(ckpt).is_dir():
+        return {}
+    try:
+        cfg = load_config(pretrained_config_path(ckpt))
+    except CheckpointError:
+        return {}
+    if not cfg.get("distill"):
+        return {}
+    log.info("%s: a few-step student: %s in %d steps per chunk (--sampler / --num-steps override)", ckpt,
+             STUDENT_SAMPLER, cfg.distill.num_steps)
+    return dict(sampler=STUDENT_SAMPLER, num_steps=cfg.distill.num_steps)
+
+
 def pretrained_config_path(path: str | Path) -> Path:
     """The config of a save_pretrained folder (config.json) or of a training checkpoint directory.
 
@@ -239,7 +257,7 @@ class CausalVDMPipeline:
         text_encoder = build(TEXT_ENCODERS, cfg.get("text_encoder"), "text_encoder") if model.caption_channels else None
         diffusion = build(SCHEDULERS, cfg.get("diffusion"), "diffusion")
         ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
-        components = {k: cfg.get(k) for k in ("vae", "text_encoder", "diffusion")}
+        components = {k: cfg.get(k) for k in ("vae", "text_encoder", "diffusion", "distill")}
         config = dict(model=model_cfg, **{k: v for k, v in components.items() if v is not None})
         try:
             return cls(model, vae, diffusion, text_encoder, ar, sample, image_size_of(cfg, sample, vae), device,

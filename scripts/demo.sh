@@ -7,8 +7,12 @@
 #   training) beside the baseline that repeats the first frame.
 # Outputs: outputs/<exp>/ (checkpoints, loss.png, train.log) and outputs/<exp>/samples/continuation.{mp4,png,json}
 # (the contact sheet has the real frames above the generated ones) and continuation_drift.png.
+# DISTILL=1 adds a stage (about 10 more minutes): 5. distil the trained model into a 4-step student
+# (configs/demo/distill.py) and compare it with the teacher at 25 and at 4 DDIM steps (tools/compare_student.py:
+# per-frame PSNR curves, the exposure-bias gap per chunk, drift, time per chunk), into outputs/<exp>_student/.
 #   bash scripts/demo.sh [exp_name]
 #   CLIP=carphone_pristine-000 bash scripts/demo.sh carphone      # a slow-moving clip instead of bikes-076
+#   DISTILL=1 bash scripts/demo.sh                                # + the few-step student
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exp=${1:-overfit_demo}
@@ -51,3 +55,13 @@ for first, last, what in ((1, 16, "memorised"), (17, 33, "beyond training"), (34
 print(f"video: outputs/{exp}/samples/continuation.mp4  contact sheet: outputs/{exp}/samples/continuation.png  "
       f"drift: outputs/{exp}/samples/continuation_drift.png")
 PY
+
+if [[ "${DISTILL:-0}" == 1 ]]; then
+  student_exp="${exp}_student"
+  bash scripts/train.sh configs/demo/distill.py "$student_exp" 29518 --resume auto --cfg-options "distill.teacher=$ckpt"
+  student=$(ls -d "outputs/$student_exp/checkpoints/step_"* | tail -n 1)
+  bash scripts/sample.sh --ckpt "$student" --first-video "data/demo_long/$clip.mp4" --first-frames 1 --num-frames 51 \
+    --out "outputs/$student_exp/samples" --name continuation
+  "$PY" tools/compare_student.py --teacher "$ckpt" --student "$student" --video "data/demo_long/$clip.mp4" \
+    --num-frames 51 --train-frames 17 --long-frames 201 --out "outputs/$student_exp"
+fi

@@ -1,4 +1,5 @@
-"""Train a causal ST-DiT with the clean-prefix objective; launched by scripts/train.sh through torchrun.
+"""Train a causal ST-DiT with the clean-prefix objective, or distil a few-step student of a trained one (a config
+with a `distill` section, causalvdm/distill); launched by scripts/train.sh through torchrun.
 
     bash scripts/train.sh configs/demo/overfit.py overfit_demo            # one CPU process or GPU 0
     bash scripts/train.sh CONFIG EXP 29500 0,1,2,3 --resume auto          # four GPUs, resume the newest checkpoint
@@ -17,6 +18,8 @@ import torch.distributed as dist
 
 from causalvdm.cli.common import USER_ERRORS, ArgumentParser, debugging, error_line, one_line_errors
 from causalvdm.config import add_config_args, load_config, require
+from causalvdm.distill import DistillSettings
+from causalvdm.distill.trainer import DistillTrainer
 from causalvdm.registry import ConfigError
 from causalvdm.training.distributed import any_process, init_distributed
 from causalvdm.training.run_dir import claim_run_dir
@@ -50,6 +53,8 @@ def main(argv=None) -> int:
         require(cfg, "model", "diffusion", "dataset")
     with one_line_errors(prefix=f"{args.config}: "):
         settings = TrainSettings.from_cfg(cfg.get("train"))
+        if "distill" in cfg:  # a few-step student of a teacher checkpoint (causalvdm/distill)
+            DistillSettings.from_cfg(cfg.distill)
     exp_name = args.exp_name or Path(args.config).stem
     with one_line_errors(ValueError):
         plain_name(exp_name, "--exp-name")
@@ -72,7 +77,8 @@ def main(argv=None) -> int:
     logging.getLogger().addHandler(handler)
     keep_freed_memory()
     try:
-        return Trainer(cfg, settings, run_dir, info).fit(resume=args.resume)
+        trainer = DistillTrainer if "distill" in cfg else Trainer
+        return trainer(cfg, settings, run_dir, info).fit(resume=args.resume)
     except USER_ERRORS as err:
         if debugging():
             raise

@@ -363,16 +363,20 @@ class CausalSTDiT(nn.Module):
         return torch.cat([guided, cond[:, c:]], dim=1)
 
     def forward(self, x, t, y=None, mask=None, cache=None, chunk=None, tpe_offset=None, text_drop=None,
-                sink_frames: int = 0) -> torch.Tensor:
-        """Predict noise (and variance) for every frame.
+                sink_frames: int = 0, write: bool = False) -> torch.Tensor | None:
+        """Predict noise (and variance) for every frame; with `write`, append x to the cache instead (`write_cache`).
 
         x: (B, C, T, H, W); t: (B, T) per-frame timesteps; y: (B, L, C_text) text tokens, mask: (B, L).
         cache: read-only conditioning frames (x is then the chunk only); chunk: (start, end) span of the
         chunk being denoised when cache is None (used in chunk-bidirectional mode); tpe_offset: (B,)
         random cyclic-TPE offsets for training; text_drop: (B,) bool rows whose text is replaced by the
-        null caption (training); sink_frames: without a cache, the first frames are a frame sink (see `prepare`).
-        Returns (B, 2C, T, H, W) float32.
+        null caption (training); sink_frames: without a cache, the first frames are a frame sink (see `prepare`);
+        write: x are clean frames to append to `cache` (t is ignored): through forward, so a DDP/FSDP-wrapped model can
+        write its cache (distillation rollouts). Returns (B, 2C, T, H, W) float32, None with `write`.
         """
+        if write:
+            self.write_cache(x, cache, y, mask)
+            return None
         b, _, num_frames, height, width = x.shape
         text = self.encode_text(y, mask, b, text_drop)
         ctx = self.prepare(num_frames, height, width, cache, text, chunk, tpe_offset, sink_frames=sink_frames)

@@ -47,7 +47,7 @@ from causalvdm.training.checkpoint import (
 from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_process, parallelize, unwrap
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
-from causalvdm.training.settings import TrainSettings, check_clip_shape
+from causalvdm.training.settings import TrainSettings, check_clip_shape, lr_factor
 from causalvdm.utils.io import CheckpointError, check_architecture, check_free_space, writable_dir
 from causalvdm.utils.memory import peak_memory_mb
 from causalvdm.utils import memory_plan  # the module, not its names: it imports causalvdm.training in turn
@@ -103,7 +103,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
                                            betas=tuple(s.adam_betas), fused=info.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: min(1.0, (i + 1) / s.warmup_steps) if s.warmup_steps else 1.0)
+            self.optimizer, lambda i: lr_factor(i, s.warmup_steps, s.max_steps, s.lr_schedule))
         self.ema = EMA(self.core, s.ema_decay)
 
     def resume(self, resume: str | None) -> None:
@@ -300,6 +300,10 @@ class Trainer:
             return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return ""
 
+    def validation_schedule(self) -> tuple[str, int]:
+        """The sampler and steps of validation clips: train.validation_sampler / validation_steps."""
+        return self.settings.validation_sampler, self.settings.validation_steps
+
     def validate(self) -> None:
         """Sample a clip from the first frame of the first training clip with the EMA weights, into samples/."""
         s, ar = self.settings, self.ar
@@ -308,7 +312,8 @@ class Trainer:
             return
         model = causalvdm.build_model(split_init_fields(self.cfg.model)[0])
         model.load_state_dict(ema_state)
-        sample = SampleSettings(sampler=s.validation_sampler, num_steps=s.validation_steps, dtype="float32")
+        sampler, num_steps = self.validation_schedule()
+        sample = SampleSettings(sampler=sampler, num_steps=num_steps, dtype="float32")
         pipe = CausalVDMPipeline(model, self.vae, self.diffusion, self.text_encoder, ar, sample, device=self.info.device)
         height, width = (n * self.vae.downsample for n in self.first_latents.shape[-2:])
         path = self.run_dir / "samples" / f"step_{self.step:08d}.mp4"
