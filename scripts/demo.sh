@@ -7,8 +7,8 @@
 #   training) beside the baseline that repeats the first frame.
 # Outputs: outputs/<exp>/ (checkpoints, loss.png, train.log) and outputs/<exp>/samples/continuation.{mp4,png,json}
 # (the contact sheet has the real frames above the generated ones) and continuation_drift.png.
-# DISTILL=1 adds a stage (about 10 more minutes): 5. distil the trained model into a 4-step student
-# (configs/demo/distill.py) and compare it with the teacher at 25 and at 4 DDIM steps (tools/compare_student.py:
+# DISTILL=1 adds a stage (about 7 more minutes): 5. distil the trained model into a 3-step student
+# (configs/demo/distill.py) and compare it with the teacher at 25 and at 3 DDIM steps (tools/compare_student.py:
 # per-frame PSNR curves, the exposure-bias gap per chunk, drift, time per chunk), into outputs/<exp>_student/.
 #   bash scripts/demo.sh [exp_name]
 #   CLIP=carphone_pristine-000 bash scripts/demo.sh carphone      # a slow-moving clip instead of bikes-076

@@ -5,6 +5,7 @@ import torch
 
 import causalvdm
 from causalvdm.config import AutoregressiveSettings, load_config
+from causalvdm.distill import DistillSettings, FewStepDistillation
 from causalvdm.models.pretrained import split_init_fields
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, build, validate
 from causalvdm.training.settings import TrainSettings
@@ -29,6 +30,10 @@ def test_shipped_config_builds(path):
     if "train" in cfg:
         TrainSettings.from_cfg(cfg.train)
     ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
+    if "distill" in cfg:  # the teacher is given on the command line; the student's steps must lie on the teacher's
+        d = DistillSettings.from_cfg(dict(cfg.distill, teacher="teacher"))
+        FewStepDistillation(build(SCHEDULERS, cfg.diffusion, "diffusion"), ar.chunk_size, ar.max_cond_frames,
+                            ar.sink_frames, ar.prefix_perturb_t, d.num_steps, d.teacher_steps)
     if model.tpe_mode == "cyclic":
         assert ar.max_cond_frames + ar.chunk_size <= model.max_tpe_len, "frames in view would share a TPE index"
     if "dataset" in cfg and "vae" in cfg:

@@ -243,6 +243,10 @@ def test_student_beats_the_teacher_at_its_steps_and_samples_with_them(clip, teac
                       for p, kw in ((teacher_pipe, dict(num_steps=2)), (student, {})))
     assert distilled > few + 2, (distilled, few)
 
+    _run("scripts/sample.py", "--ckpt", student_dir, "--first-video", clip / "clip.mp4", "--num-frames", 9, "--out",
+         tmp_path / "samples", "--name", "s")  # the command line too, with the run's saved config
+    settings = json.loads((tmp_path / "samples" / "s.json").read_text())["settings"]
+    assert (settings["sampler"], settings["num_steps"]) == ("ddim", 2)
     overridden = SampleSettings.from_cfg(load_config(cfg).sample, dict(ckpt=str(student_dir), num_steps=7))
     assert (overridden.sampler, overridden.num_steps) == ("ddim", 7)  # a flag still wins
     student.save_pretrained(tmp_path / "folder")
@@ -252,13 +256,14 @@ def test_student_beats_the_teacher_at_its_steps_and_samples_with_them(clip, teac
 
 
 def test_distillation_resumes_bit_exact_and_runs_under_fsdp(clip, teacher, tmp_path):
-    """scripts/train.sh: 4 steps in one go == 2 steps, then --resume auto for 2 more (weights bit for bit); FSDP2 over
-    two processes follows the single process's losses."""
+    """scripts/train.sh: 4 steps in one go == 2 steps, then --resume auto for 2 more (weights bit for bit); FSDP2 and
+    DDP over two processes follow the single process; validation clips sample with the student's steps."""
     runs = {}
     options = ("train.log_every=1", "train.seed=7")  # seed 7: steps 1-4 draw (p, rollout) = (5, no), (1, -), (5, yes), (1, -)
-    for name, steps, extra, env in (("straight", 4, (), None), ("resumed", 2, (), None),
-                                    ("fsdp", 4, ("train.batch_size=2", "train.parallel=fsdp"),
-                                     dict(NPROC_PER_NODE="2"))):
+    two = dict(NPROC_PER_NODE="2")
+    for name, steps, extra, env in (("straight", 4, ("train.validation_every=4",), None), ("resumed", 2, (), None),
+                                    ("fsdp", 4, ("train.batch_size=2", "train.parallel=fsdp"), two),
+                                    ("ddp", 4, ("train.batch_size=2",), two)):
         cfg = _write_config(tmp_path / f"{name}.py", clip, tmp_path / "outputs", steps, 1e-3, 2, teacher)
         _run("scripts/train.sh", cfg, name, _free_port(), "--cfg-options", *options, *extra, env=env)
         if name == "resumed":
@@ -267,11 +272,13 @@ def test_distillation_resumes_bit_exact_and_runs_under_fsdp(clip, teacher, tmp_p
         runs[name] = tmp_path / "outputs" / name
     assert [(row["prefix_len"], row["rollout"]) for row in _metrics(runs["straight"])] == [(5, 0), (1, 0), (5, 1),
                                                                                           (1, 0)]
-    final = [load_file(str(runs[n] / "checkpoints" / "step_00000004" / "model.safetensors")) for n in runs]
-    for key, value in final[0].items():
-        torch.testing.assert_close(final[1][key], value, rtol=0, atol=0, msg=key)
-        # Adam turns float differences in near-zero gradients into steps of up to lr
-        torch.testing.assert_close(final[2][key], value, rtol=1e-4, atol=1e-4, msg=key)
-    losses = [[row["loss"] for row in _metrics(runs[n])] for n in runs]
-    assert losses[1] == losses[0]
-    np.testing.assert_allclose(losses[2], losses[0], rtol=1e-4)
+    assert (runs["straight"] / "samples" / "step_00000004.mp4").is_file()  # a validation clip with the student's steps
+    final = {n: load_file(str(runs[n] / "checkpoints" / "step_00000004" / "model.safetensors")) for n in runs}
+    losses = {n: [row["loss"] for row in _metrics(runs[n])] for n in runs}
+    assert losses["resumed"] == losses["straight"]
+    for key, value in final["straight"].items():
+        torch.testing.assert_close(final["resumed"][key], value, rtol=0, atol=0, msg=key)
+    for name in ("fsdp", "ddp"):
+        np.testing.assert_allclose(losses[name], losses["straight"], rtol=1e-4, err_msg=name)
+        for key, value in final["straight"].items():  # Adam turns float differences of near-zero gradients into lr
+            torch.testing.assert_close(final[name][key], value, rtol=1e-4, atol=1e-4, msg=f"{name}: {key}")

@@ -5,7 +5,7 @@ against the model's own rollout), the drift of the last chunk (optionally of a l
 (denoising plus commit, same cache).
 
     python tools/compare_student.py --teacher outputs/overfit_demo/checkpoints/step_00001200 \\
-        --student outputs/distill/checkpoints/step_00000400 --video data/demo_long/bikes-076.mp4 --out outputs/distill
+        --student outputs/distill/checkpoints/step_00000300 --video data/demo_long/bikes-076.mp4 --out outputs/distill
 
 Writes OUT/compare.json and OUT/compare.png (the per-frame curves).
 """
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     print_tables(result, args.train_frames, args.num_frames)
     (out / "compare.json").write_text(json.dumps(dict(video=args.video, teacher=args.teacher, student=args.student,
                                                       variants=result), indent=2))
-    plot_curves(result, out / "compare.png", title=f"{Path(args.video).stem}: own rollout from the first frame")
+    plot_curves(result, out / "compare.png", title=f"{Path(args.video).stem}: own rollout from the first frame",
+                train_frames=args.train_frames)
     print(f"\n{out / 'compare.json'}  {out / 'compare.png'}")
     return 0
 

@@ -80,8 +80,9 @@ def range_means(row: dict, ranges: list[tuple[int, int]], key: str = "psnr") -> 
     return means
 
 
-def plot_curves(result: dict, path, title: str = "") -> None:
-    """Per-frame PSNR of every variant's own rollout and of repeating the first frame, to a PNG."""
+def plot_curves(result: dict, path, title: str = "", train_frames: int | None = None) -> None:
+    """Per-frame PSNR of every variant's own rollout and of repeating the first frame, to a PNG; a dotted line after
+    the training clip's last frame."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,6 +93,8 @@ def plot_curves(result: dict, path, title: str = "") -> None:
         ax.plot(row["frames"], row["psnr"], marker=".", label=f"{name} ({row['chunk_ms']:.0f} ms/chunk)")
     first = next(iter(result.values()))
     ax.plot(first["frames"], first["psnr_repeat_last"], color="grey", linestyle="--", label="repeat the first frame")
+    if train_frames is not None:
+        ax.axvline(train_frames - 0.5, color="black", linestyle=":", label=f"training length ({train_frames} frames)")
     ax.set_xlabel("frame")
     ax.set_ylabel("PSNR against the real clip (dB)")
     ax.set_title(title or "own rollout from the first frame")

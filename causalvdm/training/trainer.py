@@ -334,8 +334,9 @@ class Trainer:
         check_clip_shape(self.core, tuple(self.first_latents.shape[1:]), self.ar.chunk_size)
         if s.validation_every:
             frames = s.validation_frames or 2 * self.core.max_tpe_len
+            sampler, num_steps = self.validation_schedule()
             try:
-                AutoregressiveGenerator(self.core, self.diffusion, s.validation_sampler, s.validation_steps,
+                AutoregressiveGenerator(self.core, self.diffusion, sampler, num_steps,
                                         self.ar.chunk_size, self.ar.max_cond_frames,
                                         prefix_perturb_t=self.ar.prefix_perturb_t,
                                         sink_frames=self.ar.sink_frames).check_length(1, frames)
@@ -343,7 +344,7 @@ class Trainer:
                 raise ConfigError(f"train.validation_every={s.validation_every} samples {frames} frames "
                                   f"(train.validation_frames), but {err}") from None
             log.info("validation every %d steps: %d frames, %s %d steps, decoded by %s", s.validation_every, frames,
-                     s.validation_sampler, s.validation_steps, type(self.vae).__name__)  # builds the VAE now
+                     sampler, num_steps, type(self.vae).__name__)  # builds the VAE now
         if not info.is_main:
             return
         writable_dir(self.ckpt_dir, "the checkpoint folder")
