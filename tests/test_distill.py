@@ -19,7 +19,7 @@ from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.registry import ConfigError
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.writer import psnr
-from conftest import ROOT, run_entrypoint
+from conftest import run_entrypoint
 
 
 def _objective(diffusion, k=4, max_cond=5, sink=0, steps=2, teacher_steps=6):

@@ -4,7 +4,7 @@ the-first-frame baseline, the exposure-bias gap per chunk of the training length
 against the model's own rollout), the drift of the last chunk (optionally of a long rollout too) and time per chunk
 (denoising plus commit, same cache).
 
-    python tools/compare_student.py --teacher outputs/overfit_demo/checkpoints/step_00001200 \\
+    python tools/compare_student.py --teacher outputs/overfit_demo/checkpoints/step_00002000 \\
         --student outputs/distill/checkpoints/step_00000300 --video data/demo_long/bikes-076.mp4 --out outputs/distill
 
 Writes OUT/compare.json and OUT/compare.png (the per-frame curves).

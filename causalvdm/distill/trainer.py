@@ -1,6 +1,6 @@
 """The distillation run: the Trainer with a frozen teacher and the few-step objective (causalvdm/distill/objective.py).
 
-    bash scripts/train.sh configs/demo/distill.py distill 29517 --cfg-options distill.teacher=outputs/demo/checkpoints/step_00001200
+    bash scripts/train.sh configs/demo/distill.py distill 29517 --cfg-options distill.teacher=outputs/overfit_demo/checkpoints/step_00002000
 
 A config with a `distill` section trains this way (scripts/train.py picks the trainer); checkpoints, EMA, resume,
 logging and validation are the Trainer's. The student starts from the teacher's weights.
