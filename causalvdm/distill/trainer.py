@@ -45,6 +45,7 @@ class DistillTrainer(Trainer):
                  "probability %g", STUDENT_SAMPLER, d.num_steps, d.teacher_steps, d.rollout_prob)
 
     def validation_schedule(self) -> tuple[str, int]:
+        """Validation clips sample as the student will: DDIM with distill.num_steps."""
         return STUDENT_SAMPLER, self.distill.num_steps
 
     def compute_loss(self, batch: dict, micro: int) -> dict:
