@@ -18,9 +18,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     pip_install "torch==${TORCH_VERSION}"
   else
-    # An unpinned or plain PyPI torch is the multi-GB CUDA stack; ask for the CPU wheel by its
-    # local version label, from a local wheel directory (pip's find-links) or PyTorch's CPU index.
-    pip_install --no-index "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
+    # An unpinned or plain PyPI torch is the multi-GB CUDA stack; ask for the CPU wheel by its local
+    # version label, which no CUDA wheel carries. First as pip is configured: a local wheel directory
+    # (find-links) may hold it, and the configured index has its dependencies. Only then PyTorch's CPU
+    # index, which pip would also ask for every dependency: where it cannot be reached, each of those
+    # waits for a timeout (minutes in all), so the local wheel must not wait behind it.
+    pip_install "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
       || pip_install --retries 1 --timeout 20 "torch==${TORCH_VERSION}+cpu" \
         --extra-index-url https://download.pytorch.org/whl/cpu
   fi

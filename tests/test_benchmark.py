@@ -1,10 +1,13 @@
-"""tools/benchmark_ar.py on the tiny config: the printed summary lines and the JSON figures (no timing targets)."""
+"""tools/benchmark_ar.py on the tiny config: the printed summary lines and the JSON figures (no timing targets); the
+table of GPU peaks behind its MFU."""
 
 import json
+import math
 import re
 
 import pytest
 
+from causalvdm.utils.flops import peak_tflops
 from tools.benchmark_ar import frame_passes, main
 
 TINY = "configs/debug/tiny.py"
@@ -25,6 +28,32 @@ def test_compare_mode(tmp_path, capsys):
     figures = json.loads(out.read_text())
     assert figures["max_rel_diff"] < 1e-4  # cache and recompute agree before the first eviction
     assert len(figures["cache"]["chunk_times"]) == len(figures["recompute"]["chunk_times"]) == 5
+
+
+def test_recompute_on_fewer_frames_compares_the_chunks_both_ran(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--config", TINY, "--frames", "33", "--recompute-frames", "17", "--modes", "cache,recompute",
+            "--denoise-steps", "1", "--json", str(out)]
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"speedup=\S+ bound=\S+ ratio=\S+ frames=33 chunk=8 max_cond=25 denoise_steps=1", last), last
+    figures = json.loads(out.read_text())
+    cache, recompute = figures["cache"], figures["recompute"]
+    assert (cache["frames"], recompute["frames"]) == (33, 17)
+    assert (len(cache["chunk_times"]), len(recompute["chunk_times"]), figures["speedup_chunks"]) == (4, 2, 2)
+    passes = frame_passes(1, 2, 8, 25, 1)  # over the prefill and the 2 chunks both ran
+    assert figures["frame_passes"] == dict(recompute=passes[0], cache=passes[1])
+    seconds = [r["prefill"] + sum(r["chunk_times"][:2]) for r in (recompute, cache)]
+    assert math.isclose(figures["speedup"], seconds[0] / seconds[1])
+    assert figures["max_rel_diff"] < 1e-4 and cache["warmup_seconds"] > 0 and "cudagraph_skips" not in figures
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 NVL", 835.0),
+                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+                                        ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("Tesla T4", None)])
+def test_dense_bf16_peak_by_gpu_name(name, peak):
+    assert peak_tflops(name) == peak
 
 
 def test_long_mode_with_control(tmp_path, capsys):

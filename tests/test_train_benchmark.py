@@ -1,4 +1,5 @@
-"""tools/benchmark_train.py on the tiny config (figures against the cost formula), and a 1-GPU FSDP2 bf16 step."""
+"""tools/benchmark_train.py on the tiny config (figures against the cost formula), and an FSDP2 bf16 step on the CPU
+and on one GPU."""
 
 import json
 import math
@@ -82,22 +83,23 @@ def test_bad_config_is_one_line(options, message):
         main(["--config", TINY, "--device", "cpu", "--cfg-options", *options])
 
 
-@pytest.mark.cuda
-def test_fsdp2_bf16_step_on_one_gpu():
-    """One trainer step of a small text-conditioned model, FSDP2 in a one-process NCCL group, bf16 autocast."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fsdp2_bf16_step(device):
+    """One trainer step of a small text-conditioned model, FSDP2 with its bf16 policy in a one-process group (gloo
+    on the CPU, NCCL on a GPU), bf16 autocast."""
     cfg = load_config(TINY)
-    device = torch.device("cuda")
+    device = torch.device(device)
     with process_group("fsdp", device) as info:
         model = randomize_weights(causalvdm.build_model(dict(cfg.model)), seed=0)  # every parameter gets a gradient
-        model = parallelize(model, "fsdp", info).train()
+        model = parallelize(model, "fsdp", info, bf16=True).train()  # the benchmark's FSDP2 bf16 policy
         before = {name: p.full_tensor().clone() for name, p in model.named_parameters()}
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # only gradients move weights
         w = Workload(2, (17, 8, 8), 9, build(SCHEDULERS, dict(type="IDDPM"), "diffusion"), AutoregressiveSettings(),
-                     TrainSettings(txt_dropout_prob=0.0), torch.autocast("cuda", dtype=torch.bfloat16),
+                     TrainSettings(txt_dropout_prob=0.0), torch.autocast(device.type, dtype=torch.bfloat16), bf16=True,
                      tokens_per_step=0, flops_per_step=0, peak_tflops=None)
         loss = train_step(model, optimizer, synthetic_batch(model, 2, 17, 8, 8, info.device, seed=0), 0, w)
         after = {name: p.full_tensor() for name, p in model.named_parameters()}
-    assert math.isfinite(loss) and info.device.type == "cuda"
+    assert math.isfinite(loss) and info.device.type == device.type
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
     # The null caption is used only for dropped captions (none at probability 0).
     assert unchanged == ["y_embedder.y_embedding"], unchanged

@@ -1,7 +1,8 @@
 """Benchmark autoregressive generation: the shared KV cache against the recompute baseline, dtypes, compile.
 
     python tools/benchmark_ar.py --config configs/bench/cpu_s2.py --frames 81 [--denoise-steps 10] [--json out.json]
-    python tools/benchmark_ar.py --preset paper --device cuda --dtype bfloat16 [--compile] [--modes cache]
+    python tools/benchmark_ar.py --preset paper --dtype bfloat16 [--compile reduce-overhead] [--modes cache]
+    python tools/benchmark_ar.py --preset paper --modes cache,recompute --recompute-frames 33
     python tools/benchmark_ar.py --config configs/bench/cpu_s2.py --forward 10 --dtype float32,bfloat16
     python tools/benchmark_ar.py --config configs/bench/cpu_s2.py --long 100 --denoise-steps 2
 
@@ -16,9 +17,13 @@ chunk 0), model TFLOP/s and MFU against the device's dense bf16 peak (a table of
 peak memory (CUDA: max allocated; CPU: the process's peak RSS, reset before each mode), the cache's bytes, then
 the speed-up and its model-FLOP bound from the frame-pass count (recompute: S * sum(p_i + k); cache: S * sum(k),
 plus one cache-write pass of the k new frames per chunk and the prefill pass of the given frames), and the
-difference of the chunks generated before the first eviction. A warm-up video of two chunks runs first (with
---compile it compiles there). Wall times on a shared machine are only as good as its idle cores: the 1-minute
-load average before and after is printed beside them. Last line:
+difference of the chunks generated before the first eviction. --recompute-frames stops the baseline early (its
+cost grows with the context), and the speed-up is then taken over the prefill and the chunks both modes ran. A
+warm-up video of two chunks runs first (with --compile it compiles there; its seconds are recorded). With
+--compile the JSON counts the graphs dynamo compiled and the graphs inductor ran without CUDA graphs (target 0;
+under reduce-overhead a skip is an error). The --json file is written as each warm-up and each video ends, so a
+run stopped by a time limit keeps what it measured. Wall times on a shared machine are only as good as its idle
+cores: the 1-minute load average before and after is printed beside them. Last line:
     speedup=<x> bound=<y> ratio=<x/y> frames=<F> chunk=<k> max_cond=<P> denoise_steps=<S>
 (with one mode: mode=<m> seconds=<s> fps=<f> tflops=<t> mfu=<u> ...).
 
@@ -66,6 +71,8 @@ from causalvdm.utils.flops import device_peak_tflops, forward_flops
 from causalvdm.utils.memory import keep_freed_memory, peak_memory_mb, proc_status_mb, reset_peak_memory
 
 log = logging.getLogger("benchmark_ar")
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs
 
 # Settings a preset stands for; flags given on the command line win.
 PRESETS = {
@@ -137,42 +144,79 @@ def run(gen: AutoregressiveGenerator, first, text, num_frames: int, seed: int, c
                 chunks=kept)
 
 
+def write_json(path: str, data: dict) -> None:
+    """Write `data` through a temporary file and a rename, so a kill mid-write leaves the previous whole file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def compile_counters() -> dict:
+    """Graphs dynamo compiled and CUDA-graph skips of inductor in this process so far (target: one graph, 0 skips)."""
+    return dict(compiled_graphs=compiled_graphs(), cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+
+
+def seconds_over(result: dict, chunks: int) -> float:
+    """Wall seconds of a video's prefill and its first `chunks` chunks."""
+    return result["prefill"] + sum(result["chunk_times"][:chunks])
+
+
 def compare(args, model, diffusion, ar, first, text) -> tuple[dict, str]:
+    """Compare mode: each of --modes, a warm-up then one timed video; the summary is written to --json as each
+    warm-up and each video ends, so a run stopped by a time limit keeps what it measured."""
     k, max_cond = ar.chunk_size, ar.max_cond_frames
     b, _, n0, h, w = first.shape
     rows = 2 * b if text[0] is not None and args.cfg_scale != 1 else b
     text_tokens = text[0].shape[1] if text[0] is not None else 0
     peak = args.peak_tflops or device_peak_tflops(first.device)
+    summary = dict(frames=args.frames, recompute_frames=args.recompute_frames, given=n0, chunk=k, max_cond=max_cond,
+                   denoise_steps=args.denoise_steps, sampler="iddpm", device=str(first.device),
+                   device_name=device_name(first.device), dtype=str(model.dtype).removeprefix("torch."),
+                   compile=args.compile, cfg_scale=args.cfg_scale, text_tokens=text_tokens,
+                   threads=torch.get_num_threads(), peak_tflops=peak)
+
+    def save() -> None:
+        if args.json:
+            write_json(args.json, summary)
+
+    save()
     results = {}
     for mode in args.modes:
+        frames = args.recompute_frames if mode == "recompute" else args.frames
         gen = make_generator(args, model, diffusion, ar, mode)
-        chunks = gen.num_chunks(n0, args.frames)
+        chunks = gen.num_chunks(n0, frames)
         no_eviction = sum(1 for j in range(chunks) if n0 + j * k <= max_cond)
         log.info("%s: warm-up video of 2 chunks ...", mode)
+        start = time.perf_counter()
         for _ in gen.iter_chunks(first, n0 + 2 * k, *text, seed=args.seed):
             pass
+        summary[mode] = dict(warmup_seconds=time.perf_counter() - start)  # with --compile: the compilation
+        if args.compile:
+            summary.update(compile_counters())
+        save()
         log.info("%s: %d chunks ...", mode, chunks)
-        result = run(gen, first, text, args.frames, args.seed, no_eviction)
+        result = run(gen, first, text, frames, args.seed, no_eviction)
         flops = video_flops(model, mode, n0, chunks, k, max_cond, args.denoise_steps, rows, h, w, text_tokens)
-        result.update(name=mode, frames_per_s=(args.frames - n0) / result["total"], model_tflop=flops / 1e12,
-                      tflops=flops / result["total"] / 1e12)
+        result.update(name=mode, frames=frames, frames_per_s=(frames - n0) / result["total"],
+                      model_tflop=flops / 1e12, tflops=flops / result["total"] / 1e12)
         result["mfu"] = result["tflops"] / peak if peak else None
         results[mode] = result
-        print(f"{mode:>9}: {result['total']:.2f}s for {args.frames - n0} frames ({result['frames_per_s']:.2f} frames/s), "
+        summary[mode].update({k_: v for k_, v in result.items() if k_ != "chunks"})
+        if args.compile:
+            summary.update(compile_counters())
+        save()
+        print(f"{mode:>9}: {result['total']:.2f}s for {frames - n0} frames ({result['frames_per_s']:.2f} frames/s), "
               f"first chunk {result['first_chunk_latency']:.3f}s, {result['model_tflop']:.3g} TFLOP at "
               f"{result['tflops']:.3g} TFLOP/s" + (f" = {100 * result['mfu']:.1f}% MFU" if peak else "")
-              + f", peak memory {result['peak_mb']:.0f} MB, cache {result['cache_bytes'] / 2**20:.2f} MB")
+              + f", peak memory {result['peak_mb']:.0f} MB, cache {result['cache_bytes'] / 2**20:.2f} MB", flush=True)
     print(f"load average (1 min): {args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} cores")
-    summary = dict(frames=args.frames, given=n0, chunk=k, max_cond=max_cond, denoise_steps=args.denoise_steps,
-                   sampler="iddpm", device=str(first.device), device_name=device_name(first.device),
-                   dtype=str(model.dtype).removeprefix("torch."), compile=args.compile, cfg_scale=args.cfg_scale,
-                   text_tokens=text_tokens, threads=torch.get_num_threads(), peak_tflops=peak,
-                   **{mode: {k_: v for k_, v in r.items() if k_ != "chunks"} for mode, r in results.items()})
+    if args.compile:
+        print(f"compiled graphs: {summary['compiled_graphs']}, CUDA-graph skips: {summary['cudagraph_skips']}")
     if len(results) == 1:
         (mode, r), = results.items()
         mfu = f"{r['mfu']:.3f}" if peak else "n/a"
         line = (f"mode={mode} seconds={r['total']:.3f} fps={r['frames_per_s']:.3f} tflops={r['tflops']:.3f} mfu={mfu} "
-                f"frames={args.frames} chunk={k} max_cond={max_cond} denoise_steps={args.denoise_steps}")
+                f"frames={r['frames']} chunk={k} max_cond={max_cond} denoise_steps={args.denoise_steps}")
         return summary, line
 
     rec, cac = results["recompute"], results["cache"]
@@ -180,18 +224,21 @@ def compare(args, model, diffusion, ar, first, text) -> tuple[dict, str]:
     for j, (tr, tc) in enumerate(zip(rec["chunk_times"], cac["chunk_times"])):
         lo = n0 + j * k
         print(f"{j:5d} {lo:4d}-{lo + k - 1:<4d} {min(lo, max_cond):4d} {tr:11.3f} {tc:8.3f} {tr / tc:7.2f}")
-    passes_rec, passes_cache = frame_passes(n0, len(cac["chunk_times"]), k, max_cond, args.denoise_steps)
+    both = min(len(rec["chunk_times"]), len(cac["chunk_times"]))  # --recompute-frames may stop the baseline early
+    passes_rec, passes_cache = frame_passes(n0, both, k, max_cond, args.denoise_steps)
     bound = passes_rec / passes_cache
-    speedup = rec["total"] / cac["total"]
+    speedup = seconds_over(rec, both) / seconds_over(cac, both)
     diffs = [(a - b).abs().max().item() for a, b in zip(rec["chunks"], cac["chunks"])]
     scale = max(a.abs().max().item() for a in rec["chunks"])
-    print(f"frame passes: recompute {passes_rec} = S*sum(p_i + k); cache {passes_cache} = S*sum(k) + one cache-write "
-          f"pass of k frames per chunk + the prefill pass of {n0} frame(s)")
+    print(f"over the prefill and the {both} chunks both ran: frame passes recompute {passes_rec} = S*sum(p_i + k); "
+          f"cache {passes_cache} = S*sum(k) + one cache-write pass of k frames per chunk + the prefill pass of "
+          f"{n0} frame(s)")
     print(f"max abs diff over the {len(diffs)} chunks before the first eviction: {max(diffs):.3e} "
           f"(largest |latent| {scale:.3g}, relative {max(diffs) / scale:.2e})")
-    summary.update(speedup=speedup, bound=bound, ratio=speedup / bound,
+    summary.update(speedup=speedup, bound=bound, ratio=speedup / bound, speedup_chunks=both,
                    frame_passes=dict(recompute=passes_rec, cache=passes_cache),
                    max_abs_diff=max(diffs), max_rel_diff=max(diffs) / scale)
+    save()
     line = (f"speedup={speedup:.3f} bound={bound:.3f} ratio={speedup / bound:.3f} frames={args.frames} chunk={k} "
             f"max_cond={max_cond} denoise_steps={args.denoise_steps}")
     return summary, line
@@ -392,7 +439,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--frames", type=positive_int, help="frames of the video, the first one given (default 81)")
     parser.add_argument("--denoise-steps", type=positive_int, help="iddpm steps per chunk, S (default 10)")
     parser.add_argument("--modes", type=name_list(("recompute", "cache")), default="recompute,cache",
-                        help="compare mode: which of recompute,cache to run (default both; the speed-up needs both)")
+                        help="compare mode: which of recompute,cache to run, in this order (default both; the "
+                        "speed-up needs both)")
+    parser.add_argument("--recompute-frames", type=positive_int, help="compare mode: the recompute baseline "
+                        "generates only this many frames (default and at most --frames), and the speed-up is taken "
+                        "over the "
+                        "chunks both modes ran: the baseline's cost grows with the context, so a short one fits a "
+                        "time limit")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", type=name_list((*DTYPES, "auto")), default="auto", help="weights and KV cache: "
                         "float32, bfloat16, float16 or auto (bf16 on CUDA, fp32 on the CPU); --forward takes a "
@@ -400,8 +453,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--spatial-prefix", type=spatial_prefix_list, help="--forward: also time these spatial "
                         "prefixes, a comma-separated list of none, first_frame, prev_frames_N (default: the config's)")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
-                        "per-step model call (mode default; reduce-overhead adds CUDA graphs); --forward then times "
-                        "eager and compiled side by side")
+                        "per-step model call (mode default; reduce-overhead adds CUDA graphs, so that a small chunk's "
+                        "call does not wait on kernel launches, and on CUDA a run in which inductor skipped them "
+                        "exits with an error); --forward then times eager and compiled side by side; the JSON gets "
+                        "the counts of compiled graphs and CUDA-graph skips")
     parser.add_argument("--text", action="store_true", help="condition on random text embeddings shaped like the "
                         "text encoder's (1, model_max_length, caption_channels), all tokens valid")
     parser.add_argument("--cfg-scale", type=finite_float, default=1.0, help="classifier-free guidance with --text "
@@ -433,6 +488,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.frames < 2:  # one frame is given, so a video of one frame generates nothing to time
         parser.error(f"argument --frames: must be >= 2 (the first frame is given), got {args.frames}")
     args.denoise_steps = args.denoise_steps or preset.get("denoise_steps", 10)
+    args.recompute_frames = min(args.recompute_frames or args.frames, args.frames)
+    if args.recompute_frames < 2:
+        parser.error(f"argument --recompute-frames: must be >= 2 (the first frame is given), got "
+                     f"{args.recompute_frames}")
     args.text = args.text or preset.get("text", False)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -486,8 +545,11 @@ def main(argv=None) -> int:
             else:
                 summary, line = compare(args, model, diffusion, ar, first, text)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json(args.json, summary)
     print(line)
+    if args.compile in CUDA_GRAPH_MODES and args.device.type == "cuda" and summary.get("cudagraph_skips"):
+        sys.exit(f"error: inductor ran {summary['cudagraph_skips']} compiled graph(s) without CUDA graphs under "
+                 f"--compile {args.compile} (TORCH_LOGS=cudagraphs says why)")
     return 0
 
 

@@ -7,11 +7,11 @@ TFLOP/s, MFU and peak memory.
     torchrun --nproc_per_node 8 tools/benchmark_train.py               # one group of 8 GPUs, global figures
 
 Each step is the Trainer's (causalvdm/training/trainer.py): `clean_prefix_loss` under autocast, backward,
-gradient clipping and an AdamW step, on a model wrapped by `parallelize()` (FSDP2, with its bf16 policy under
-bf16, or DDP; outside torchrun a one-process group is set up here). The data is random and fixed: latents
-(B, C, T, H, W) with T = `dataset.num_frames` (else `model.max_tpe_len`) and (H, W) = `latent_size` (else 32x32,
-a 256x256 video through the SD VAE), and text embeddings shaped like T5-XXL's (B, model.model_max_length,
-model.caption_channels) with a full mask. No VAE, text encoder, data loading, EMA or checkpointing is timed.
+gradient clipping and an AdamW step (fused on CUDA, as there), on a model wrapped by `parallelize()` (FSDP2,
+with its bf16 policy under bf16, or DDP; outside torchrun a one-process group is set up here). The data is random
+and fixed: latents (B, C, T, H, W) with T = `dataset.num_frames` (else `model.max_tpe_len`) and (H, W) =
+`latent_size` (else 32x32, a 256x256 video through the SD VAE), and text embeddings shaped like T5-XXL's
+(B, model.model_max_length, model.caption_channels) with a full mask. No VAE, text encoder, data loading, EMA or checkpointing is timed.
 
 The prefix length is fixed to the longest allowed one (25 of 33 frames with chunks of 8), so every step feeds
 prefix + chunk frames (all 33) and the FLOP count is exact; the trainer draws it per step, so its mean step is
@@ -19,7 +19,9 @@ cheaper. Model FLOPs per step = 3 x forward FLOPs of the frames fed (causalvdm.u
 recomputation under gradient checkpointing is not counted, the usual MFU convention. MFU is against the
 device's dense bf16 peak (causalvdm.utils.flops.PEAK_TFLOPS or --peak-tflops); on a CPU it is reported only
 with --peak-tflops. Peak memory: torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on a CPU.
-A run that runs out of GPU memory is recorded as such and the next one still runs. One line per run:
+A run that runs out of GPU memory is recorded as such and the next one still runs. The --json file is written
+when the settings are known and again as each run ends, so a run killed by a time limit leaves the runs before it.
+One line per run:
     train_bench steps_per_s=<x> tokens_per_s=<x> tflops=<x> mfu=<x> peak_mb=<x> grad_checkpointing=<on|off>
 """
 
@@ -139,7 +141,7 @@ def run(model_cfg: dict, info: DistInfo, parallel: str, checkpointing: bool, w: 
     model = parallelize(model, parallel, info, bf16=w.bf16)  # as the trainer: FSDP2's bf16 policy under bf16
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.settings.lr, weight_decay=w.settings.weight_decay,
-                                  betas=tuple(w.settings.adam_betas))
+                                  betas=tuple(w.settings.adam_betas), fused=info.device.type == "cuda")
     data = synthetic_batch(model, w.batch_size, *w.shape, info.device, seed=info.rank)
     figures = dict(grad_checkpointing=checkpointing, steps=steps, warmup_steps=warmup_steps)
     if info.device.type == "cuda":
@@ -172,6 +174,13 @@ def run(model_cfg: dict, info: DistInfo, parallel: str, checkpointing: bool, w: 
                    peak_mb=peak_memory_mb(info.device), loss_first=losses[0], loss_last=losses[-1],
                    loss_finite=all(math.isfinite(v) for v in losses))
     return figures
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write `data` through a temporary file and a rename, so a kill mid-write leaves the previous whole file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def summary_line(r: dict) -> str:
@@ -259,22 +268,24 @@ def main(argv=None) -> int:
                  "chunk %d) of %dx%d latents, %d tokens/frame, %d text tokens; %.1f TFLOP per step",
                  cfg.model.type, parameters / 1e6, args.parallel, world, info.device, dtype, args.batch_size, fed,
                  prefix_len, ar.chunk_size, height, width, tokens, text_tokens, w.flops_per_step / 1e12)
+        gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
         runs = []
+        summary = dict(config=str(args.config), model=cfg.model.type, parameters=parameters, device=str(device),
+                       gpu=gpu, world_size=world, parallel=args.parallel, dtype=dtype, batch_size=args.batch_size,
+                       frames=frames, frames_fed=fed, prefix_len=prefix_len, chunk=ar.chunk_size,
+                       latent_size=[height, width], tokens_per_frame=tokens, text_tokens=text_tokens,
+                       tokens_per_step=w.tokens_per_step, forward_flops=fwd, flops_per_step=w.flops_per_step,
+                       peak_tflops=w.peak_tflops, threads=torch.get_num_threads(), torch=torch.__version__, runs=runs)
+        write = bool(args.json) and info.is_main
+        if write:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            write_json(args.json, summary)
         for gc in checkpointing:
             runs.append(run(model_cfg, info, args.parallel, gc, w, args.warmup_steps, args.steps))
             if info.is_main:
                 print(summary_line(runs[-1]), flush=True)
-        gpu = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None
-
-    summary = dict(config=str(args.config), model=cfg.model.type, parameters=parameters, device=str(device), gpu=gpu,
-                   world_size=world, parallel=args.parallel, dtype=dtype, batch_size=args.batch_size,
-                   frames=frames, frames_fed=fed, prefix_len=prefix_len, chunk=ar.chunk_size, latent_size=[height, width],
-                   tokens_per_frame=tokens, text_tokens=text_tokens, tokens_per_step=w.tokens_per_step,
-                   forward_flops=fwd, flops_per_step=w.flops_per_step, peak_tflops=w.peak_tflops, threads=torch.get_num_threads(),
-                   torch=torch.__version__, runs=runs)
-    if args.json and info.is_main:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+            if write:  # as each run ends: a time limit that stops the next one keeps this one
+                write_json(args.json, summary)
     if any(r["status"] == "ok" and not r["loss_finite"] for r in runs):
         log.error("a loss was not finite")
         return 1

@@ -9,7 +9,9 @@
 # and some small packages they need. Those are downloaded for the GPU machine's Python and platform, never torch
 # or its CUDA libraries:
 #   - the four packages themselves with --no-deps (mmengine would pull opencv-python, ~60 MB, which its config
-#     loader never imports);
+#     loader never imports); diffusers pinned to 0.42.1, whose huggingface-hub bound (>=1.32,<3) the machine's own
+#     hub meets (1.33.0 on the nvidia-h200 image, where 0.42.1 imports): a later diffusers may ask for a hub it
+#     lacks, which --no-deps would not say;
 #   - their other requirements that an image may lack, with their dependencies (addict, termcolor, yapf, rich,
 #     importlib-metadata, requests, regex, filelock, pyyaml), which pull nothing large; tools/gpu_check.sh
 #     installs only those not installed at all;
@@ -22,6 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+DIFFUSERS="diffusers==0.42.1"
+
 pyvers=()
 dest=wheels
 platforms=()
@@ -30,7 +34,7 @@ while [[ $# -gt 0 ]]; do
     --python-version) pyvers+=("$2"); shift 2 ;;
     --platform) platforms+=("$2"); shift 2 ;;
     --dest) dest="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -58,7 +62,7 @@ downloaded() { find "$dest" -maxdepth 1 -iname "$1-*.whl" -printf '%f\n' | head 
 mkdir -p "$dest"
 av="$(spec av)" sentencepiece="$(spec sentencepiece)"
 for pyver in "${pyvers[@]}"; do
-  download "$pyver" --no-deps "$(spec mmengine)" "$(spec diffusers)" "$av" "$sentencepiece"
+  download "$pyver" --no-deps "$(spec mmengine)" "$DIFFUSERS" "$av" "$sentencepiece"
   av="av==$(downloaded av)" sentencepiece="sentencepiece==$(downloaded sentencepiece)"
   download "$pyver" addict termcolor yapf rich importlib-metadata requests regex filelock pyyaml
   download "$pyver" setuptools wheel

@@ -6,13 +6,17 @@ and attention product; elementwise work is free), so a test can check the formul
 
 import torch
 
-# Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
+# Dense bf16 tensor-core peaks in TFLOP/s (no sparsity: half the datasheets' sparse figures), by a substring of
+# torch.cuda.get_device_name(); the first key found in the name wins, so a variant comes before its family. The NVL
+# and PCIe cards run at a lower power than the SXM modules: 835 (NVL, 1,671 sparse) and 756 against 989.
 PEAK_TFLOPS = {
-    "H200": 989.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
     "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM
-    "H800": 989.0,
     "GH200": 989.0,
+    "H100": 989.0,  # SXM
+    "H200": 989.0,  # SXM
+    "H800": 989.0,
     "B200": 2250.0,
     "A100": 312.0,
     "A800": 312.0,
@@ -23,15 +27,14 @@ PEAK_TFLOPS = {
 }
 
 
+def peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a GPU from its name (e.g. 'NVIDIA H200 NVL') by the table above, None when unknown."""
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+
+
 def device_peak_tflops(device: torch.device) -> float | None:
     """The dense bf16 peak of a CUDA device from the table above, None when unknown (or on a CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def forward_flops(model, batch: int, frames: int, height: int, width: int, keys: int | None = None,
