@@ -53,7 +53,8 @@ def clean_prefix_loss(
     probability `txt_dropout_prob`. generators: B CPU generators, one per sample. tpe_offsets (cyclic TPE):
     'always' draws a random table offset for every sample, 'full_window' only when p + k >= max_tpe_len.
     sink_frames: the first frames of the prefix are a frame sink, laid out as at inference (fixed TPE rows; the
-    offsets roll the other frames only). Returns dict(loss=scalar tensor with grad, mse=float, vb=float), batch means.
+    offsets roll the other frames only). Returns dict(loss=scalar tensor with grad, mse, vb: detached scalar tensors),
+    batch means, all on x0's device.
     """
     b, c, clip_len, h, w = x0.shape
     p, k = prefix_len, ar_size
@@ -94,5 +95,5 @@ def clean_prefix_loss(
     out = model(x_in, t_in, y=y, mask=mask, chunk=(p, p + k), tpe_offset=tpe_offset, text_drop=text_drop,
                 sink_frames=sink_frames)  # (B, 2C, p + k, H, W)
     losses = diffusion.training_losses(out[:, :, p:p + k], chunk_x0, chunk_xt, t, noise)
-    # .item() is a device sync; once per step for logging is acceptable.
-    return dict(loss=losses["loss"].mean(), mse=losses["mse"].mean().item(), vb=losses["vb"].mean().item())
+    # The logged terms stay on the device: reading them here would stall every step on the GPU.
+    return dict(loss=losses["loss"].mean(), mse=losses["mse"].mean().detach(), vb=losses["vb"].mean().detach())

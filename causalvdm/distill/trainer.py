@@ -70,4 +70,4 @@ class DistillTrainer(Trainer):
             losses = self.objective.loss(self.model, x_in, t_in, target, cache, y, mask)
         real = x0[:, :, prefix_len:prefix_len + k].float()
         return dict(loss=losses.mean(), prefix_len=prefix_len, rollout=float(rollout),
-                    teacher_mse_to_real=float(((target - real) ** 2).mean()))
+                    teacher_mse_to_real=((target - real) ** 2).mean().detach())

@@ -31,8 +31,8 @@ def tpe_index(positions: torch.Tensor, mode: str, max_len: int, offset: torch.Te
               sink: int = 0) -> torch.Tensor:
     """Table index of each frame for the absolute and cyclic modes.
 
-    positions: (T,) absolute frame positions; offset: (B,) random training offsets (cyclic only).
-    Returns (B, T) or (1, T). Cyclic: (position + offset) mod max_len, so a cache queue can roll forever; with a
+    positions: (T,) absolute frame positions; offset: (B,) random training offsets (cyclic only), on any device.
+    Returns (B, T) or (1, T), on the offsets' device when given. Cyclic: (position + offset) mod max_len, so a cache queue can roll forever; with a
     frame sink of `sink` frames they keep rows 0..sink-1 and the others roll over the remaining rows,
     sink + (position - sink + offset) mod (max_len - sink), so no rolling frame ever takes a sink's row.
     """
@@ -44,6 +44,8 @@ def tpe_index(positions: torch.Tensor, mode: str, max_len: int, offset: torch.Te
             )
         return positions[None]
     if mode == "cyclic":
+        if offset is not None:  # offsets live on the model's device; positions are host-side bookkeeping
+            positions = positions.to(offset.device)
         shifted = positions[None] if offset is None else positions[None] + offset[:, None]
         rolling = sink + (shifted - sink) % (max_len - sink)
         return torch.where(positions[None] < sink, positions[None], rolling)

@@ -8,7 +8,6 @@ objective (e.g. distillation) subclasses and overrides it, reusing the step, EMA
 """
 
 import logging
-import math
 import os
 import signal
 import time
@@ -207,7 +206,8 @@ class Trainer:
         return dict(out, prefix_len=prefix_len)
 
     def train_step(self) -> tuple[dict, torch.Tensor]:
-        """One optimizer step over `grad_accum_steps` micro-batches -> (means of compute_loss's scalars, grad norm).
+        """One optimizer step over `grad_accum_steps` micro-batches -> (means of compute_loss's scalars, grad norm),
+        tensors left on the device.
 
         A step whose loss or gradient is non-finite on any process leaves weights, optimizer and EMA untouched.
         """
@@ -221,11 +221,12 @@ class Trainer:
             with sync:
                 out = self.compute_loss(batch, micro)
                 (out["loss"] / s.grad_accum_steps).backward()
-            for key, value in out.items():  # .item() on the loss: a CPU-GPU sync point, once per micro-batch
-                value = value.item() if torch.is_tensor(value) else value
+            for key, value in out.items():
+                value = value.detach() if torch.is_tensor(value) else value
                 means[key] = means.get(key, 0.0) + value / s.grad_accum_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-        finite = math.isfinite(means["loss"]) and bool(torch.isfinite(grad_norm))
+        finite = torch.isfinite(means["loss"]) & torch.isfinite(grad_norm)
+        finite = bool(self.to_host(dict(finite=finite))["finite"])
         if any_process(not finite, self.info):
             self.nonfinite_run += 1
             self.nonfinite_total += 1
@@ -240,12 +241,22 @@ class Trainer:
         self.step += 1
         return means, grad_norm
 
+    @staticmethod
+    def to_host(values: dict) -> dict:
+        """Device scalars -> Python floats, in one transfer: the one place the loop reads the device on the host (a
+        CPU-GPU sync point), for the non-finite check of every step and the logged means at log steps."""
+        names = [key for key, value in values.items() if torch.is_tensor(value)]
+        read = torch.stack([values[key].float() for key in names]).tolist() if names else []
+        return {**values, **dict(zip(names, read))}
+
     # ---- logging, checkpoints, samples
 
     def log_window(self, window: dict, steps: int, seconds: float, grad_norm: torch.Tensor) -> None:
         """Log the means of the last `steps` steps' scalars (over all processes) with run-wide figures."""
+        window = self.to_host({**window, "grad_norm": grad_norm})
+        grad_norm = window.pop("grad_norm")
         metrics = {key: all_reduce_mean(total / steps, self.info) for key, total in window.items()}
-        metrics.update(grad_norm=float(grad_norm), lr=self.scheduler.get_last_lr()[0],
+        metrics.update(grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
                        steps_per_s=steps / max(seconds, 1e-9), memory_gb=peak_memory_mb(self.info.device) / 1024,
                        skipped_files=self.skipped_files, nonfinite_steps=self.nonfinite_total)
         if self.info.is_main:
