@@ -23,14 +23,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-import causalvdm
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.data import StatefulSampler, build_dataloader, default_num_workers
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config, split_init_fields
-from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
+from causalvdm.registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.writer import StreamingVideoWriter
@@ -225,6 +225,8 @@ class Trainer:
                 value = value.detach() if torch.is_tensor(value) else value
                 means[key] = means.get(key, 0.0) + value / s.grad_accum_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards, the same on every process
+            grad_norm = grad_norm.full_tensor()
         finite = torch.isfinite(means["loss"]) & torch.isfinite(grad_norm)
         finite = bool(self.to_host(dict(finite=finite))["finite"])
         if any_process(not finite, self.info):
@@ -321,7 +323,7 @@ class Trainer:
         ema_state = self.ema.state_dict()  # a collective under FSDP: every rank takes part
         if not self.info.is_main:
             return
-        model = causalvdm.build_model(split_init_fields(self.cfg.model)[0])
+        model = build(MODELS, split_init_fields(self.cfg.model)[0], "model")
         model.load_state_dict(ema_state)
         sampler, num_steps = self.validation_schedule()
         sample = SampleSettings(sampler=sampler, num_steps=num_steps, dtype="float32")
