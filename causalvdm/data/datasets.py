@@ -24,14 +24,13 @@ from torch.utils.data import Dataset
 from causalvdm.data.cache import DEFAULT_CACHE_BYTES, FrameCache
 from causalvdm.data.sampler import derive_seed
 from causalvdm.data.transforms import resized_shape, to_size, video_transform
-from causalvdm.data.video_io import (NoReadableItemError, VideoReadError, first_line, image_shape, iter_video_frames,
-                                     probe_video, read_image_frames, read_video_frames)
+from causalvdm.data.video_io import (IMAGE_EXTENSIONS, NoReadableItemError, VideoReadError, first_line, image_shape,
+                                     iter_video_frames, natural_key, probe_video, read_image_frames, read_video_frames)
 from causalvdm.registry import DATASETS, build
 from causalvdm.utils.io import iter_jsonl
 
 log = logging.getLogger("causalvdm.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LATENT_INDEX_FILE = "index.json"  # written by tools/encode_latents.py next to its shards
 LATENT_FORMAT = "causalvdm-latents/1"
 
@@ -258,11 +257,6 @@ def _inside(root: Path, path: Path) -> bool:
     return os.path.commonpath([base, os.path.abspath(path)]) == base
 
 
-def _natural_key(path: Path):
-    # frame_2.jpg before frame_10.jpg, whether or not the numbers are zero-padded
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
 def read_manifest(path: Path) -> list[dict]:
     """Rows of a .jsonl or .csv manifest: dicts with "path", "caption", "num_frames" (None if not given), "line".
 
@@ -342,7 +336,7 @@ class FrameFolderDataset(VideoClipDataset):
         super().__init__(root, num_frames, image_size, sample_interval, random_crop, seed, cache_bytes)
         clips = []
         for clip_dir in sorted(d for d in self.root.glob("*/*") if d.is_dir()):
-            frames = sorted((p for p in clip_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
+            frames = sorted((p for p in clip_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
             if frames:
                 clips.append(_Video(clip_dir, clip_dir.relative_to(self.root).as_posix(), caption,
                                     tuple(frames), len(frames)))

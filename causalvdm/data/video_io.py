@@ -14,6 +14,7 @@ colours by about one source pixel, ~4 levels there); per frame it is 5-15x faste
 rounded to uint8 (within 0.5 of the torch path).
 """
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,12 @@ from causalvdm.data.transforms import resize_to_cover, resized_shape
 
 # What FFmpeg, PIL and the file system raise on a missing, truncated or foreign file.
 _READ_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # frames of a folder-of-images video
+
+
+def natural_key(path: Path) -> list:
+    """Sort key of a frame file: frame_2.jpg before frame_10.jpg, whether or not the numbers are zero-padded."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 class VideoReadError(RuntimeError):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from causalvdm.data.datasets import IMAGE_EXTENSIONS, _natural_key
 from causalvdm.data.transforms import crop_offsets, resize_to_cover
-from causalvdm.data.video_io import VideoReadError, iter_video_frames, probe_video, read_image_frames
+from causalvdm.data.video_io import (IMAGE_EXTENSIONS, VideoReadError, iter_video_frames, natural_key, probe_video,
+                                     read_image_frames)
 from causalvdm.utils.io import iter_jsonl
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".gif", ".mov", ".mkv", ".webm")
@@ -28,7 +28,7 @@ class Video:
 
 def _images(folder: Path) -> tuple[Path, ...]:
     files = (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    return tuple(sorted(files, key=_natural_key))
+    return tuple(sorted(files, key=natural_key))
 
 
 def _entry(path: Path, relative: str) -> Video:
