@@ -23,14 +23,15 @@ from tqdm import tqdm
 from causalvdm.config import AutoregressiveSettings, check_range, load_config, settings_from
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
-from causalvdm.diffusion.samplers import SAMPLERS
-from causalvdm.distill.objective import STUDENT_SAMPLER
+from causalvdm.diffusion.samplers import SAMPLERS, STUDENT_SAMPLER
+from causalvdm.eval.metrics import psnr_pixels
 from causalvdm.models.pretrained import extract_state_dict, load_pretrained, split_init_fields
 from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build, check_type
 from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, RECOMPUTE_POSITIONS, inference_dtype
+from causalvdm.sampling.generator import COMPILE_MODES, RECOMPUTE_POSITIONS
 from causalvdm.sampling.drift import DriftMonitor
-from causalvdm.sampling.writer import ContactSheetCollector, psnr, to_uint8
+from causalvdm.sampling.writer import ContactSheetCollector, to_uint8
+from causalvdm.utils.dtypes import DTYPES, resolve_dtype
 from causalvdm.utils.io import CheckpointError, check_architecture, load_weights
 
 log = logging.getLogger("causalvdm.pipeline")
@@ -222,7 +223,7 @@ class CausalVDMPipeline:
         self.diffusion = diffusion
         size = image_size or self.defaults.image_size
         self.image_size = to_size(size) if size is not None else None
-        self.dtype = inference_dtype(self.defaults.dtype, self.device)
+        self.dtype = resolve_dtype(self.defaults.dtype, self.device)
         self.progress = progress
         self.config = config  # the model/vae/text_encoder/diffusion dicts save_pretrained writes
         self.info: dict = {}
@@ -444,8 +445,8 @@ class CausalVDMPipeline:
             chunk_scores = chunk_baseline = real_frames = None
             if real:  # the repeat-the-last-given-frame baseline tells how much the model adds
                 real = torch.stack(real, dim=1).cpu()  # (3, r, H, W)
-                chunk_scores = psnr(video[:, : real.shape[1]].cpu(), real).tolist()
-                chunk_baseline = psnr(pixels[:, -1:].cpu().expand_as(real), real).tolist()
+                chunk_scores = psnr_pixels(video[:, : real.shape[1]].cpu(), real).tolist()
+                chunk_baseline = psnr_pixels(pixels[:, -1:].cpu().expand_as(real), real).tolist()
                 scores += chunk_scores
                 baseline += chunk_baseline
                 compared += range(written, written + real.shape[1])

@@ -18,7 +18,7 @@ from causalvdm.distill import DistillSettings, FewStepDistillation, context_span
 from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.registry import ConfigError
 from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.writer import psnr
+from causalvdm.eval.metrics import psnr_pixels as psnr
 from conftest import run_entrypoint
 
 
@@ -57,6 +57,7 @@ def test_settings_and_schedules():
     assert context_spans(13, 1, 4) == [(0, 1), (1, 5), (5, 9), (9, 13)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tpe_mode,sink,spatial_prefix", [("cyclic", 0, None), ("cyclic", 1, "first_frame"),
                                                           ("rope", 2, "prev_frames_2"), ("absolute", 0, None)])
 def test_rollout_context_is_the_generators_video_and_cache(make_model, tpe_mode, sink, spatial_prefix):
@@ -89,6 +90,7 @@ def test_rollout_context_is_the_generators_video_and_cache(make_model, tpe_mode,
             assert ours[key] == value, key
 
 
+@pytest.mark.numerics
 def test_targets_are_the_teachers_ode_given_the_real_context(make_model):
     """The regression target is the teacher's DDIM end point from z given the real frames written as at inference,
     and each student input is the teacher's state at the student's timestep."""

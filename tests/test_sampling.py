@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from causalvdm.diffusion import IDDPM
 from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, psnr, to_uint8
+from causalvdm.eval.metrics import psnr_pixels as psnr
+from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, to_uint8
 from causalvdm.utils.memory import proc_status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ def _bounded(make_model, **overrides):
     return make_model(learn_sigma=False, **overrides), IDDPM(prediction_type="v_prediction", learn_sigma=False)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("sampler", ["iddpm", "ddim", "dpm-solver++"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
 def test_cache_matches_recompute_until_eviction(make_model, sampler, cfg_scale):
@@ -56,6 +58,7 @@ def test_cache_matches_recompute_until_eviction(make_model, sampler, cfg_scale):
     assert (cache[:, :, 13:] - recompute[:, :, 13:]).abs().max() > 1e-2  # the comparison is not vacuous
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("spatial_prefix", ["first_frame", "prev_frames_2"])
 @pytest.mark.parametrize("n0", [0, 3])
 def test_cache_matches_recompute_with_a_spatial_prefix(make_model, spatial_prefix, n0):
@@ -94,6 +97,7 @@ def test_frame_sink_cache_matches_recompute(make_model, tpe_mode, n0):
     assert (videos[1, 2, "cache"][:, :, agree:] - videos[1, 0, "cache"][:, :, agree:]).abs().max() > 1e-3
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("n0", [0, 3])
 def test_cache_matches_recompute_with_other_given_counts(make_model, n0):
     """No given frame (the first chunk from the prompt alone) and several, the last chunk cut short."""
@@ -105,6 +109,7 @@ def test_cache_matches_recompute_with_other_given_counts(make_model, n0):
     torch.testing.assert_close(videos[0], videos[1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.numerics
 def test_cache_matches_recompute_chunk_bidirectional_guided(make_model):
     """Frames of a chunk see each other in both modes, guidance included (forward_with_cfg passes `chunk`)."""
     model, diffusion = _bounded(make_model, chunk_bidirectional=True)
@@ -136,6 +141,7 @@ def test_seed_determines_the_video(make_model):
     assert torch.equal(a[:, :, :1], first)
 
 
+@pytest.mark.numerics
 def test_resume_from_saved_cache_after_wrap(make_model, tmp_path):
     model, diffusion = _bounded(make_model)
     first, y, mask = _inputs(model)

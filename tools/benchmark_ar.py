@@ -66,7 +66,8 @@ from causalvdm.models.pretrained import split_init_fields
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.generator import COMPILE_MODES, DTYPES, inference_dtype
+from causalvdm.sampling.generator import COMPILE_MODES
+from causalvdm.utils.dtypes import DTYPES, resolve_dtype
 from causalvdm.utils.flops import device_peak_tflops, forward_flops
 from causalvdm.utils.memory import keep_freed_memory, peak_memory_mb, proc_status_mb, reset_peak_memory
 
@@ -496,7 +497,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    args.dtypes = [str(inference_dtype(name, args.device)).removeprefix("torch.") for name in args.dtype]
+    args.dtypes = [str(resolve_dtype(name, args.device)).removeprefix("torch.") for name in args.dtype]
     if len(args.dtypes) > 1 and not args.forward:
         parser.error("a list of dtypes is for --forward; other runs take one")
     if args.spatial_prefix is not None and not args.forward:

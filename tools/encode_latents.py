@@ -30,10 +30,10 @@ from causalvdm.config import add_config_args, load_config, require
 from causalvdm.data.datasets import LATENT_FORMAT, LATENT_INDEX_FILE, VideoClipDataset
 from causalvdm.data.video_io import NoReadableItemError, VideoReadError, first_line
 from causalvdm.registry import DATASETS, VAES, ConfigError, build
+from causalvdm.utils.dtypes import DTYPES
 
 log = logging.getLogger("causalvdm.data")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _META_KEY = "causalvdm"  # safetensors header metadata entry holding the shard's JSON description
 
 

@@ -6,30 +6,8 @@ import torch
 from torch import nn
 
 from causalvdm.registry import VAES, ConfigError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'auto' -> bfloat16 when CUDA is available, else float32; names like 'bf16' or 'float32' -> torch dtypes."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def check_model_dir(path: str, field: str, what: str) -> Path:
-    """Check that `path` is a local model folder with a config.json; errors name the config `field`."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: directory not found (set {field} to a local {what} folder; nothing is downloaded)")
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"{directory}: no config.json, not a {what} folder (check {field})")
-    return directory
+from causalvdm.utils.dtypes import resolve_dtype
+from causalvdm.utils.io import check_model_dir
 
 
 @VAES.register_module()

@@ -30,9 +30,10 @@ from causalvdm.data.video_io import VideoReadError
 from causalvdm.pipeline import (PIPELINE_CONFIG, CausalVDMPipeline, SampleSettings, check_prompts,
                                 pretrained_config_path)
 from causalvdm.registry import ConfigError, check_type
-from causalvdm.sampling.generator import COMPILE_MODES, DTYPES
+from causalvdm.sampling.generator import COMPILE_MODES
 from causalvdm.sampling.drift import plot_drift
 from causalvdm.sampling.writer import StreamingVideoWriter
+from causalvdm.utils.dtypes import DTYPES
 from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir
 from causalvdm.utils.memory import keep_freed_memory
 from causalvdm.utils.memory_plan import estimate_line

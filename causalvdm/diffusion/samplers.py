@@ -13,6 +13,9 @@ import torch
 from causalvdm.diffusion.gaussian import GaussianDiffusion
 
 SAMPLERS = ("ddim", "dpm-solver++", "iddpm")
+# What few-step students sample with (their objective, causalvdm/distill, is built for it): deterministic, with
+# "trailing" timesteps, so one step starts at the pure-noise end.
+STUDENT_SAMPLER = "ddim"
 
 
 class IDDPMSampler:

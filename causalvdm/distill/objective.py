@@ -19,9 +19,9 @@ import torch
 
 from causalvdm.config import check_range, settings_from
 from causalvdm.diffusion import make_sampler
+from causalvdm.diffusion.samplers import STUDENT_SAMPLER
 from causalvdm.registry import ConfigError
 
-STUDENT_SAMPLER = "ddim"  # deterministic, "trailing" timesteps: one step starts at the pure-noise end
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from causalvdm.diffusion import prefix_lengths
-from causalvdm.distill.objective import STUDENT_SAMPLER, DistillSettings, FewStepDistillation
+from causalvdm.diffusion.samplers import STUDENT_SAMPLER
+from causalvdm.distill.objective import DistillSettings, FewStepDistillation
 from causalvdm.models.pretrained import split_init_fields
 from causalvdm.pipeline import load_checkpoint_weights
 from causalvdm.registry import MODELS, build

@@ -7,8 +7,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from causalvdm.sampling.writer import psnr as _psnr_pixels
-
 # SSIM constants of Wang et al. 2004: an 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03.
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -74,11 +72,18 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"frames to compare differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
 
 
+def psnr_pixels(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-frame PSNR in dB of pixels (3, T, H, W) in [-1, 1] -> (T,) on the CPU; capped at 100 dB for identical
+    frames. The one PSNR of the project: `psnr` of uint8 frames, the pipeline and the drift monitor use it."""
+    mse = ((pred.float().clamp(-1, 1) - target.float().clamp(-1, 1)) ** 2).mean(dim=(0, 2, 3))  # (T,)
+    return (10 * torch.log10(data_range**2 / mse.clamp_min(data_range**2 * 1e-10))).cpu()
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-frame PSNR in dB of frames (T, H, W, 3) -> (T,); 100 dB for identical frames (the sampler's psnr)."""
+    """Per-frame PSNR in dB of frames (T, H, W, 3) -> (T,); 100 dB for identical frames (as `psnr_pixels`)."""
     _check_pair(a, b)
     x, y = (_as_pixels(f).permute(1, 0, 2, 3).float() / 127.5 - 1 for f in (a, b))  # (3, T, H, W) in [-1, 1]
-    return _psnr_pixels(x, y)
+    return psnr_pixels(x, y)
 
 
 def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:

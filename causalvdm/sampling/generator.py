@@ -27,20 +27,11 @@ from tqdm import tqdm
 
 from causalvdm.diffusion import make_sampler
 from causalvdm.models.kv_cache import spatial_prefix_frames
+from causalvdm.utils.dtypes import resolve_dtype
 
 MODES = ("cache", "recompute")
 RECOMPUTE_POSITIONS = ("absolute", "window")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def inference_dtype(name: str | None, device) -> torch.dtype:
-    """'float32' | 'bfloat16' | 'float16' -> the torch dtype; None or 'auto': bf16 on CUDA, fp32 elsewhere."""
-    if name in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def chunk_generator(seed: int, chunk: int) -> torch.Generator:
@@ -94,7 +85,7 @@ class AutoregressiveGenerator:
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile must be True or one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         if isinstance(dtype, str):
-            dtype = inference_dtype(dtype, next(model.parameters()).device)
+            dtype = resolve_dtype(dtype, next(model.parameters()).device)
         if dtype is not None:
             model.to(dtype)
         self.model = model

@@ -158,9 +158,3 @@ def contact_sheet(rows: list[list[tuple[np.ndarray | None, str]]], path: str | P
             draw.text((left + 2, top + tile_h + 1), label, fill="black", font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-frame PSNR in dB of pixels (3, T, H, W) in [-1, 1] -> (T,); capped at 100 dB for identical frames."""
-    mse = ((pred.float().clamp(-1, 1) - target.float().clamp(-1, 1)) ** 2).mean(dim=(0, 2, 3))  # (T,)
-    return (10 * torch.log10(data_range**2 / mse.clamp_min(data_range**2 * 1e-10))).cpu()

@@ -6,8 +6,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from causalvdm.autoencoders.sd_vae import check_model_dir, resolve_dtype
 from causalvdm.registry import TEXT_ENCODERS, ConfigError
+from causalvdm.utils.dtypes import resolve_dtype
+from causalvdm.utils.io import check_model_dir
 
 log = logging.getLogger(__name__)
 

@@ -115,3 +115,13 @@ def check_free_space(path: str | Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(path).free
     if free < needed:
         raise ConfigError(f"{path}: {free / 2**20:.1f} MiB free, {what} needs about {needed / 2**20:.1f} MiB")
+
+
+def check_model_dir(path: str, field: str, what: str) -> Path:
+    """Check that `path` is a local model folder with a config.json; errors name the config `field`."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: directory not found (set {field} to a local {what} folder; nothing is downloaded)")
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{directory}: no config.json, not a {what} folder (check {field})")
+    return directory
