@@ -30,6 +30,7 @@ def build_t5(path, **kwargs):
     return build(TEXT_ENCODERS, dict(type="T5Encoder", from_pretrained=str(path), **kwargs), "text_encoder")
 
 
+@pytest.mark.numerics
 def test_sdvae_framewise_and_micro_batches(vae_dir):
     vae = build_vae(vae_dir, micro_batch_size=3)
     assert vae.out_channels == 4 and vae.downsample == 2

@@ -33,6 +33,7 @@ def test_builder_and_errors():
         IDDPM(prediction_type="x0")
 
 
+@pytest.mark.numerics
 def test_q_sample_closed_form():
     d = IDDPM()
     x0, noise = _rand(3, 2, 2, 3, 3, seed=1), _rand(3, 2, 2, 3, 3, seed=2)
@@ -41,6 +42,7 @@ def test_q_sample_closed_form():
     torch.testing.assert_close(d.q_sample(x0, t, noise).double(), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_posterior_is_bayes_rule():
     # q(x_{t-1} | x_t, x_0) ∝ N(x_t; sqrt(alpha_t) x_{t-1}, beta_t) N(x_{t-1}; sqrt(abar_{t-1}) x_0, 1 - abar_{t-1})
     d = IDDPM()
@@ -75,6 +77,7 @@ def test_respacing_keeps_alphas_cumprod():
 
 
 # ------------------------------------------------------------------------------ reverse step
+@pytest.mark.numerics
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_pred_xstart_from_true_target(prediction_type):
     d = IDDPM(prediction_type=prediction_type)
@@ -89,6 +92,7 @@ def test_pred_xstart_from_true_target(prediction_type):
     torch.testing.assert_close(out["pred_xstart"], x0, rtol=0, atol=tol)
 
 
+@pytest.mark.numerics
 def test_p_sample_at_t0_returns_x0_without_noise():
     d = IDDPM()
     x0, eps = _rand(2, 2, 3, 2, 2, seed=8), _rand(2, 2, 3, 2, 2, seed=9)
@@ -98,6 +102,7 @@ def test_p_sample_at_t0_returns_x0_without_noise():
     torch.testing.assert_close(d.p_sample(out, xt, t, noise=_rand(2, 2, 3, 2, 2, seed=11)), x0, rtol=0, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_learned_range_variance_and_noise():
     d = IDDPM()
     xt, out = _rand(2, 1, 1, 2, 2, seed=12), _rand(2, 2, 1, 2, 2, seed=13)
@@ -130,6 +135,7 @@ def _hand_model(eps, v, xt, t):
     return mean, math.exp(frac * math.log(BETAS[t]) + (1 - frac) * math.log(post_clipped))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("t", [0, 1, 37, 600])
 def test_training_losses_match_hand_computation(t):
     d = IDDPM()
@@ -169,6 +175,7 @@ def test_vb_trains_only_the_variance():
     assert grad_mse[:, 2:].abs().max() == 0 and grad_mse[:, :2].abs().min() > 0
 
 
+@pytest.mark.numerics
 def test_v_prediction_mse_target():
     d = IDDPM(prediction_type="v_prediction", learn_sigma=False)
     x0, noise = _rand(2, 2, 1, 2, 2, seed=22), _rand(2, 2, 1, 2, 2, seed=23)
@@ -245,6 +252,7 @@ def test_clean_prefix_inputs_and_gradients(make_model):
         clean_prefix_loss(model, d, x0, generators=_gens([0, 1]), **{**kwargs, "prefix_len": 10})
 
 
+@pytest.mark.numerics
 def test_clean_prefix_perturbation_and_text_dropout(make_model):
     model = Recorder(make_model())
     d = IDDPM()
@@ -290,6 +298,7 @@ def test_clean_prefix_tpe_offsets(make_model):
                           **kwargs)
 
 
+@pytest.mark.numerics
 def test_clean_prefix_text_dropout_with_fixed_null_caption(make_model):
     # The reference code's null caption: frozen, and a dropped row keeps its prompt's padding mask.
     model = Recorder(make_model(null_caption="fixed").train())
@@ -310,6 +319,7 @@ def test_clean_prefix_text_dropout_with_fixed_null_caption(make_model):
     assert not torch.allclose(dropped, unmasked, atol=1e-4)  # the mask's 2 padded tokens are not attended
 
 
+@pytest.mark.numerics
 def test_clean_prefix_batch_equals_mean_of_halves(make_model):
     model = make_model()
     d = IDDPM()
@@ -354,6 +364,7 @@ def test_sampler_deterministic_and_finite(make_model, name):
             assert not torch.equal(a, _run_sampler(model, sampler, x, y, steps=4, seed=1))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["iddpm", "ddim", "dpm-solver++"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_oracle_model_recovers_x0(name, prediction_type):

@@ -42,6 +42,7 @@ def test_presets(name, depth, width):
     assert len(model.blocks) == depth and model.hidden_size == width
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tpe_mode", ["absolute", "cyclic", "rope"])
 def test_causal_over_frames(make_model, tpe_mode):
     model = make_model(tpe_mode=tpe_mode)
@@ -55,6 +56,7 @@ def test_causal_over_frames(make_model, tpe_mode):
         assert (out[:, :, j] - base[:, :, j]).abs().max() > 1e-3
 
 
+@pytest.mark.numerics
 def test_chunk_bidirectional(make_model):
     model = make_model(chunk_bidirectional=True)
     x, t, y = _inputs(model, frames=9)
@@ -71,6 +73,7 @@ def test_chunk_bidirectional(make_model):
     assert torch.equal(out_causal[:, :, :5], model(x, t, y)[:, :, :5])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("spatial_prefix, context", [("first_frame", [0]), ("prev_frames_2", [3, 4])])
 def test_spatial_prefix_reads_exactly_its_frames(make_model, spatial_prefix, context):
     """With the temporal attention silenced (its output projections zeroed), frames interact only through the
@@ -94,6 +97,7 @@ def test_spatial_prefix_reads_exactly_its_frames(make_model, spatial_prefix, con
         make_model(spatial_prefix="prev_frames_0")
 
 
+@pytest.mark.numerics
 def test_spatial_prefix_trains(make_model):
     """Gradients reach the chunk through the spatial prefix under gradient checkpointing, as without it."""
     grads = []
@@ -107,6 +111,7 @@ def test_spatial_prefix_trains(make_model):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.numerics
 def test_per_frame_timesteps_matter(make_model):
     model = make_model()
     x, t, y = _inputs(model, frames=4)
@@ -116,6 +121,7 @@ def test_per_frame_timesteps_matter(make_model):
     assert torch.all(diff[:2] == 0) and torch.all(diff[2:] > 1e-4)
 
 
+@pytest.mark.numerics
 def test_text_padding_mask_and_unconditional(make_model):
     model = make_model()
     x, t, y = _inputs(model, frames=2)
@@ -130,6 +136,7 @@ def test_text_padding_mask_and_unconditional(make_model):
     assert uncond(x, t).shape == (2, 8, 2, 4, 4)
 
 
+@pytest.mark.numerics
 def test_cfg_combines_halves(make_model):
     model = make_model()
     x, t, y = _inputs(model, frames=3)
@@ -142,6 +149,7 @@ def test_cfg_combines_halves(make_model):
     assert torch.allclose(guided[:, c:], cond[:, c:], atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_null_caption_modes(make_model):
     """'learned': a trained null caption attending to all its tokens; 'fixed' (PixArt / Open-Sora v1, the reference
     code): frozen, and in a guidance batch its rows keep the prompt's padding mask."""
@@ -168,6 +176,7 @@ def test_null_caption_modes(make_model):
         make_model(null_caption="zero")
 
 
+@pytest.mark.numerics
 def test_gradient_checkpointing_same_gradients(make_model):
     grads = []
     for ckpt in (False, True):

@@ -26,6 +26,7 @@ def test_absolute_rejects_positions_beyond_table():
         tpe_index(torch.arange(34), "absolute", 33)
 
 
+@pytest.mark.numerics
 def test_rope_scores_depend_on_relative_position_only():
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen)
@@ -39,6 +40,7 @@ def test_rope_scores_depend_on_relative_position_only():
     assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
 
 
+@pytest.mark.numerics
 def test_model_training_offsets_are_random_and_applied(make_model):
     model = make_model(tpe_mode="cyclic")
     draws = torch.stack([model.sample_tpe_offset(4, torch.Generator().manual_seed(s)) for s in range(5)])

@@ -103,6 +103,7 @@ def test_opensora_checkpoint_loads_exactly(tiny_cfg, tmp_path, fmt, caplog):
     assert len(lines) == 1 and "\n" not in lines[0] and f"{len(state)} loaded" in lines[0]
 
 
+@pytest.mark.numerics
 def test_pixart_checkpoint(tiny_cfg, tmp_path):
     # PixArt-alpha without learned sigma (4 outputs per patch position), a 2D patch embedding, 120 null tokens.
     src = random_state(published_shapes(temporal=False, conv2d=True, out_ch=4, tokens=120), seed=1)

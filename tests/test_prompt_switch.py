@@ -129,6 +129,7 @@ def test_recache_under_the_same_caption_before_eviction_changes_nothing(make_mod
     _same_state(gen.cache.state_dict(), before)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("recache", [False, True])
 def test_cache_matches_recompute_with_a_switch(make_model, recache):
     """Before eviction, recompute mode (the window run under the current caption at every step) is the re-encoding
@@ -147,6 +148,7 @@ def test_cache_matches_recompute_with_a_switch(make_model, recache):
         assert (cache[:, :, 5:] - recompute[:, :, 5:]).abs().max() > 1e-2
 
 
+@pytest.mark.numerics
 def test_a_first_caption_at_a_switch_turns_guidance_on(make_model):
     """A video without a caption that switches to one is guided from the start, its conditional rows holding the null
     caption until the switch: the frames before it are the unguided video's, up to rounding."""

@@ -74,6 +74,7 @@ def test_cache_matches_recompute_with_a_spatial_prefix(make_model, spatial_prefi
     assert (plain[:, :, n0 + 4:] - videos[0][:, :, n0 + 4:]).abs().max() > 1e-3
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tpe_mode", ["cyclic", "rope"])
 @pytest.mark.parametrize("n0", [1, 3])
 def test_frame_sink_cache_matches_recompute(make_model, tpe_mode, n0):
