@@ -33,7 +33,7 @@ def test_capacity_and_eviction_order():
     assert len(cache) == 5 and cache.positions.tolist() == [2, 3, 4, 5, 6]
     # frame p lives in slot p % 8 (5 queued + 3 for a call); nothing moved
     assert cache.slot_pos.tolist() == [0, 1, 2, 3, 4, 5, 6, -1]
-    assert cache.k[0, 0, 0, :7, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert cache.k[0][0, 0, :7, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert cache.state_dict()["k"][0, 0, 0, :, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]  # the queue, oldest first
     # the next call's frames 7, 8, 9 take slots 7, 0, 1: those of frames out of the queue, hidden from it
     cache.begin(3)
@@ -58,9 +58,12 @@ def test_mask_sees_filled_slots_and_causal_chunk():
     _fill(cache, [2])
     cache.begin(2)
     mask = cache.attn_mask(bidirectional=False, device="cpu")
-    # frames 0, 1 queued in slots 0, 1; this call's frames 2, 3 in slots 2, 3; slots 4, 5 never written
-    assert mask.tolist() == [[True, True, True, False, False, False], [True, True, True, True, False, False]]
-    assert cache.attn_mask(bidirectional=True, device="cpu")[0].tolist() == [True, True, True, True, False, False]
+    # frames 0, 1 queued in slots 0, 1; this call's frames 2, 3 in slots 2, 3; slots 4, 5 never written; slots 6, 7
+    # pad the 4 + 2 slots to a multiple of 8 and are never seen
+    assert mask.tolist() == [[True, True, True, False, False, False, False, False],
+                             [True, True, True, True, False, False, False, False]]
+    assert cache.attn_mask(bidirectional=True, device="cpu")[0].tolist() == [True] * 4 + [False] * 4
+    assert cache.k[0].shape == (1, 1, 8, 2) and cache.slot_pos.shape == (6,)
 
 
 @pytest.mark.parametrize("tpe_mode", ["absolute", "cyclic", "rope"])
@@ -110,6 +113,29 @@ def test_frame_sink_slots_and_state(make_model):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     with pytest.raises(ValueError, match="sink_frames"):
         model.new_cache(2, 3, chunk_size=2).load_state_dict(cache.state_dict())
+
+
+@torch.inference_mode()
+def test_cpu_state_follows_the_model_to_its_device(make_model):
+    """A state saved on the CPU (RoPE sink, spatial prefix) loaded into the cache of a model on another device: the
+    next call moves every tensor the cache's calls use there (buffers, the sink's keys as written, slot indices).
+    The meta device fails, as CUDA would, on an op that mixes it with a CPU tensor."""
+    model = make_model(tpe_mode="rope", spatial_prefix="prev_frames_2")
+    cache = model.new_cache(2, 3, chunk_size=2, sink_frames=2)
+    gen = torch.Generator().manual_seed(0)
+    model.write_cache(torch.randn(2, 4, 1, 4, 4, generator=gen), cache)
+    _generate_k(model, cache, 4, gen, k=2)  # the queue has rolled: the sink's keys are turned at the next call
+    model.to("meta")
+    restored = model.new_cache(2, 3, chunk_size=2, sink_frames=2)
+    restored.load_state_dict(cache.state_dict())
+    ctx = model.prepare(2, 4, 4, restored, model.encode_text(None, None, 2))
+    out = model.step(torch.randn(2, 4, 2, 4, 4, device="meta"), torch.full((2, 2), 500, device="meta"), ctx)
+    model.write_cache(out[:, :4], restored)
+    held = [*restored.k, *restored.v, *restored.spatial_k, *restored.spatial_v, restored.sink_k, restored._slots,
+            *restored._spatial_new[1:]]
+    assert len(held) == 4 * len(model.blocks) + 4
+    assert all(t.device.type == "meta" for t in held)
+    assert restored.next_position == cache.next_position + 2
 
 
 def _generate_k(model, cache, chunks, gen, k):

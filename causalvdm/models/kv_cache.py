@@ -14,6 +14,16 @@ import torch
 from causalvdm.models.positional import apply_rope, rope_cos_sin
 
 
+# The buffers' slot length is padded up to a multiple of this (the padding always masked): CUDA's masked SDPA
+# kernels want the key length of the mask aligned, and a compiled step must never meet an alignment error.
+SLOT_ALIGN = 8
+
+
+def padded_slots(num_slots: int) -> int:
+    """Slot length of a cache's buffers for `num_slots` usable slots (sink + capacity + chunk_size)."""
+    return -(-num_slots // SLOT_ALIGN) * SLOT_ALIGN
+
+
 def staged_mask(num_new: int, bidirectional: bool) -> torch.Tensor:
     """Which of this call's frames each new frame sees -> (T, T) bool: causal, or all of them."""
     mask = torch.ones(num_new, num_new, dtype=torch.bool)
@@ -57,15 +67,16 @@ def attend_with_context(q, k, v, context_k, context_v, mask=None) -> torch.Tenso
 class KVCache:
     """Per-layer temporal keys/values of the last `capacity` clean frames, preallocated.
 
-    Buffers are (num_layers, B*S, heads, sink + capacity + chunk_size, head_dim): the sink's slots, then one ring of
-    the queue's frames and the (up to chunk_size) frames of the current call, frame p in slot
-    sink + (p - sink) % (capacity + chunk_size), so
-    attention reads one fixed-size view of the buffers instead of concatenating the cache every step.
+    One key and one value buffer per layer, each its own tensor at a static address, (B*S, heads, slots, head_dim):
+    a compiled step then writes a call's frames into their slots in place instead of copying a buffer shared by all
+    layers. Slots: the sink's, then one ring of the queue's frames and the (up to chunk_size) frames of the current
+    call, frame p in slot sink + (p - sink) % (capacity + chunk_size), then padding up to a multiple of SLOT_ALIGN that
+    no frame takes and the mask always hides; attention reads one fixed-size buffer instead of concatenating the cache.
     `allocate()` (done by `model.prepare`) sizes them once the token count S and the head shape are known.
 
-    With a spatial prefix (`model.spatial_prefix`) it also keeps the spatial keys/values of the frames a chunk's
-    spatial attention reads: frame 0 for ever ('first_frame'), or the last N written frames in a ring of N slots
-    ('prev_frames_N'), as (num_layers, B, heads, slots, S, head_dim); cache writes fill them, reads never do.
+    With a spatial prefix (`model.spatial_prefix`) it also keeps, per layer, the spatial keys/values of the frames a
+    chunk's spatial attention reads: frame 0 for ever ('first_frame'), or the last N written frames in a ring of N
+    slots ('prev_frames_N'), as (B, heads, slots, S, head_dim); cache writes fill them, reads never do.
 
     A frame sink (`sink_frames` = s) keeps the first s frames in view for the whole video, in slots 0..s-1 before
     the ring, besides the `capacity` rolling frames. With RoPE (`rotate_sink`) the sink's keys are turned, once per
@@ -83,16 +94,17 @@ class KVCache:
         self.chunk_size = chunk_size
         self.sink_frames = sink_frames
         self.rotate_sink = rotate_sink and sink_frames > 0
-        self.sink_k: torch.Tensor | None = None  # RoPE: the sink's keys as written, at their own positions
+        self.sink_k: torch.Tensor | None = None  # RoPE: the sink's keys as written, (L, B*S, H, sink, Dh)
         self._sink_shift = 0  # the rotation the sink slots of `k` hold now
-        self.num_slots = sink_frames + capacity + chunk_size
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.num_slots = sink_frames + capacity + chunk_size  # the slots a frame can take
+        self.padded_slots = padded_slots(self.num_slots)  # the buffers' slot length
+        self.k: list[torch.Tensor] = []  # per layer (B*S, H, padded_slots, Dh); empty until allocated
+        self.v: list[torch.Tensor] = []
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
         self.spatial_prefix = spatial_prefix
         self.spatial_slots = spatial_prefix_frames(spatial_prefix)
-        self.spatial_k: torch.Tensor | None = None
-        self.spatial_v: torch.Tensor | None = None
+        self.spatial_k: list[torch.Tensor] = []  # per layer (B, H, spatial_slots, S, Dh); empty without a prefix
+        self.spatial_v: list[torch.Tensor] = []
         self.spatial_pos = torch.full((self.spatial_slots,), -1, dtype=torch.long)  # position per spatial slot
         self.next_position = 0  # absolute position of the next frame to be written
         self._num_new = 0
@@ -110,9 +122,8 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the key and value buffers, spatial prefix and sink included (0 before the first write)."""
-        spatial = 0 if self.spatial_k is None else self.spatial_k.nbytes + self.spatial_v.nbytes
         sink = 0 if self.sink_k is None else self.sink_k.nbytes
-        return spatial + sink + (0 if self.k is None else self.k.nbytes + self.v.nbytes)
+        return sink + sum(t.nbytes for t in (*self.k, *self.v, *self.spatial_k, *self.spatial_v))
 
     @property
     def positions(self) -> torch.Tensor:
@@ -146,28 +157,30 @@ class KVCache:
     def clone(self) -> "KVCache":
         """An independent copy, to branch a generation."""
         other = copy.copy(self)
-        other.k = None if self.k is None else self.k.clone()
-        other.v = None if self.v is None else self.v.clone()
+        other.k, other.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
+        other.spatial_k, other.spatial_v = [t.clone() for t in self.spatial_k], [t.clone() for t in self.spatial_v]
         other.slot_pos = self.slot_pos.clone()
         other.sink_k = None if self.sink_k is None else self.sink_k.clone()
-        other.spatial_k = None if self.spatial_k is None else self.spatial_k.clone()
-        other.spatial_v = None if self.spatial_v is None else self.spatial_v.clone()
         other.spatial_pos = self.spatial_pos.clone()
+        other._mark_static()
         return other
 
     def state_dict(self) -> dict:
         """The queue's keys/values (L, B*S, H, len, Dh), oldest first, and its positions; with a spatial prefix
         also its buffers (L, B, H, slots, S, Dh) and the position held in each slot."""
-        slots = self.slots_of(self.positions)
-        k = None if self.k is None else self.k[:, :, :, slots.to(self.k.device)]
-        sink = min(self.next_position, self.sink_frames)
-        if self.sink_k is not None and sink:  # the sink as written, not as turned for the current call
-            k[:, :, :, :sink] = self.sink_k[:, :, :, :sink]
+        k = v = None
+        if self.k:
+            slots = self.slots_of(self.positions).to(self.k[0].device)
+            k = torch.stack([buffer[:, :, slots] for buffer in self.k])
+            v = torch.stack([buffer[:, :, slots] for buffer in self.v])
+            sink = min(self.next_position, self.sink_frames)
+            if self.sink_k is not None and sink:  # the sink as written, not as turned for the current call
+                k[:, :, :, :sink] = self.sink_k[:, :, :, :sink]
         return {
             "k": k,
-            "v": None if self.v is None else self.v[:, :, :, slots.to(self.v.device)],
-            "spatial_k": self.spatial_k,
-            "spatial_v": self.spatial_v,
+            "v": v,
+            "spatial_k": torch.stack(self.spatial_k) if self.spatial_k else None,
+            "spatial_v": torch.stack(self.spatial_v) if self.spatial_v else None,
             "spatial_pos": self.spatial_pos.clone(),
             "next_position": self.next_position,
             "capacity": self.capacity,
@@ -179,64 +192,81 @@ class KVCache:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()`; the cache must have the same capacity, chunk size, batch size and depth."""
+        """Restore a `state_dict()`; the cache must have the same capacity, chunk size, batch size and depth.
+
+        Buffers already allocated keep their device and dtype; otherwise they take the state's, and the next
+        `allocate()` moves every tensor of the cache to the model's."""
         for name in ("capacity", "chunk_size", "batch_size", "num_layers", "spatial_prefix", "sink_frames"):
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)}")
         self.next_position = int(state["next_position"])
         self.spatial_pos = state["spatial_pos"].clone()
-        self.spatial_k = None if state["spatial_k"] is None else state["spatial_k"].clone()
-        self.spatial_v = None if state["spatial_v"] is None else state["spatial_v"].clone()
         positions = self.positions
         slots = self.slots_of(positions)
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)
         self.slot_pos[slots] = positions
         self.sink_k, self._sink_shift = None, 0
         if state["k"] is None:
-            self.k = self.v = None
             return
-        self._allocate(state["k"])
-        self.k[:, :, :, slots.to(self.k.device)] = state["k"].to(self.k)
-        self.v[:, :, :, slots.to(self.v.device)] = state["v"].to(self.v)
+        if not self.k:
+            self._allocate(state["k"])
+        index = slots.to(self.k[0].device)
+        for layer in range(self.num_layers):
+            self.k[layer][:, :, index] = state["k"][layer].to(self.k[layer])
+            self.v[layer][:, :, index] = state["v"][layer].to(self.v[layer])
+            if self.spatial_k:
+                self.spatial_k[layer].copy_(state["spatial_k"][layer])
+                self.spatial_v[layer].copy_(state["spatial_v"][layer])
         self._keep_sink(torch.arange(min(self.next_position, self.sink_frames)))
 
     def _allocate(self, like: torch.Tensor) -> None:
-        """Allocate both buffers like a (L or nothing, B*S, H, T, Dh) tensor: its trailing shape, dtype and device."""
+        """Allocate the buffers like a (L or nothing, B*S, H, T, Dh) tensor: its trailing shape, dtype and device."""
         rows, heads, _, head_dim = like.shape[-4:]
         if rows % self.batch_size:
             raise ValueError(f"cache built for batch size {self.batch_size}, got {rows} token rows")
         self.allocate(rows // self.batch_size, heads, head_dim, like.dtype, like.device)
-        if self._slots is not None:
-            self._slots = self._slots.to(like.device)
 
     def allocate(self, tokens_per_frame: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        """Preallocate both buffers (B * tokens_per_frame rows); nothing happens if they already are so.
+        """Preallocate the buffers (B * tokens_per_frame rows); nothing happens if they already are so.
 
         Done before the first call, so a compiled step sees fixed buffers: stored in the model's dtype (bf16
-        halves the bytes) at static addresses, which CUDA graphs then read and write in place.
+        halves the bytes) at static addresses, which CUDA graphs then read and write in place. Buffers held on
+        another device or in another dtype (a state loaded on the CPU) move, and every other tensor with them.
         """
-        shape = (self.num_layers, self.batch_size * tokens_per_frame, heads, self.num_slots, head_dim)
-        spatial_shape = (self.num_layers, self.batch_size, heads, self.spatial_slots, tokens_per_frame, head_dim)
-        if self.spatial_slots and (self.spatial_k is None or self.spatial_k.shape != spatial_shape
-                                   or self.spatial_k.dtype != dtype or self.spatial_k.device != torch.device(device)):
-            if self.spatial_k is None or self.spatial_k.shape != spatial_shape:
-                self.spatial_k = torch.zeros(spatial_shape, dtype=dtype, device=device)
-                self.spatial_v = torch.zeros_like(self.spatial_k)
-            else:  # a state loaded on the CPU
-                self.spatial_k, self.spatial_v = self.spatial_k.to(device, dtype), self.spatial_v.to(device, dtype)
-            torch._dynamo.mark_static_address(self.spatial_k)
-            torch._dynamo.mark_static_address(self.spatial_v)
-        if self.k is None:
-            self.k = torch.zeros(shape, dtype=dtype, device=device)
-            self.v = torch.zeros_like(self.k)
-        elif self.k.shape != shape:
-            raise ValueError(f"cache holds buffers of shape {tuple(self.k.shape)}, this call needs {shape}")
-        elif self.k.dtype != dtype or self.k.device != torch.device(device):
-            self.k, self.v = self.k.to(device, dtype), self.v.to(device, dtype)  # e.g. a state loaded on the CPU
+        device = torch.device(device)
+        shape = (self.batch_size * tokens_per_frame, heads, self.padded_slots, head_dim)
+        spatial_shape = (self.batch_size, heads, self.spatial_slots, tokens_per_frame, head_dim)
+        if not self.k:
+            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+            self.v = [torch.zeros_like(buffer) for buffer in self.k]
+            if self.spatial_slots:
+                self.spatial_k = [torch.zeros(spatial_shape, dtype=dtype, device=device) for _ in self.k]
+                self.spatial_v = [torch.zeros_like(buffer) for buffer in self.spatial_k]
+        elif self.k[0].shape != shape:
+            raise ValueError(f"cache holds buffers of shape {tuple(self.k[0].shape)}, this call needs {shape}")
+        elif self.k[0].dtype != dtype or self.k[0].device != device:
+            self._move(device, dtype)
         else:
             return
-        torch._dynamo.mark_static_address(self.k)
-        torch._dynamo.mark_static_address(self.v)
+        self._mark_static()
+
+    def _move(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the buffers, the sink's keys and the current call's slot indices to `device` (buffers in `dtype`)."""
+        self.k, self.v = [t.to(device, dtype) for t in self.k], [t.to(device, dtype) for t in self.v]
+        self.spatial_k = [t.to(device, dtype) for t in self.spatial_k]
+        self.spatial_v = [t.to(device, dtype) for t in self.spatial_v]
+        if self.sink_k is not None:
+            self.sink_k = self.sink_k.to(device, dtype)
+        if self._slots is not None:
+            self._slots = self._slots.to(device)
+        kept, index, slots = self._spatial_new
+        if index is not None:
+            self._spatial_new = (kept, index.to(device), slots.to(device))
+
+    def _mark_static(self) -> None:
+        """Tell dynamo every buffer keeps its address, so a compiled step takes them as fixed inputs."""
+        for buffer in (*self.k, *self.v, *self.spatial_k, *self.spatial_v):
+            torch._dynamo.mark_static_address(buffer)
 
     def begin(self, num_frames: int) -> torch.Tensor:
         """Start a call on `num_frames` new frames; returns their absolute positions (T,)."""
@@ -246,7 +276,7 @@ class KVCache:
                 "pass a larger chunk_size to new_cache()"
             )
         self._num_new = num_frames
-        device = self.k.device if self.k is not None else None
+        device = self.k[0].device if self.k else None
         self._slots = self._new_slots.to(device)  # a tensor, so a compiled step does not see the slots change
         # The frames of this call a later chunk's spatial prefix reads: their positions, their indices among the
         # call's frames and their spatial slots (on the buffers' device), made once for every layer of a write.
@@ -268,8 +298,11 @@ class KVCache:
         if self.sink_k is None or shift == self._sink_shift:
             return
         sink = min(self.next_position, self.sink_frames)
-        cos, sin = rope_cos_sin(torch.tensor([shift]), self.k.shape[-1])
-        self.k[:, :, :, :sink] = apply_rope(self.sink_k[:, :, :, :sink], cos.to(self.k.device), sin.to(self.k.device))
+        cos, sin = rope_cos_sin(torch.tensor([shift]), self.sink_k.shape[-1])
+        device = self.sink_k.device
+        turned = apply_rope(self.sink_k[:, :, :, :sink], cos.to(device), sin.to(device))  # (L, B*S, H, sink, Dh)
+        for buffer, keys in zip(self.k, turned):
+            buffer[:, :, :sink] = keys
         self._sink_shift = shift
 
     def _keep_sink(self, positions: torch.Tensor) -> None:
@@ -278,35 +311,37 @@ class KVCache:
         if not self.rotate_sink or not len(positions):
             return
         if self.sink_k is None:
-            self.sink_k = torch.zeros_like(self.k[:, :, :, : self.sink_frames])
-        index = positions.to(self.k.device)
-        self.sink_k[:, :, :, index] = self.k[:, :, :, index]
+            rows, heads, _, head_dim = self.k[0].shape
+            self.sink_k = self.k[0].new_zeros(self.num_layers, rows, heads, self.sink_frames, head_dim)
+        index = positions.to(self.sink_k.device)
+        self.sink_k[:, :, :, index] = torch.stack([buffer[:, :, index] for buffer in self.k])
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
-        """Which slots each new frame sees -> (T, sink + capacity + chunk_size) bool: the sink and the queue, then
-        this call's frames causally (or all of them); slots of frames out of the queue, or not written, are hidden."""
+        """Which slots each new frame sees -> (T, padded_slots) bool: the sink and the queue, then this call's
+        frames causally (or all of them); slots of frames out of the queue, not written, or padding are hidden."""
         start = self.next_position
         sink = (self.slot_pos >= 0) & (self.slot_pos < min(start, self.sink_frames))
-        queued = sink | ((self.slot_pos >= self.rolling_start) & (self.slot_pos < start))  # (slots,)
-        mask = queued.expand(self._num_new, -1).clone()
+        queued = sink | ((self.slot_pos >= self.rolling_start) & (self.slot_pos < start))  # (num_slots,)
+        mask = torch.zeros(self._num_new, self.padded_slots, dtype=torch.bool)
+        mask[:, : self.num_slots] = queued
         mask[:, self._new_slots] = staged_mask(self._num_new, bidirectional)
         return mask.to(device)
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this call's keys/values (B*S, H, T, Dh) of `layer` into their slots, as plain values."""
-        if self.k is None:
+        if not self.k:
             self._allocate(k)
-        if k.shape[0] != self.k.shape[1]:
-            raise ValueError(f"cache holds {self.k.shape[1]} token rows per frame, got {k.shape[0]}")
+        if k.shape[0] != self.k[layer].shape[0]:
+            raise ValueError(f"cache holds {self.k[layer].shape[0]} token rows per frame, got {k.shape[0]}")
         self.k[layer].index_copy_(2, self._slots, k.detach())
         self.v[layer].index_copy_(2, self._slots, v.detach())
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage this call's keys/values (B*S, H, T, Dh) -> (B*S, H, capacity + chunk_size, Dh) to attend to.
+        """Stage this call's keys/values (B*S, H, T, Dh) -> (B*S, H, padded_slots, Dh) to attend to.
 
-        Without autograd they are the buffers themselves. A call that records a graph (a user outside no_grad,
-        a student trained through the cache) attends to a copy of them holding its own k, v, so the gradient
-        reaches them and the buffers never hold a graph.
+        Without autograd they are the layer's buffers themselves. A call that records a graph (a user outside
+        no_grad, a student trained through the cache) attends to a copy of them holding its own k, v, so the
+        gradient reaches them and the buffers never hold a graph.
         """
         self.stage(layer, k, v)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
@@ -318,7 +353,7 @@ class KVCache:
         oldest leave it when it is full."""
         new = torch.arange(self.next_position, self.next_position + self._num_new)
         self.slot_pos[self._new_slots] = new
-        if self.k is not None:
+        if self.k:
             self._keep_sink(new)
         kept = self._spatial_new[0]
         self.spatial_pos[kept % max(self.spatial_slots, 1)] = kept
@@ -338,9 +373,9 @@ class KVCache:
         kept, index, slots = self._spatial_new
         if not len(kept):
             return
-        for buffer, new in ((self.spatial_k, k), (self.spatial_v, v)):
+        for buffer, new in ((self.spatial_k[layer], k), (self.spatial_v[layer], v)):
             frames = new.detach().view(self.batch_size, -1, *new.shape[1:]).index_select(1, index)  # (B, m, H, S, Dh)
-            buffer[layer].index_copy_(2, slots, frames.transpose(1, 2))
+            buffer.index_copy_(2, slots, frames.transpose(1, 2))
 
     def spatial_mask(self, tokens_per_frame: int, device) -> torch.Tensor | None:
         """Keys a reading call's spatial attention may use -> (1, slots * S + S) bool: written slots, own tokens;

@@ -13,7 +13,7 @@ import torch
 import causalvdm
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.diffusion import prefix_lengths
-from causalvdm.models.kv_cache import spatial_prefix_frames
+from causalvdm.models.kv_cache import padded_slots, spatial_prefix_frames
 from causalvdm.models.pretrained import split_init_fields
 from causalvdm.training.settings import TrainSettings
 
@@ -79,10 +79,11 @@ def kv_cache_bytes(depth: int, rows: int, tokens_per_frame: int, hidden: int, sl
                    spatial_frames: int = 0) -> int:
     """Keys and values of a KVCache: 2 x layers x rows (B, or 2B with guidance) x S x hidden x slots x dtype bytes.
 
-    slots = max_cond_frames + chunk_size (the ring also holds the frames of the current call); spatial_frames: the
-    frames whose spatial keys/values a spatial prefix keeps (1 for 'first_frame', N for 'prev_frames_N').
+    slots = sink_frames + max_cond_frames + chunk_size (the ring also holds the frames of the current call), which
+    the cache pads up to a multiple of 8; spatial_frames: the frames whose spatial keys/values a spatial prefix keeps
+    (1 for 'first_frame', N for 'prev_frames_N').
     """
-    return 2 * depth * rows * tokens_per_frame * hidden * (slots + spatial_frames) * dtype.itemsize
+    return 2 * depth * rows * tokens_per_frame * hidden * (padded_slots(slots) + spatial_frames) * dtype.itemsize
 
 
 def saved_activation_bytes(model, batch: int, frames: int, height: int, width: int, dtype: torch.dtype,
@@ -222,7 +223,7 @@ def sample_plan(cfg, batch_size: int = 1, device: str = "cuda", max_cond_frames:
     guided = scale != 1.0 and dims.caption_channels > 0
     plans = {}
     for name, rows in (("no guidance", batch_size), ("guidance", 2 * batch_size)):
-        cache = kv_cache_bytes(dims.depth, rows, tokens, dims.hidden, cond + ar.chunk_size, dtype,
+        cache = kv_cache_bytes(dims.depth, rows, tokens, dims.hidden, ar.sink_frames + cond + ar.chunk_size, dtype,
                                spatial_prefix_frames(model.spatial_prefix))
         text_kv = dims.depth * rows * dims.text_tokens * 2 * dims.hidden * dtype.itemsize  # projected once per video
         call = INFERENCE_WORK * rows * ar.chunk_size * tokens * (2 * dims.mlp_hidden + 2 * dims.hidden) * dtype.itemsize
