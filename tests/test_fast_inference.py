@@ -61,7 +61,7 @@ def test_bf16_generator_halves_the_cache_and_returns_float32(make_model):
         gen = AutoregressiveGenerator(model, IDDPM(), "ddim", 3, chunk_size=4, max_cond_frames=9, dtype=dtype)
         videos[dtype] = gen.generate(first, 13, *_text(model, 1), seed=1)
         nbytes[dtype] = gen.cache.nbytes
-        assert gen.dtype == getattr(torch, dtype) and gen.cache.k.dtype == gen.dtype
+        assert gen.dtype == getattr(torch, dtype) and all(t.dtype == gen.dtype for t in gen.cache.k + gen.cache.v)
     assert nbytes["bfloat16"] * 2 == nbytes["float32"]
     assert videos["bfloat16"].dtype == torch.float32  # latents and sampler arithmetic stay float32
     # the bf16 video follows the fp32 one within a few bf16 steps over a 3-step, 3-chunk rollout
@@ -142,7 +142,7 @@ def test_autograd_never_reaches_the_cache(make_model):
             torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
         model.write_cache(out[:, :4], cache)
         frames = torch.cat([frames, out[:, :4].detach()], dim=2)
-        assert not cache.k.requires_grad and cache.k.grad_fn is None and not cache.v.requires_grad
+        assert all(not t.requires_grad and t.grad_fn is None for t in cache.k + cache.v)
         rss.append(proc_status_mb("VmRSS"))
     assert rss[-1] - rss[4] < 16, rss  # one chunk's saved activations are ~3 MB: a kept graph would add ~50 MB
 
