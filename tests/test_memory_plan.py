@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from causalvdm.config import load_config
-from causalvdm.utils.memory_plan import estimate_line, kv_cache_bytes, meta_model, param_bytes
+from causalvdm.training.memory_plan import estimate_line, kv_cache_bytes, meta_model, param_bytes
 
 from conftest import ROOT
 
@@ -56,7 +56,7 @@ def test_estimate_within_20_percent_of_measured(config, mode, overrides):
 
 
 def test_plan_for_the_paper_setting_shards_with_fsdp():
-    from causalvdm.utils.memory_plan import fits, train_plan
+    from causalvdm.training.memory_plan import fits, train_plan
 
     cfg = load_config(ROOT / "configs" / "ucf101" / "xl2_256.py")
     plan = train_plan(cfg, batch_size=4, num_gpus=8)

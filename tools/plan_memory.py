@@ -4,7 +4,7 @@
     python tools/plan_memory.py --config configs/demo/overfit.py --device cpu --json outputs/plan.json
     python tools/plan_memory.py --config configs/demo/overfit.py --measure train   # run a real step here, compare
 
-Nothing is allocated: the model is built on the meta device (causalvdm.utils.memory_plan). Training, per process:
+Nothing is allocated: the model is built on the meta device (causalvdm.training.memory_plan). Training, per process:
 fp32 weights, gradients, AdamW's two fp32 moments and the fp32 EMA (FSDP2 shards all four by the number of GPUs
 and gathers one block at a time; DDP keeps full copies plus its gradient buckets), and the activations autograd
 saves for the largest clean-prefix step (the longest prefix plus one chunk, up to dataset.num_frames), counted
@@ -27,7 +27,7 @@ from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int  
 from causalvdm.config import add_config_args, load_config  # noqa: E402
 from causalvdm.models.pretrained import split_init_fields  # noqa: E402
 from causalvdm.registry import ConfigError  # noqa: E402
-from causalvdm.utils.memory_plan import CPU_BASELINE_MB, fits, sample_plan, train_plan  # noqa: E402
+from causalvdm.training.memory_plan import CPU_BASELINE_MB, fits, sample_plan, train_plan  # noqa: E402
 
 log = logging.getLogger("causalvdm.plan_memory")
 
@@ -75,7 +75,7 @@ def measure(cfg, mode: str, batch_size: int, steps: int = 2) -> dict:
     from causalvdm.training.ema import EMA
     from causalvdm.training.settings import TrainSettings
     from causalvdm.utils.memory import keep_freed_memory, peak_memory_mb, proc_status_mb, reset_peak_memory
-    from causalvdm.utils.memory_plan import latent_hw, train_frames
+    from causalvdm.training.memory_plan import latent_hw, train_frames
 
     cpu = torch.device("cpu")
     keep_freed_memory()  # as the trainer and sampler do

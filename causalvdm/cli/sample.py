@@ -36,7 +36,7 @@ from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.utils.dtypes import DTYPES
 from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir
 from causalvdm.utils.memory import keep_freed_memory
-from causalvdm.utils.memory_plan import estimate_line
+from causalvdm.training.memory_plan import estimate_line
 
 log = logging.getLogger("causalvdm.sample")
 

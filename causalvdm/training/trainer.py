@@ -46,10 +46,10 @@ from causalvdm.training.checkpoint import (
 from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_process, parallelize, unwrap
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
+from causalvdm.training.memory_plan import estimate_line
 from causalvdm.training.settings import TrainSettings, check_clip_shape, lr_factor
 from causalvdm.utils.io import CheckpointError, check_architecture, check_free_space, writable_dir
 from causalvdm.utils.memory import peak_memory_mb
-from causalvdm.utils import memory_plan  # the module, not its names: it imports causalvdm.training in turn
 
 log = logging.getLogger("causalvdm.train")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -365,7 +365,7 @@ class Trainer:
             writable_dir(self.run_dir / "samples", "the samples folder")
         # model + EMA + AdamW's two moments, float32 (the optimizer state is what makes a checkpoint large)
         check_free_space(self.run_dir, 16 * sum(p.numel() for p in self.core.parameters()), "one checkpoint")
-        log.info(memory_plan.estimate_line(self.cfg, "train", info.device.type, s.batch_size, info.world_size))
+        log.info(estimate_line(self.cfg, "train", info.device.type, s.batch_size, info.world_size))
 
     def save_config(self) -> None:
         """config.py of the run, written when it starts; a resumed run keeps it (each checkpoint holds the config it

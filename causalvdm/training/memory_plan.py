@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-import causalvdm
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.diffusion import prefix_lengths
 from causalvdm.models.kv_cache import padded_slots, spatial_prefix_frames
 from causalvdm.models.pretrained import split_init_fields
+from causalvdm.registry import MODELS, build
 from causalvdm.training.settings import TrainSettings
 
 MIB = 2**20
@@ -53,7 +53,7 @@ def meta_model(cfg):
     """`cfg.model` built on the meta device (no weights are read or allocated)."""
     model_cfg = split_init_fields(cfg.model)[0]
     with torch.device("meta"):
-        return causalvdm.build_model(model_cfg)
+        return build(MODELS, model_cfg, "model")
 
 
 def model_dims(model) -> ModelDims:
