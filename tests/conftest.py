@@ -45,6 +45,26 @@ def t5_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def video_root(tmp_path_factory):
+    """Eight 12-frame 12x12 clips of a colour drifting over time, with captions, in a manifest.jsonl."""
+    import json
+
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        base = rng.integers(0, 255, (1, 12, 12, 3))
+        drift = np.arange(12)[:, None, None, None] * rng.integers(-8, 8, (1, 1, 1, 3))
+        frames = np.clip(base + drift, 0, 255).astype(np.uint8)
+        write_video(root / f"clip{i}.mp4", frames)
+        rows.append(json.dumps({"path": f"clip{i}.mp4", "caption": f"clip {i}"}))
+    (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
 @pytest.fixture
 def train_script():
     """The training command line that scripts/train.py runs (causalvdm.cli.train), so tests can call main(argv)."""
@@ -96,3 +116,17 @@ def run_in_parallel(fn, items: list, workers: int = 3) -> list:
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, items))
+
+
+def write_video(path, frames, fps: int = 8) -> None:
+    """Write uint8 frames (T, H, W, 3) as an H.264 mp4 at `path`, as a camera or an editor would."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

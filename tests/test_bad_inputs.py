@@ -15,7 +15,7 @@ import torch
 
 from causalvdm.registry import ConfigError, build, TEXT_ENCODERS
 from test_sampling import sample_setup  # noqa: F401  (a fixture: tiny config, checkpoints, image, video)
-from test_training import _config, video_root  # noqa: F401  (video_root is a fixture)
+from test_training import _config
 
 # (case, --cfg-options overrides, message expected in the single ERROR line)
 TRAIN_CASES = [

@@ -7,10 +7,8 @@ prefixes, guidance, prompt switches with re-encode, resume from a saved cache st
 where the CPU suite, whose tensors all live on the CPU, cannot see it. Nothing is computed, so XL/2 runs here too.
 """
 
-import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -46,27 +44,6 @@ train = dict(max_steps=4, batch_size=2, num_workers=0, lr=1e-3, warmup_steps=1, 
              ema_decay=0.9, txt_dropout_prob=0.5, grad_checkpointing={grad_checkpointing})
 distill = dict(teacher="{teacher}", num_steps=1, teacher_steps=2, rollout_prob=1.0)
 """
-
-
-@pytest.fixture(scope="module")
-def video_root(tmp_path_factory):
-    """Four 12-frame 8x8 clips with captions, in a manifest."""
-    root = tmp_path_factory.mktemp("videos")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(4):
-        frames = rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
-        with av.open(str(root / f"clip{i}.mp4"), "w") as container:
-            stream = container.add_stream("libx264", rate=8)
-            stream.width, stream.height, stream.pix_fmt = 8, 8, "yuv420p"
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        rows.append(json.dumps({"path": f"clip{i}.mp4", "caption": f"clip {i}"}))
-    (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def _config(tmp_path: Path, video_root, t5_dir, tpe_mode="cyclic", sink=0, spatial_prefix=None,

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from causalvdm.data.video_io import read_video_frames
 from conftest import run_entrypoint, run_in_parallel, selected_params
 from test_sampling import sample_setup  # noqa: F401  (a fixture: tiny config, checkpoints, image, video)
-from test_training import _config, video_root  # noqa: F401  (video_root is a fixture)
+from test_training import _config
 
 TRAIN = ("-m", "causalvdm.cli.train", "{cfg}", "--exp-name", "run")
 TRAIN_SH = ("scripts/train.sh", "{cfg}", "run", "{port}")

@@ -22,7 +22,7 @@ from causalvdm.training import trainer as trainer_module
 from causalvdm.training.checkpoint import list_checkpoints
 from causalvdm.utils import io as io_module
 from conftest import ROOT
-from test_training import _config, _env, _free_port, video_root  # noqa: F401  (video_root is a fixture)
+from test_training import _config, _env, _free_port
 
 
 def _steps(ckpt_dir):

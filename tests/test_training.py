@@ -31,32 +31,6 @@ train = dict(outputs_dir="{out}", max_steps={steps}, batch_size=4, num_workers=0
 """
 
 
-def _write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-@pytest.fixture(scope="module")
-def video_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(8):
-        base = rng.integers(0, 255, (1, 12, 12, 3))
-        drift = np.arange(12)[:, None, None, None] * rng.integers(-8, 8, (1, 1, 1, 3))
-        frames = np.clip(base + drift, 0, 255).astype(np.uint8)
-        _write_video(root / f"clip{i}.mp4", frames)
-        rows.append(json.dumps({"path": f"clip{i}.mp4", "caption": f"clip {i}"}))
-    (root / "manifest.jsonl").write_text("\n".join(rows) + "\n")
-    return root
-
-
 def _config(tmp_path, video_root, t5_dir, steps=6, ckpt_every=2) -> Path:
     path = tmp_path / "train_cfg.py"
     path.write_text(CONFIG.format(root=video_root, out=tmp_path / "outputs", t5=t5_dir, steps=steps,

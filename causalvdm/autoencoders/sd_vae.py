@@ -1,7 +1,5 @@
 """Frame-wise Stable Diffusion VAE (diffusers `AutoencoderKL`) loaded from a local folder, e.g. sd-vae-ft-ema."""
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
