@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from causalvdm.models import KVCache, ReferenceKVCache
+from causalvdm.models import KVCache
+from causalvdm.models.reference_cache import ReferenceKVCache
 from tools.verify_cache import verify
 
 
@@ -66,6 +67,7 @@ def test_mask_sees_filled_slots_and_causal_chunk():
     assert cache.k[0].shape == (1, 1, 8, 2) and cache.slot_pos.shape == (6,)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tpe_mode", ["absolute", "cyclic", "rope"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("spatial_prefix", [None, "first_frame", "prev_frames_3"])
@@ -82,6 +84,7 @@ def test_cached_chunks_match_reference(make_model, tpe_mode, bidirectional, spat
     assert max(r["max_abs_diff"] for r in results) <= 1e-4
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tpe_mode", ["cyclic", "rope"])
 def test_frame_sink_matches_reference_across_wraps(make_model, tpe_mode):
     """A sink of 2 frames beside a queue of 9 (ring of 13 slots), a 17-row cyclic table (15 rolling rows): 12 chunks
@@ -175,6 +178,7 @@ def test_eviction_changes_output(make_model):
 
 
 @torch.no_grad()
+@pytest.mark.numerics
 @pytest.mark.parametrize("spatial_prefix", [None, "prev_frames_2"])
 def test_clone_and_state_dict_continue_exactly(make_model, spatial_prefix):
     model = make_model(spatial_prefix=spatial_prefix)

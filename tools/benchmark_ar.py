@@ -61,7 +61,7 @@ import causalvdm
 from causalvdm.cli.common import (ArgumentParser, finite_float, non_negative_int, one_line_errors, positive_float,
                                   positive_int)
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
-from causalvdm.models.kv_cache import spatial_context, spatial_prefix_frames
+from causalvdm.models.spatial_prefix import spatial_context, spatial_prefix_frames
 from causalvdm.models.pretrained import split_init_fields
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import SCHEDULERS, ConfigError, build

@@ -17,7 +17,7 @@ import torch
 import causalvdm
 from causalvdm.cli.common import ArgumentParser, non_negative_float, non_negative_int, one_line_errors, positive_int
 from causalvdm.config import add_config_args, load_config, require
-from causalvdm.models import ReferenceKVCache
+from causalvdm.models.reference_cache import ReferenceKVCache
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import ConfigError
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from causalvdm.models.kv_cache import KVCache, spatial_context, spatial_prefix_frames
+from causalvdm.models.kv_cache import CallCache, KVCache
 from causalvdm.models.layers import (
     CaptionEmbedder,
     CrossAttention,
@@ -26,6 +26,7 @@ from causalvdm.models.layers import (
     modulate,
 )
 from causalvdm.models.positional import check_tpe_mode, rope_cos_sin, sincos_2d, sincos_table, tpe_index
+from causalvdm.models.spatial_prefix import spatial_context, spatial_prefix_frames
 from causalvdm.registry import MODELS
 
 # Size presets (depth, width, heads), DiT style; patch size is (1, 2, 2) for all.
@@ -67,7 +68,7 @@ class CallContext:
     tpe: torch.Tensor | None  # (B or 1, T, D) table embedding added to the first block's temporal input
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, head_dim) float32
     pos_spatial: torch.Tensor  # (S, D) 2D sin-cos embedding of the patch grid
-    cache: object | None  # KVCache (or the reference cache) read by this call
+    cache: CallCache | None  # KVCache (or the reference cache) read by this call
     text: TextContext | None  # None for an unconditional model
     spatial: SpatialPrefix | None = None  # None: spatial attention within each frame only
 

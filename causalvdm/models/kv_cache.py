@@ -8,10 +8,12 @@ commit only advances the position; the attention mask hides every slot outside t
 """
 
 import copy
+from typing import Protocol
 
 import torch
 
 from causalvdm.models.positional import apply_rope, rope_cos_sin
+from causalvdm.models.spatial_prefix import spatial_prefix_frames
 
 
 # The buffers' slot length is padded up to a multiple of this (the padding always masked): CUDA's masked SDPA
@@ -30,38 +32,30 @@ def staged_mask(num_new: int, bidirectional: bool) -> torch.Tensor:
     return mask if bidirectional else mask.tril()
 
 
-def spatial_prefix_frames(spatial_prefix: str | None) -> int:
-    """How many earlier frames a chunk's spatial attention reads: 0 (None), 1 ('first_frame'), N ('prev_frames_N')."""
-    if spatial_prefix is None:
-        return 0
-    if spatial_prefix == "first_frame":
-        return 1
-    count = spatial_prefix.removeprefix("prev_frames_")
-    if spatial_prefix.startswith("prev_frames_") and count.isdigit() and int(count) >= 1:
-        return int(count)
-    raise ValueError(f"spatial_prefix must be None, 'first_frame' or 'prev_frames_N' (N >= 1), got {spatial_prefix!r}")
+class CallCache(Protocol):
+    """What a model call needs from a cache (`KVCache`, or the test reference `ReferenceKVCache`): allocate and begin
+    a call, its mask, stage / attend the temporal keys/values of each layer, the spatial prefix's reads and writes,
+    and commit the call's frames."""
 
+    sink_frames: int
 
-def spatial_context(spatial_prefix: str | None, start: int) -> list[int]:
-    """Positions of the frames whose spatial tokens a chunk starting at frame `start` also attends to: frame 0, or
-    the (up to) N frames just before the chunk; none for frames at the very start."""
-    if spatial_prefix is None or start == 0:
-        return []
-    if spatial_prefix == "first_frame":
-        return [0]
-    return list(range(max(0, start - spatial_prefix_frames(spatial_prefix)), start))
+    def allocate(self, tokens_per_frame: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None: ...
 
+    def begin(self, num_frames: int) -> torch.Tensor: ...
 
-def attend_with_context(q, k, v, context_k, context_v, mask=None) -> torch.Tensor:
-    """Spatial attention of T frames (B*T, H, S, Dh) over their own tokens plus context tokens (B, H, C, Dh) shared by
-    the frames of a row; mask (1, C + S) bool hides empty context slots -> (B*T, H, S, Dh)."""
-    rows, heads, _, head_dim = context_k.shape
-    frames = q.shape[0] // rows
-    keys = torch.cat([context_k[:, None].expand(-1, frames, -1, -1, -1).reshape(rows * frames, heads, -1, head_dim), k],
-                     dim=2)
-    values = torch.cat([context_v[:, None].expand(-1, frames, -1, -1, -1).reshape(rows * frames, heads, -1, head_dim),
-                        v], dim=2)
-    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor: ...
+
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def spatial_mask(self, tokens_per_frame: int, device) -> torch.Tensor | None: ...
+
+    def spatial_context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+
+    def commit(self) -> None: ...
 
 
 class KVCache:
@@ -389,89 +383,3 @@ class KVCache:
         """The cached spatial keys and values of `layer` -> each (B, H, slots * S, Dh)."""
         k, v = self.spatial_k[layer], self.spatial_v[layer]  # (B, H, slots, S, Dh)
         return k.flatten(2, 3), v.flatten(2, 3)
-
-
-class ReferenceKVCache:
-    """A naive cache for verification: keeps every frame, concatenates, attends to the last `capacity`.
-
-    Same protocol as `KVCache` (allocate / begin / attn_mask / stage / attend / commit); slow and unbounded on purpose.
-    """
-
-    def __init__(self, num_layers: int, capacity: int, spatial_prefix: str | None = None, sink_frames: int = 0,
-                 rotate_sink: bool = False):
-        self.capacity = capacity
-        self.sink_frames = sink_frames
-        self.rotate_sink = rotate_sink
-        self.spatial_prefix = spatial_prefix
-        self.keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.staged: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        # spatial keys/values of every written frame, (B, H, S, Dh) each, by position
-        self.frame_keys: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.frame_values: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.staged_spatial: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.next_position = 0
-        self._num_new = 0
-
-    def __len__(self) -> int:
-        return len(self._in_view())
-
-    def _in_view(self) -> list[int]:
-        """Positions of the frames attended to: the first `sink_frames`, then the last `capacity` of the rest."""
-        sink = list(range(min(self.next_position, self.sink_frames)))
-        return sink + list(range(max(self.sink_frames, self.next_position - self.capacity), self.next_position))
-
-    def allocate(self, *args) -> None:
-        """Nothing to preallocate: this cache grows by concatenation."""
-
-    def begin(self, num_frames: int) -> torch.Tensor:
-        self._num_new = num_frames
-        return torch.arange(self.next_position, self.next_position + num_frames)
-
-    def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
-        past = torch.ones(self._num_new, len(self), dtype=torch.bool)
-        return torch.cat([past, staged_mask(self._num_new, bidirectional)], dim=1).to(device)
-
-    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.staged[layer] = (k.detach(), v.detach())
-
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.stage(layer, k, v)
-        view = self._in_view()
-        keys = [torch.cat(self.keys[layer], dim=2)[:, :, view]] if view else []
-        values = [torch.cat(self.values[layer], dim=2)[:, :, view]] if view else []
-        sink = min(self.next_position, self.sink_frames)
-        shift = max(self.sink_frames, self.next_position - self.capacity) - self.sink_frames
-        if self.rotate_sink and sink and shift:  # RoPE: the sink sits just before the oldest rolling frame
-            cos, sin = rope_cos_sin(torch.tensor([shift]), k.shape[-1])
-            turned = apply_rope(keys[0][:, :, :sink], cos.to(k.device), sin.to(k.device))
-            keys = [torch.cat([turned, keys[0][:, :, sink:]], dim=2)]
-        return torch.cat(keys + [k], dim=2), torch.cat(values + [v], dim=2)
-
-    def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.staged_spatial[layer] = (k.detach(), v.detach())
-
-    def spatial_mask(self, tokens_per_frame: int, device) -> None:
-        """No empty slots to hide: the context is exactly the frames the rule names."""
-
-    def spatial_context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The frames the rule names for a chunk starting here, concatenated -> (B, H, n * S, Dh) each, or None."""
-        frames = spatial_context(self.spatial_prefix, self.next_position)
-        if not frames:
-            return None, None
-        keys, values = self.frame_keys[layer], self.frame_values[layer]
-        return torch.cat([keys[p] for p in frames], dim=2), torch.cat([values[p] for p in frames], dim=2)
-
-    def commit(self) -> None:
-        for layer, (k, v) in enumerate(self.staged):
-            self.keys[layer].append(k)
-            self.values[layer].append(v)
-        for layer, staged in enumerate(self.staged_spatial):
-            if staged is not None:
-                for store, new in zip((self.frame_keys[layer], self.frame_values[layer]), staged):
-                    frames = new.view(-1, self._num_new, *new.shape[1:])  # (B, T, H, S, Dh)
-                    store.extend(frames.unbind(1))
-        self.staged = [None] * len(self.staged)
-        self.staged_spatial = [None] * len(self.staged_spatial)
-        self.next_position += self._num_new
-        self._num_new = 0

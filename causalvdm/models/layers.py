@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from causalvdm.models.kv_cache import attend_with_context
 from causalvdm.models.positional import apply_rope
+from causalvdm.models.spatial_prefix import attend_with_context
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from causalvdm.diffusion import make_sampler
-from causalvdm.models.kv_cache import spatial_prefix_frames
+from causalvdm.models.spatial_prefix import spatial_prefix_frames
 from causalvdm.utils.dtypes import resolve_dtype
 
 MODES = ("cache", "recompute")

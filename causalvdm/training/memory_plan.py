@@ -12,8 +12,9 @@ import torch
 
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.diffusion import prefix_lengths
-from causalvdm.models.kv_cache import padded_slots, spatial_prefix_frames
+from causalvdm.models.kv_cache import padded_slots
 from causalvdm.models.pretrained import split_init_fields
+from causalvdm.models.spatial_prefix import spatial_prefix_frames
 from causalvdm.registry import MODELS, build
 from causalvdm.training.settings import TrainSettings
 
