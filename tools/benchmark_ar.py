@@ -45,14 +45,12 @@ with control_slowest_over_fastest=<c> appended under --control and recompiles_wh
 
 import argparse
 import copy
-import json
 import logging
 import os
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
@@ -69,6 +67,7 @@ from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.generator import COMPILE_MODES
 from causalvdm.utils.dtypes import DTYPES, resolve_dtype
 from causalvdm.utils.flops import device_peak_tflops, forward_flops
+from causalvdm.utils.io import write_json
 from causalvdm.utils.memory import keep_freed_memory, peak_memory_mb, proc_status_mb, reset_peak_memory
 
 log = logging.getLogger("benchmark_ar")
@@ -143,13 +142,6 @@ def run(gen: AutoregressiveGenerator, first, text, num_frames: int, seed: int, c
     return dict(total=total, prefill=gen.prefill_time, first_chunk_latency=first_chunk, chunk_times=list(gen.chunk_times),
                 peak_mb=peak_memory_mb(device), cache_bytes=gen.cache.nbytes if gen.cache is not None else 0,
                 chunks=kept)
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write `data` through a temporary file and a rename, so a kill mid-write leaves the previous whole file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def compile_counters() -> dict:

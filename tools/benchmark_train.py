@@ -25,7 +25,6 @@ One line per run:
     train_bench steps_per_s=<x> tokens_per_s=<x> tflops=<x> mfu=<x> peak_mb=<x> grad_checkpointing=<on|off>
 """
 
-import json
 import logging
 import math
 import os
@@ -48,6 +47,7 @@ from causalvdm.registry import SCHEDULERS, ConfigError, build
 from causalvdm.training.distributed import DistInfo, init_distributed, parallelize
 from causalvdm.training.settings import TrainSettings
 from causalvdm.utils.flops import device_peak_tflops, forward_flops
+from causalvdm.utils.io import write_json
 from causalvdm.utils.memory import keep_freed_memory, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("benchmark_train")
@@ -174,13 +174,6 @@ def run(model_cfg: dict, info: DistInfo, parallel: str, checkpointing: bool, w: 
                    peak_mb=peak_memory_mb(info.device), loss_first=losses[0], loss_last=losses[-1],
                    loss_finite=all(math.isfinite(v) for v in losses))
     return figures
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write `data` through a temporary file and a rename, so a kill mid-write leaves the previous whole file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def summary_line(r: dict) -> str:

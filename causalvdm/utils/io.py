@@ -64,6 +64,14 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
+def write_json(path: str | Path, data: dict) -> None:
+    """Write `data` as JSON through a temporary file and a rename, so a kill mid-write leaves the previous whole
+    file (benchmarks rewrite their figures as each measurement ends)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def iter_jsonl(path: str | Path):
     """Yield (line number, object) for each non-blank line of a JSON-lines file.
 
