@@ -1,23 +1,39 @@
 """Loading mmengine `.py` configs with `--cfg-options` overrides, and the one-line config errors."""
 
 import argparse
+import ast
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 from causalvdm.registry import ConfigError, check_type
 
 
-class _ConfigOptions(DictAction):
-    """mmengine's KEY=VALUE parser, with a one-line usage error for an item that lacks the `=`."""
+def parse_value(text: str):
+    """A `--cfg-options` value as typed: a Python literal (4, 1e-4, None, True, [1, 2], 'x') when it reads as one,
+    else the text itself, spaces and all (mmengine's DictAction deletes every space: 'a red car' became 'aredcar')."""
+    lowered = {"true": True, "false": False, "none": None}
+    if text.lower() in lowered:
+        return lowered[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+class _ConfigOptions(argparse.Action):
+    """KEY=VALUE items -> {key: value}, values by `parse_value`; an item without `=` is a one-line usage error."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        options = dict(getattr(namespace, self.dest, None) or {})
         for item in values:
-            if "=" not in item:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
                 parser.error(f"argument {option_string}: {item!r} is not KEY=VALUE")
-        super().__call__(parser, namespace, values, option_string)
+            options[key.strip()] = parse_value(value)
+        setattr(namespace, self.dest, options)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
