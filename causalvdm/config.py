@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import difflib
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -66,7 +67,25 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         raise ConfigError(f"{path}: cannot parse config: {err}".splitlines()[0]) from err
     if overrides:
         cfg.merge_from_dict(dict(overrides))
+    check_sections(cfg)
     return cfg
+
+
+# The top-level names the project reads; a config may define others (a data_root the sections share).
+SECTIONS = ("model", "vae", "text_encoder", "diffusion", "autoregressive", "dataset", "train", "sample", "distill",
+            "latent_size")
+
+
+def check_sections(cfg: Config) -> None:
+    """Fail with one line on a top-level name nothing reads that looks like a section: a dict (a misspelt `trian`,
+    or `--cfg-options trian.lr=...`), or any name close to a section's (`latnet_size`)."""
+    for name, value in cfg.items():
+        if name in SECTIONS:
+            continue
+        nearest = difflib.get_close_matches(name, SECTIONS, n=1, cutoff=0.6 if isinstance(value, dict) else 0.8)
+        if nearest or isinstance(value, dict):
+            hint = f" (did you mean '{nearest[0]}'?)" if nearest else f" (sections: {', '.join(SECTIONS)})"
+            raise ConfigError(f"{cfg.filename}: unknown section '{name}'{hint}")
 
 
 def require(cfg: Config, *keys: str):

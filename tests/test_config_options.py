@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from causalvdm.config import add_config_args, load_config
+from causalvdm.registry import ConfigError
 from conftest import ROOT
 
 
@@ -33,13 +34,28 @@ def test_values_reach_the_config_as_typed(text, value):
 
 
 def test_overrides_merge_into_the_config():
-    options = _parse("train.lr=3e-4", "data.root=/my data/clips")
+    options = _parse("train.lr=3e-4", "dataset.root=/my data/clips")
     cfg = load_config(ROOT / "configs" / "debug" / "tiny.py", options)
     assert cfg.train.lr == 3e-4
-    assert cfg.data.root == "/my data/clips"
+    assert cfg.dataset.root == "/my data/clips"
 
 
 def test_an_item_without_a_key_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         _parse("=4")
     assert "'=4' is not KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"trian.lr": 1e-4}, "unknown section 'trian' (did you mean 'train'?)"),
+    ({"latnet_size": (2, 2)}, "unknown section 'latnet_size' (did you mean 'latent_size'?)"),
+    ({"foo.bar": 1}, "unknown section 'foo' (sections: model, "),
+])
+def test_a_section_nothing_reads_is_named(options, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "debug" / "tiny.py", options)
+    assert message in str(err.value)
+
+
+def test_a_shared_variable_is_not_a_section():
+    assert load_config(ROOT / "configs" / "debug" / "tiny.py", {"data_root": "data/x"}).data_root == "data/x"
