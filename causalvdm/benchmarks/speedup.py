@@ -21,6 +21,7 @@ what it measured. Last line:
 
 import argparse
 import logging
+import sys
 import time
 
 import torch
@@ -209,3 +210,7 @@ def main(argv=None) -> int:
         warm_up(model, first, args.dtypes[0])
         summary, line = compare(args, model, diffusion, ar, first, text)
     return finish(args, summary, line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ with control_slowest_over_fastest=<c> appended under --control and recompiles_wh
 import argparse
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -128,3 +129,7 @@ def main(argv=None) -> int:
         warm_up(model, first, args.dtypes[0])
         summary, line = long_run(args, model, diffusion, ar, first, text)
     return finish(args, summary, line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

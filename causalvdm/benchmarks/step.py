@@ -15,6 +15,7 @@ import argparse
 import copy
 import logging
 import statistics
+import sys
 import time
 
 import torch
@@ -135,3 +136,7 @@ def main(argv=None) -> int:
     with one_line_errors(ValueError):  # a setting the config cannot run
         summary, line = forward_bench(args, model, ar, first, text)
     return finish(args, summary, line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
