@@ -204,6 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run the cache-vs-recompute comparison of `argv` (default: the command line) -> exit status."""
     args = parse_args(argv)
     model, diffusion, ar, first, text = setup(args)
     with one_line_errors(ValueError):  # a setting the config cannot run

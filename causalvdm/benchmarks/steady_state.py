@@ -123,6 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run the long cache-mode video of `argv` (default: the command line) -> exit status."""
     args = parse_args(argv)
     model, diffusion, ar, first, text = setup(args)
     with one_line_errors(ValueError):  # e.g. --long too short to fill the queue

@@ -130,6 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Time the hot call of every variant from `argv` (default: the command line) -> exit status."""
     args = parse_args(argv)
     model, _, ar, first, text = setup(args)
     args.spatial_prefixes = [model.spatial_prefix] if args.spatial_prefix is None else args.spatial_prefix

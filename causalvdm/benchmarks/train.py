@@ -187,6 +187,7 @@ def summary_line(r: dict) -> str:
 
 
 def parse_args(argv=None):
+    """The benchmark's flags, parsed from `argv` (default: the command line)."""
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="config with `model` and optionally `latent_size`, "
                         "`dataset.num_frames`, `diffusion` (default IDDPM), `autoregressive` and `train` (lr, "
@@ -214,6 +215,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Run the training benchmark of `argv` (default: the command line) -> exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

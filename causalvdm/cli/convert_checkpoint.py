@@ -38,6 +38,7 @@ def save_safetensors(state: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """Convert the checkpoint `argv` names (default: the command line) -> exit status."""
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--src", required=True, help="source checkpoint: .pth/.pt (weights only) or .safetensors")
     parser.add_argument("--config", required=True, help="mmengine config whose `model` field is the target CausalSTDiT")

@@ -29,6 +29,7 @@ from causalvdm.utils.dtypes import DTYPES
 
 
 def main(argv=None) -> int:
+    """Encode the dataset of `argv` (default: the command line) into latent shards -> exit status."""
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="mmengine config with `vae` and `dataset` (a pixel dataset)")
     parser.add_argument("--out", required=True, help="output directory for the shards and index.json")

@@ -66,6 +66,7 @@ def print_summary(result: dict, args) -> None:
 
 
 def main(argv=None) -> int:
+    """Evaluate the video sets of `argv` (default: the command line) -> exit status."""
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--real", required=True, help="real videos: a folder or a .jsonl manifest of {\"path\"} rows")
     parser.add_argument("--fake", required=True, help="generated videos: a folder (e.g. the sampler's --out) or a "

@@ -23,6 +23,7 @@ STAMP = ".prepare_demo_data.json"  # the settings and clips of the last run, for
 
 
 def main(argv=None) -> int:
+    """Cut the demo clips `argv` asks for (default: the command line) -> exit status."""
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="data/demo", help="output folder for the clips and manifest.jsonl "
                         "(default data/demo)")

@@ -25,6 +25,7 @@ log = logging.getLogger("verify_cache")
 
 
 def main(argv=None) -> int:
+    """Compare the cache with its references for `argv` (default: the command line) -> 0 within tolerance, else 1."""
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="mmengine config with a `model` field")
     parser.add_argument("--ar-steps", type=positive_int, default=12, help="autoregressive chunks to generate "
