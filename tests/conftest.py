@@ -5,7 +5,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so tests can import tools/ as a package
 
 torch.set_num_threads(2)
 

@@ -1,5 +1,5 @@
-"""tools/benchmark_ar.py on the tiny config: the printed summary lines and the JSON figures (no timing targets); the
-table of GPU peaks behind its MFU."""
+"""tools/benchmark_speedup.py, benchmark_steady_state.py and benchmark_step.py on the tiny config: the printed
+summary lines and the JSON figures (no timing targets); the table of GPU peaks behind the MFU."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import re
 import pytest
 
 from causalvdm.utils.flops import peak_tflops
-from tools.benchmark_ar import frame_passes, main
+from causalvdm.benchmarks import speedup, steady_state, step
+from causalvdm.benchmarks.ar import frame_passes
 
 TINY = "configs/debug/tiny.py"
 
@@ -22,7 +23,7 @@ def test_frame_passes_match_the_cost_model():
 
 def test_compare_mode(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--config", TINY, "--frames", "41", "--denoise-steps", "2", "--json", str(out)]) == 0
+    assert speedup.main(["--config", TINY, "--frames", "41", "--denoise-steps", "2", "--json", str(out)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"speedup=\S+ bound=\S+ ratio=\S+ frames=41 chunk=8 max_cond=25 denoise_steps=2", last), last
     figures = json.loads(out.read_text())
@@ -34,7 +35,7 @@ def test_recompute_on_fewer_frames_compares_the_chunks_both_ran(tmp_path, capsys
     out = tmp_path / "bench.json"
     argv = ["--config", TINY, "--frames", "33", "--recompute-frames", "17", "--modes", "cache,recompute",
             "--denoise-steps", "1", "--json", str(out)]
-    assert main(argv) == 0
+    assert speedup.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"speedup=\S+ bound=\S+ ratio=\S+ frames=33 chunk=8 max_cond=25 denoise_steps=1", last), last
     figures = json.loads(out.read_text())
@@ -58,7 +59,8 @@ def test_dense_bf16_peak_by_gpu_name(name, peak):
 
 def test_long_mode_with_control(tmp_path, capsys):
     out = tmp_path / "long.json"
-    assert main(["--config", TINY, "--long", "6", "--denoise-steps", "1", "--control", "--json", str(out)]) == 0
+    argv = ["--config", TINY, "--long", "6", "--denoise-steps", "1", "--control", "--json", str(out)]
+    assert steady_state.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"long_chunks=6 slowest_over_fastest=\S+ rss_growth_mb=\S+ frames=49 chunk=8 max_cond=25 "
                         r"denoise_steps=1 control_slowest_over_fastest=\S+", last), last
@@ -69,15 +71,16 @@ def test_long_mode_with_control(tmp_path, capsys):
 
 def test_long_mode_too_short():
     with pytest.raises(SystemExit, match="too short"):
-        main(["--config", TINY, "--long", "3"])
+        steady_state.main(["--config", TINY, "--long", "3"])
 
 
 def test_forward_mode_times_spatial_prefixes_side_by_side(tmp_path, capsys):
     out = tmp_path / "forward.json"
-    assert main(["--config", TINY, "--forward", "2", "--spatial-prefix", "none,prev_frames_2", "--json", str(out)]) == 0
+    argv = ["--config", TINY, "--forward", "2", "--spatial-prefix", "none,prev_frames_2", "--json", str(out)]
+    assert step.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"forward float32=\S+ float32\+prev_frames_2=\S+ speedup_float32\+prev_frames_2=\S+", last), last
     variants = json.loads(out.read_text())["variants"]
     assert all(v["cache_vs_recompute_rel_diff"] < 1e-4 for v in variants.values())  # the cache equals its baseline
     with pytest.raises(SystemExit):
-        main(["--config", TINY, "--forward", "2", "--spatial-prefix", "prev_frames_0"])
+        step.main(["--config", TINY, "--forward", "2", "--spatial-prefix", "prev_frames_0"])

@@ -12,6 +12,7 @@ from PIL import Image
 
 import causalvdm.data  # noqa: F401  (registers the datasets)
 from causalvdm.autoencoders import PixelVAE
+from causalvdm.cli import encode_latents, prepare_demo_data
 from causalvdm.data import (ClassFolderDataset, FrameCache, FrameFolderDataset, LatentDataset, StatefulSampler,
                             VideoManifestDataset, VideoReadError, build_dataloader, class_caption, default_num_workers,
                             probe_video, read_video_frames, video_transform)
@@ -19,7 +20,6 @@ from causalvdm.data import sampler as sampler_module
 from causalvdm.data.datasets import LATENT_FORMAT
 from causalvdm.data.video_io import NoReadableItemError, image_shape, read_image, read_image_frames
 from causalvdm.registry import DATASETS, ConfigError, build
-from tools import encode_latents, prepare_demo_data
 
 
 def pattern(num_frames, height, width, offset=0):

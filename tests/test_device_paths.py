@@ -222,7 +222,7 @@ def test_benchmark_preset_on_device(preset):
     """The benchmark preset's model (XL/2's width and heads on 32x32 latents, 120 text tokens, bf16, guidance, its
     chunk and queue) through a prefill, two cached chunks and their commits, and the recompute baseline, on the
     device. Two of its 28 blocks: every block runs the same code, and meta ops cost milliseconds each."""
-    from tools.benchmark_ar import PRESETS
+    from causalvdm.benchmarks.ar import PRESETS
 
     cfg = load_config(ROOT / PRESETS[preset]["config"])
     ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))

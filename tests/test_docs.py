@@ -173,8 +173,8 @@ def test_command_flags_exist(helps):
 
 
 def test_made_up_flag_is_caught(helps):
-    parsed = parse("python tools/benchmark_ar.py --config configs/bench/cpu_s2.py --frames-per-moon 3")
-    assert parsed[:2] == ("tools/benchmark_ar.py", "script")
+    parsed = parse("python tools/benchmark_speedup.py --config configs/bench/cpu_s2.py --frames-per-moon 3")
+    assert parsed[:2] == ("tools/benchmark_speedup.py", "script")
     assert unknown_flags(parsed, helps) == {"--frames-per-moon"}
     parsed = parse("NPROC_PER_NODE=2 bash scripts/sample.sh CONFIG --ckpt CKPT [--no-such-flag]")
     assert unknown_flags(parsed, helps) == {"--no-such-flag"}

@@ -14,7 +14,7 @@ from causalvdm.models.utils import randomize_weights
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.utils.flops import forward_flops
 from causalvdm.utils.memory import proc_status_mb
-from tools.verify_cache import verify
+from causalvdm.models.cache_check import verify
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 BF16_TOL = 2**-6  # two bf16 steps, relative to the largest output: what two orders of summation may differ by

@@ -3,7 +3,7 @@ import torch
 
 from causalvdm.models import KVCache
 from causalvdm.models.reference_cache import ReferenceKVCache
-from tools.verify_cache import verify
+from causalvdm.models.cache_check import verify
 
 
 def _text(model, batch, gen):

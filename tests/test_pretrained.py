@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import causalvdm
+from causalvdm.cli import convert_checkpoint
 from causalvdm.models.pretrained import build_model_from_config, load_pretrained
 from causalvdm.registry import ConfigError
 from causalvdm.utils.io import CheckpointError
 from conftest import ROOT
-from tools import convert_checkpoint
 
 TINY = ROOT / "configs" / "debug" / "tiny.py"
 

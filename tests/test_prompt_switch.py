@@ -3,8 +3,6 @@ are re-encoded under the new one (recache_on_switch)."""
 
 import json
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,6 @@ from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.registry import ConfigError
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.text.t5 import T5Encoder
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def _caption(model, seed=2):
@@ -235,7 +231,7 @@ def test_unconditional_model_ignores_switches(make_model, caplog):
 
 def test_sample_script_records_the_schedule(sample_setup, tmp_path):
     """--prompt-at and a manifest row's prompts reach the sidecar (an unconditional model: ignored, with a warning)."""
-    import sample
+    from causalvdm.cli import sample
 
     root = sample_setup
     args = [str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-image", str(root / "first.png"),

@@ -1,7 +1,5 @@
 import json
 import os
-import sys
-from pathlib import Path
 
 import av
 import numpy as np
@@ -15,9 +13,6 @@ from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.eval.metrics import psnr_pixels as psnr
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, to_uint8
 from causalvdm.utils.memory import proc_status_mb
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def _inputs(model, batch=2, n0=1, size=4, seed=1):
@@ -293,7 +288,7 @@ def sample_setup(tmp_path_factory):
 
 
 def test_sample_script_end_to_end(sample_setup, tmp_path, monkeypatch):
-    import sample
+    from causalvdm.cli import sample
 
     root = sample_setup
     assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-image", str(root / "first.png"),

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import causalvdm
+from causalvdm.benchmarks.train import Workload, main, process_group, synthetic_batch, train_step
 from causalvdm.config import AutoregressiveSettings, load_config
 from causalvdm.diffusion import clean_prefix_loss
 from causalvdm.models.utils import randomize_weights
@@ -20,7 +21,6 @@ from causalvdm.registry import SCHEDULERS, build
 from causalvdm.training.distributed import parallelize
 from causalvdm.training.settings import TrainSettings
 from causalvdm.utils.flops import forward_flops
-from tools.benchmark_train import Workload, main, process_group, synthetic_batch, train_step
 
 TINY = "configs/debug/tiny.py"
 LINE = r"train_bench steps_per_s=\S+ tokens_per_s=\S+ tflops=\S+ mfu=n/a peak_mb=\S+ grad_checkpointing=(on|off)"

@@ -257,16 +257,16 @@ fi
 # ---- benchmarks: the paper setting on a GPU, tiny configs on a CPU; training before compiled inference, whose
 # compilation is the longest and least certain part
 if [[ $GPU == 1 ]]; then
-  step ar_eager 110 "$PY" tools/benchmark_ar.py --preset paper --device cuda --dtype bfloat16 \
+  step ar_eager 110 "$PY" tools/benchmark_speedup.py --preset paper --device cuda --dtype bfloat16 \
     --modes cache,recompute --recompute-frames 33 --json "$OUT/ar_eager.json"
   step train 80 "$PY" tools/benchmark_train.py --grad-checkpointing both --warmup-steps 3 --steps 15 \
     --json "$OUT/train.json"
   # TORCH_LOGS: why a graph recompiled or ran without CUDA graphs, in the log
-  step ar_compiled 150 env TORCH_LOGS=recompiles,cudagraphs "$PY" tools/benchmark_ar.py --preset paper --device cuda \
-    --dtype bfloat16 --compile reduce-overhead --modes cache --json "$OUT/ar_compiled.json"
+  step ar_compiled 150 env TORCH_LOGS=recompiles,cudagraphs "$PY" tools/benchmark_speedup.py --preset paper \
+    --device cuda --dtype bfloat16 --compile reduce-overhead --modes cache --json "$OUT/ar_compiled.json"
 else
-  step ar_eager 110 "$PY" tools/benchmark_ar.py --config configs/debug/tiny.py --frames 25 --recompute-frames 17 \
-    --denoise-steps 2 --modes cache,recompute --json "$OUT/ar_eager.json"
+  step ar_eager 110 "$PY" tools/benchmark_speedup.py --config configs/debug/tiny.py --frames 25 \
+    --recompute-frames 17 --denoise-steps 2 --modes cache,recompute --json "$OUT/ar_eager.json"
   step train 80 "$PY" tools/benchmark_train.py --config configs/debug/tiny.py --grad-checkpointing both \
     --warmup-steps 1 --steps 1 --json "$OUT/train.json"
   skip ar_compiled "no CUDA device: CUDA graphs need one (the benchmarks above ran on configs/debug/tiny.py)"

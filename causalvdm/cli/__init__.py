@@ -1,1 +1,2 @@
-"""Command lines of the package (`causalvdm-train`, `causalvdm-sample`); scripts/*.py and the .sh launchers call them."""
+"""Command lines of the package (`causalvdm-train`, `causalvdm-sample`, and those of tools/ such as verify_cache);
+scripts/*.py, the .sh launchers and tools/*.py call them."""

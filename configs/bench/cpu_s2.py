@@ -1,5 +1,6 @@
-# The model of tools/benchmark_ar.py on a CPU: CausalSTDiT-S/2 on 32x32 latents (a 256x256 video through
-# an SD VAE), unconditional, cyclic TPE over 33 frames, chunks of 8 with a 25-frame cache queue.
+# The model of tools/benchmark_speedup.py, benchmark_step.py and benchmark_steady_state.py on a CPU: CausalSTDiT-S/2
+# on 32x32 latents (a 256x256 video through an SD VAE), unconditional, cyclic TPE over 33 frames, chunks of 8 with a
+# 25-frame cache queue.
 model = dict(
     type="CausalSTDiT-S/2",
     in_channels=4,

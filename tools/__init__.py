@@ -1,1 +1,0 @@
-"""Command-line tools (data preparation, benchmarks, verification); importable for tests."""
