@@ -55,6 +55,23 @@ CASES = {
     "cache-bf16-tol-inf": ("verify_cache.py", ["--config", TINY, "--bf16-tol", "inf"], "--bf16-tol"),
     "cache-chunk-beyond-absolute-tpe": ("verify_cache.py", ["--config", TINY, "--tpe-mode", "absolute", "--chunk",
                                                             "40"], "--chunk"),
+    # Outputs and devices are checked where the flag is read, before any work whose figures would be lost.
+    **{f"{tool}-json-{kind}": (f"{tool}.py", [*args, "--json", path], "--json")
+       for tool, args in (("benchmark_speedup", ["--config", TINY]), ("benchmark_step", ["--config", TINY]),
+                          ("benchmark_steady_state", ["--config", TINY]), ("benchmark_train", ["--config", TINY]),
+                          ("plan_memory", ["--config", TINY]), ("eval_video", ["--real", ".", "--fake", "."]))
+       for kind, path in (("folder", "configs"), ("under-a-file", "README.md/out.json"), ("empty", ""))},
+    **{f"{tool}-out-{kind}": (f"{tool}.py", [*args, "--out", path], "--out")
+       for tool, args in (("encode_latents", ["--config", TINY]), ("prepare_demo_data", []),
+                          ("convert_checkpoint", ["--src", "a.pth", "--config", TINY]),
+                          ("compare_student", ["--teacher", "t", "--student", "s", "--video", "v.mp4"]))
+       for kind, path in (("under-a-file", "README.md/out"), ("the-wrong-kind", "configs" if tool == "convert_checkpoint"
+                                                                                   else "README.md"))},
+    **{f"{tool}-device-{device}": (f"{tool}.py", [*args, "--device", device], "--device")
+       for tool, args in (("benchmark_speedup", ["--config", TINY]), ("benchmark_train", ["--config", TINY]),
+                          ("encode_latents", ["--config", TINY, "--out", "x"]),
+                          ("eval_video", ["--real", ".", "--fake", "."]))
+       for device in ("gpu", "mps", "cuda:7" if torch.cuda.device_count() < 8 else "cuda:99")},
 }
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from causalvdm.cli.common import ArgumentParser, non_negative_int, one_line_errors, positive_int  # noqa: E402
+from causalvdm.cli.common import (ArgumentParser, non_negative_int, one_line_errors, output_dir,  # noqa: E402
+                                  positive_int)
 from causalvdm.distill.compare import Variant, compare, plot_curves, range_means  # noqa: E402
 from causalvdm.pipeline import CausalVDMPipeline  # noqa: E402
 from causalvdm.utils.io import writable_dir  # noqa: E402
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--long-frames", type=non_negative_int, default=0, help="also roll each one out this many "
                         "frames and report the drift of its last chunk (default 0: not run)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling noise (default 0)")
-    parser.add_argument("--out", required=True, help="folder for compare.json and compare.png")
+    parser.add_argument("--out", required=True, type=output_dir, help="folder for compare.json and compare.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int  # noqa: E402
+from causalvdm.cli.common import ArgumentParser, one_line_errors, output_file, positive_int  # noqa: E402
 from causalvdm.config import add_config_args, load_config  # noqa: E402
 from causalvdm.models.pretrained import split_init_fields  # noqa: E402
 from causalvdm.registry import ConfigError  # noqa: E402
 from causalvdm.training.memory_plan import CPU_BASELINE_MB, fits, sample_plan, train_plan  # noqa: E402
+from causalvdm.utils.io import write_json  # noqa: E402
 
 log = logging.getLogger("causalvdm.plan_memory")
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
                         "columns (default 80GB)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cuda: bf16 autocast training and bf16 sampling; cpu: all fp32 plus the process baseline")
-    parser.add_argument("--json", help="also write the plan to this JSON file")
+    parser.add_argument("--json", type=output_file, help="also write the plan to this JSON file (checked first)")
     parser.add_argument("--measure", choices=["train", "sample"],
                         help="run that on this CPU and print measured vs estimated MiB above the baseline (JSON line)")
     add_config_args(parser)
@@ -190,8 +191,7 @@ def main(argv=None) -> int:
     print_train(train, args.gpu_mem)
     print_sample(sample, args.gpu_mem)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(train=train, sample=sample, gpu_mem_mb=args.gpu_mem), indent=2))
+        write_json(args.json, dict(train=train, sample=sample, gpu_mem_mb=args.gpu_mem))
         log.info("wrote %s", args.json)
     return 0
 

@@ -11,7 +11,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import causalvdm
-from causalvdm.cli.common import ArgumentParser, non_negative_int, one_line_errors, positive_float, positive_int
+from causalvdm.cli.common import (ArgumentParser, device_arg, non_negative_int, one_line_errors, output_file,
+                                  positive_float, positive_int)
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.models.pretrained import split_init_fields
 from causalvdm.models.utils import randomize_weights
@@ -73,7 +74,7 @@ def new_parser(doc: str) -> ArgumentParser:
                         "optionally `diffusion` (default IDDPM); --preset gives one")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="paper: configs/_base_/xl2_256.py (XL/2, 32x32 "
                         "latents), --text, 81 frames, 100 steps; other flags still override")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
                         "per-step model call (mode default; reduce-overhead adds CUDA graphs, so that a small chunk's "
                         "call does not wait on kernel launches, and on CUDA a run in which inductor skipped them "
@@ -83,7 +84,7 @@ def new_parser(doc: str) -> ArgumentParser:
     parser.add_argument("--threads", type=positive_int, help="CPU threads of torch (default: torch's choice, one per "
                         "core); one thread leaves a core to the rest of the machine, so its interruptions stall no "
                         "barrier")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--json", type=output_file, help="also write the figures to this JSON file (checked before the run)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights and of the "
                         "sampling noise")
     parser.add_argument("--weight-scale", type=positive_float, default=0.25,
@@ -102,8 +103,6 @@ def resolve_args(parser: ArgumentParser, args: argparse.Namespace, dtypes: list[
         parser.error("give --config or --preset")
     args.text = args.text or preset.get("text", False)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
     args.dtypes = [str(resolve_dtype(name, args.device)).removeprefix("torch.") for name in dtypes]
     return preset
 

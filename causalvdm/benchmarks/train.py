@@ -33,13 +33,13 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import causalvdm
-from causalvdm.cli.common import ArgumentParser, non_negative_int, one_line_errors, positive_float, positive_int
+from causalvdm.cli.common import (ArgumentParser, device_arg, non_negative_int, one_line_errors, output_file,
+                                  positive_float, positive_int)
 from causalvdm.config import AutoregressiveSettings, add_config_args, load_config, require
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import split_init_fields
@@ -192,7 +192,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="config with `model` and optionally `latent_size`, "
                         "`dataset.num_frames`, `diffusion` (default IDDPM), `autoregressive` and `train` (lr, "
                         f"grad_clip, AdamW, txt_dropout_prob); model.from_pretrained is ignored (default {DEFAULT_CONFIG})")
-    parser.add_argument("--device", choices=("cuda", "cpu"), help="where to train (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_arg, help="where to train: cpu, cuda or cuda:N (default: cuda if "
+                        "available, else cpu)")
     parser.add_argument("--parallel", choices=("fsdp", "ddp", "none"), default="fsdp",
                         help="wrap with FSDP2 (fully_shard per block, then the root) or DDP, as the trainer does, in "
                         "torchrun's group or a one-process group set up here; 'none': the plain model (default fsdp)")
@@ -209,7 +210,8 @@ def parse_args(argv=None):
                         "on the CPU)")
     parser.add_argument("--peak-tflops", type=positive_float, help="peak TFLOP/s of one device for the MFU (default: "
                         "the known dense bf16 peak of the GPU; none on a CPU, so no MFU there)")
-    parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--json", type=output_file, help="also write every figure to this JSON file (checked before "
+                        "the run)")
     add_config_args(parser)
     return parser.parse_args(argv)
 
@@ -219,8 +221,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda, but torch sees no CUDA device")
     if device.type == "cpu" and torch.cuda.is_available() and args.parallel != "none":
         sys.exit("error: --parallel fsdp/ddp trains on the GPU when one is present; use --parallel none with --device cpu")
     with one_line_errors(ConfigError):  # these errors name the file
@@ -273,7 +273,6 @@ def main(argv=None) -> int:
                        peak_tflops=w.peak_tflops, threads=torch.get_num_threads(), torch=torch.__version__, runs=runs)
         write = bool(args.json) and info.is_main
         if write:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             write_json(args.json, summary)
         for gc in checkpointing:
             runs.append(run(model_cfg, info, args.parallel, gc, w, args.warmup_steps, args.steps))

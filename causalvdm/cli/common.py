@@ -5,6 +5,9 @@ import argparse
 import math
 import os
 from contextlib import contextmanager
+from pathlib import Path
+
+import torch
 
 from causalvdm.data.video_io import VideoReadError
 from causalvdm.registry import ConfigError
@@ -88,3 +91,51 @@ non_negative_int = _number(int, 0, None)
 finite_float = _number(float, None, None)
 positive_float = _number(float, 0, None, inclusive_low=False)
 non_negative_float = _number(float, 0, None)
+
+
+def device_arg(text: str) -> torch.device:
+    """An argparse type: a torch device that exists on this machine ('cpu', 'cuda', 'cuda:1'), checked where the flag
+    is read, so 'gpu', 'mps' or a GPU id that is not here never reaches the work."""
+    try:
+        device = torch.device(text.strip().lower())
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), 0..{count - 1}")
+    return device
+
+
+def _writable_place(text: str, folder: bool) -> Path:
+    """`text` as a path (`~` expanded) that this process could create or replace: a folder (`folder`) or a file,
+    whose nearest existing parent is a writable folder. Nothing is created, so a later bad flag leaves no trace."""
+    path = Path(text).expanduser()
+    what = "folder" if folder else "file"
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"an empty path is not a {what}")
+    if path.exists() and path.is_dir() != folder:
+        raise argparse.ArgumentTypeError(f"{text!r} is a {'file' if folder else 'folder'}, not a {what}")
+    if not folder and text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    existing = path if path.exists() else next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir() and existing != path:
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not writable")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file the program can write, checked where the flag is read, before any work whose figures
+    would be lost at the end; `~` is expanded."""
+    return _writable_place(text, folder=False)
+
+
+def output_dir(text: str) -> Path:
+    """An argparse type: a folder the program can make or write into, checked before any work; `~` is expanded."""
+    return _writable_place(text, folder=True)

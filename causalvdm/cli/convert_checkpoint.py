@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from causalvdm.cli.common import ArgumentParser, one_line_errors
+from causalvdm.cli.common import ArgumentParser, one_line_errors, output_file
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.models.pretrained import SOURCES, load_pretrained, split_init_fields
 from causalvdm.registry import MODELS, build
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--src", required=True, help="source checkpoint: .pth/.pt (weights only) or .safetensors")
     parser.add_argument("--config", required=True, help="mmengine config whose `model` field is the target CausalSTDiT")
-    parser.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
+    parser.add_argument("--out", required=True, type=output_file, help="output .safetensors file (written atomically)")
     parser.add_argument("--source", choices=SOURCES, default="auto",
                         help="checkpoint family; auto: temporal blocks present -> opensora, else pixart (default auto)")
     parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int
+from causalvdm.cli.common import ArgumentParser, device_arg, one_line_errors, output_dir, positive_int
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.data.datasets import VideoClipDataset
 from causalvdm.data.latent_shards import encode_dataset
@@ -32,13 +32,13 @@ def main(argv=None) -> int:
     """Encode the dataset of `argv` (default: the command line) into latent shards -> exit status."""
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="mmengine config with `vae` and `dataset` (a pixel dataset)")
-    parser.add_argument("--out", required=True, help="output directory for the shards and index.json")
+    parser.add_argument("--out", required=True, type=output_dir, help="output directory for the shards and index.json")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="frames per VAE call; bounds memory, not the result (default 16)")
     parser.add_argument("--shard-size", type=positive_int, default=256, help="videos per shard file (default 256)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="storage dtype of the latents (default float32; LatentDataset returns float32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device of the VAE (default: cuda if available, else cpu)")
     add_config_args(parser)
     args = parser.parse_args(argv)

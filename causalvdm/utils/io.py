@@ -66,7 +66,8 @@ def atomic_save(obj, path: str | Path) -> None:
 
 def write_json(path: str | Path, data: dict) -> None:
     """Write `data` as JSON through a temporary file and a rename, so a kill mid-write leaves the previous whole
-    file (benchmarks rewrite their figures as each measurement ends)."""
+    file (benchmarks rewrite their figures as each measurement ends); the folder is made if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
