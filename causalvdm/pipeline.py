@@ -25,18 +25,16 @@ from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
 from causalvdm.diffusion.samplers import SAMPLERS, STUDENT_SAMPLER
 from causalvdm.eval.metrics import psnr_pixels
-from causalvdm.models.pretrained import extract_state_dict, load_pretrained, split_init_fields
+from causalvdm.models.pretrained import load_pretrained, split_init_fields
 from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build, check_type
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.generator import COMPILE_MODES, RECOMPUTE_POSITIONS
 from causalvdm.sampling.drift import DriftMonitor
 from causalvdm.sampling.writer import ContactSheetCollector, to_uint8
 from causalvdm.utils.dtypes import DTYPES, resolve_dtype
-from causalvdm.utils.io import CheckpointError, check_architecture, load_weights
+from causalvdm.utils.weights import PIPELINE_CONFIG, CheckpointError, load_checkpoint_weights, pretrained_config_path
 
 log = logging.getLogger("causalvdm.pipeline")
-
-PIPELINE_CONFIG = "config.json"  # marks a folder written by save_pretrained
 
 
 @dataclass
@@ -121,43 +119,6 @@ def student_schedule(ckpt) -> dict:
     log.info("%s: a few-step student: %s in %d steps per chunk (--sampler / --num-steps override)", ckpt,
              STUDENT_SAMPLER, cfg.distill.num_steps)
     return dict(sampler=STUDENT_SAMPLER, num_steps=cfg.distill.num_steps)
-
-
-def pretrained_config_path(path: str | Path) -> Path:
-    """The config of a save_pretrained folder (config.json) or of a training checkpoint directory.
-
-    A training checkpoint outputs/EXP/checkpoints/step_N keeps its config.py inside; outputs/EXP/config.py, two
-    levels up, is the run's copy.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    for candidate in (path / PIPELINE_CONFIG, path / "config.py", path.parent.parent / "config.py"):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"{path}: no {PIPELINE_CONFIG} or config.py here or two levels up (pass the config)")
-
-
-def checkpoint_file(ckpt: str | Path, weights: str = "ema") -> Path:
-    """The weights file of a save_pretrained folder, of a training checkpoint directory (`weights`), or a file."""
-    path = Path(ckpt)
-    if path.is_dir():
-        file = path / ("model.safetensors" if (path / PIPELINE_CONFIG).is_file() else f"{weights}.safetensors")
-        if not file.is_file():
-            raise CheckpointError(f"{path}: no {file.name} in this directory (not a training checkpoint?)")
-        return file
-    if path.is_file():
-        return path
-    raise CheckpointError(f"{path}: checkpoint not found")
-
-
-def load_checkpoint_weights(model: torch.nn.Module, ckpt: str | Path, weights: str = "ema") -> Path:
-    """Load the weights of `ckpt` (see checkpoint_file) into `model`, strictly -> the file read."""
-    file = checkpoint_file(ckpt, weights)
-    state = extract_state_dict(load_weights(file), file)
-    check_architecture(file, state, model)
-    model.load_state_dict(state)
-    return file
 
 
 def image_size_of(cfg, settings: SampleSettings, vae) -> tuple[int, int]:

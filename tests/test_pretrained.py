@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import causalvdm
 from causalvdm.models.pretrained import build_model_from_config, load_pretrained
 from causalvdm.registry import ConfigError
-from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.weights import CheckpointError
 from conftest import ROOT
 from tools import convert_checkpoint
 

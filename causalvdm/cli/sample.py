@@ -27,8 +27,7 @@ from causalvdm.cli.common import (ArgumentParser, debugging, error_line, non_neg
                                   one_line_errors, positive_int)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import VideoReadError
-from causalvdm.pipeline import (PIPELINE_CONFIG, CausalVDMPipeline, SampleSettings, check_prompts,
-                                pretrained_config_path)
+from causalvdm.pipeline import CausalVDMPipeline, SampleSettings, check_prompts
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES
 from causalvdm.sampling.drift import plot_drift
@@ -36,6 +35,7 @@ from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.utils.dtypes import DTYPES
 from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir
 from causalvdm.utils.memory import keep_freed_memory
+from causalvdm.utils.weights import PIPELINE_CONFIG, pretrained_config_path
 from causalvdm.training.memory_plan import estimate_line
 
 log = logging.getLogger("causalvdm.sample")

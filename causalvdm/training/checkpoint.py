@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from causalvdm.utils.io import CheckpointError, load_weights
+from causalvdm.utils.weights import CheckpointError, load_weights
 
 log = logging.getLogger("causalvdm.train")
 

@@ -48,7 +48,8 @@ from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
 from causalvdm.training.memory_plan import estimate_line
 from causalvdm.training.settings import TrainSettings, check_clip_shape, lr_factor
-from causalvdm.utils.io import CheckpointError, check_architecture, check_free_space, writable_dir
+from causalvdm.utils.io import check_free_space, writable_dir
+from causalvdm.utils.weights import CheckpointError, check_architecture
 from causalvdm.utils.memory import peak_memory_mb
 
 log = logging.getLogger("causalvdm.train")
