@@ -27,10 +27,11 @@ from causalvdm.cli.common import (ArgumentParser, debugging, error_line, non_neg
                                   one_line_errors, positive_int)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import VideoReadError
-from causalvdm.pipeline import CausalVDMPipeline, SampleSettings, check_prompts
+from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES
 from causalvdm.sampling.drift import plot_drift
+from causalvdm.sampling.settings import SampleSettings, check_prompts
 from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.utils.dtypes import DTYPES
 from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir

@@ -31,8 +31,9 @@ from causalvdm.data import StatefulSampler, build_dataloader, default_num_worker
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config, split_init_fields
 from causalvdm.registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
-from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
+from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.sampling.settings import SampleSettings
 from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.training.checkpoint import (
     SHARDED_OPTIMIZER,
