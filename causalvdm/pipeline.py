@@ -4,15 +4,14 @@
     frames = pipe(first_image="cat.png", num_frames=81, seed=0)     # uint8 (81, H, W, 3)
     pipe.save_pretrained("cat_model")                               # config.json + model.safetensors
 
-The decode / PSNR / timing loop lives here once; the sampling command line (causalvdm/cli/sample.py) and the
-trainer's validation call it.
+The decode / timing loop lives here once; the sampling command line (causalvdm/cli/sample.py) and the trainer's
+validation call it, and a VideoRecorder (sampling/recorder.py) keeps PSNR, drift and contact-sheet frames per chunk.
 """
 
 import json
 import logging
 import time
 from dataclasses import asdict, replace
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -23,28 +22,17 @@ from tqdm import tqdm
 from causalvdm.config import AutoregressiveSettings, load_config
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
-from causalvdm.eval.metrics import psnr_pixels
 from causalvdm.models.pretrained import load_pretrained, split_init_fields
 from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.drift import DriftMonitor
+from causalvdm.sampling.recorder import VideoRecorder
 from causalvdm.sampling.settings import SampleSettings, image_size_of
 from causalvdm.sampling.writer import ContactSheetCollector, to_uint8
 from causalvdm.utils.dtypes import resolve_dtype
 from causalvdm.utils.weights import PIPELINE_CONFIG, load_checkpoint_weights, pretrained_config_path
 
 log = logging.getLogger("causalvdm.pipeline")
-
-
-def psnr_summary(frames: list[int], scores: list[float], baseline: list[float], eval_len: int) -> dict:
-    """Per-frame PSNR lists and their means over frames < eval_len and over all compared frames."""
-    in_eval = [i for i, f in enumerate(frames) if f < eval_len] or list(range(len(frames)))
-    return dict(
-        frames=frames, psnr=scores, psnr_repeat_last=baseline, eval_len=eval_len,
-        psnr_mean_eval=float(np.mean([scores[i] for i in in_eval])),
-        psnr_repeat_last_mean_eval=float(np.mean([baseline[i] for i in in_eval])),
-        psnr_mean_all=float(np.mean(scores)), psnr_repeat_last_mean_all=float(np.mean(baseline)),
-    )
 
 
 def _source_name(source) -> str | None:
@@ -60,7 +48,7 @@ class CausalVDMPipeline:
     vae: encode (B, 3, T, H, W) <-> decode (B, C, T, h, w); text_encoder: None or `encode([prompt]) -> (y, mask)`;
     sample: the call defaults (SampleSettings); image_size: (H, W) first images/videos are resized to (default:
     sample.image_size). After a video, `self.info` holds its record: settings, timings, PSNR, per-chunk drift
-    statistics (the CLI's sidecar); `self.drift` (DriftMonitor) and `self.contact_sheet` are filled as chunks are made.
+    statistics (the CLI's sidecar); `self.recorder` (VideoRecorder: `drift`, `contact_sheet`) is filled as chunks are made.
     """
 
     def __init__(self, model, vae, diffusion, text_encoder=None, autoregressive: AutoregressiveSettings | None = None,
@@ -87,13 +75,22 @@ class CausalVDMPipeline:
         self.progress = progress
         self.config = config  # the model/vae/text_encoder/diffusion dicts save_pretrained writes
         self.info: dict = {}
-        self.drift: DriftMonitor | None = None  # of the last video: per-chunk statistics, filled as chunks are made
-        self.contact_sheet: ContactSheetCollector | None = None  # of the last video: .save(path) writes the PNG
+        self.recorder = VideoRecorder()  # of the last video
         # Built now so bad settings (chunk and queue beyond the TPE) fail here; rebuilt only when a call changes
         # them, so a compiled step is compiled once.
         self._generator_key = None
         self.generator = self._generator(self.defaults.sampler, self.defaults.num_steps, self.defaults.cfg_scale,
                                          self.defaults.mode)
+
+    @property
+    def drift(self) -> DriftMonitor | None:
+        """The last video's per-chunk drift statistics, filled as chunks are made (`self.recorder.drift`)."""
+        return self.recorder.drift
+
+    @property
+    def contact_sheet(self) -> ContactSheetCollector | None:
+        """The last video's contact-sheet frames; `.save(path)` writes the PNG (`self.recorder.contact_sheet`)."""
+        return self.recorder.contact_sheet
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -174,7 +171,7 @@ class CausalVDMPipeline:
                  prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                  sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
                  mode: str | None = None, writer=None, output_type: str | None = "np", prompts=None,
-                 recache_on_switch: bool | None = None):
+                 recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None):
         """Sample one video -> uint8 (T, H, W, 3) ('np'), float (3, T, H, W) in [-1, 1] ('pt') or None.
 
         Arguments as for `iter_chunks`; writer: anything with `write(frames (t, H, W, 3) uint8)`, e.g. a
@@ -185,7 +182,7 @@ class CausalVDMPipeline:
         chunks = []
         for pixels in self.iter_chunks(first_image, first_video, first_frames, first_latents, prompt, num_frames,
                                        seed, sampler, num_steps, cfg_scale, mode, output_type="pt", prompts=prompts,
-                                       recache_on_switch=recache_on_switch):
+                                       recache_on_switch=recache_on_switch, recorder=recorder):
             frames = to_uint8(pixels) if writer is not None or output_type == "np" else None
             if writer is not None:
                 writer.write(frames)
@@ -199,7 +196,7 @@ class CausalVDMPipeline:
                     prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                     sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
                     mode: str | None = None, output_type: str = "np", prompts=None,
-                    recache_on_switch: bool | None = None):
+                    recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None):
         """Yield the decoded video, given frames first, then chunk by chunk: uint8 (t, H, W, 3) or float (3, t, H, W).
 
         Given frames, at most one of: first_image (a path or uint8 (H, W, 3)); first_video (a path or float
@@ -207,6 +204,7 @@ class CausalVDMPipeline:
         first_latents (1, C, n0, h, w), already encoded. Paths are resized and centre-cropped to `image_size`.
         prompts: prompt switches [{"frame": j, "prompt": "..."}], each j a chunk boundary (n0 + i * chunk_size);
         recache_on_switch: re-encode the cached frames in view under the new prompt (else they keep the old one).
+        recorder: a VideoRecorder fed each decoded chunk (default: a new one); it becomes `self.recorder`.
         The other arguments default to `self.defaults`. Checks run at call time; `self.info` is set when done.
         """
         if output_type not in ("np", "pt"):
@@ -241,7 +239,8 @@ class CausalVDMPipeline:
                 switches = []
         chunks = generator.iter_chunks(first, settings.num_frames, y, mask, seed=settings.seed,  # checks the lengths
                                        switches=switches, recache_on_switch=settings.recache_on_switch)
-        stream = self._decode(first, chunks, pixels, reference, settings, generator, start)
+        self.recorder = recorder or VideoRecorder()
+        stream = self._decode(first, chunks, pixels, reference, settings, generator, start, self.recorder)
         return stream if output_type == "pt" else (to_uint8(video) for video in stream)
 
     def _encode_prompt(self, prompt: str):
@@ -281,39 +280,24 @@ class CausalVDMPipeline:
             return video_transform(torch.from_numpy(np.stack(given)), self.image_size), later
         return None, None
 
-    def _decode(self, first, chunks, pixels, reference, settings: SampleSettings, generator, start: float):
-        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W); PSNR, timings, info,
-        drift statistics and the contact sheet's frames."""
+    def _decode(self, first, chunks, pixels, reference, settings: SampleSettings, generator, start: float,
+                recorder: VideoRecorder):
+        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W), each recorded by
+        `recorder`; `self.info` (settings, timings and the recorder's summary) when done."""
         n0 = first.shape[2]
-        scores, baseline, compared = [], [], []
         written = 0
-        self.drift = DriftMonitor()
-        self.contact_sheet = ContactSheetCollector(settings.num_frames)
+        recorder.begin(settings.num_frames, settings.eval_len or self.model.max_tpe_len, pixels, reference)
         if n0:
             with torch.inference_mode():
                 video = self.vae.decode(first)[0]  # (3, n0, H, W)
-            frames = to_uint8(video)
-            self.drift.add(frames, given=True)
-            self.contact_sheet.add(frames, real=to_uint8(pixels) if reference is not None else None, given=True)
+            recorder.add(video, given=True)
             written += n0
             yield video
         total = generator.num_chunks(n0, settings.num_frames)
         for latents in tqdm(chunks, total=total, desc="chunks", disable=not self.progress):
             with torch.inference_mode():
                 video = self.vae.decode(latents)[0]  # (3, k, H, W)
-            real = list(islice(reference, video.shape[1])) if reference is not None else []
-            chunk_scores = chunk_baseline = real_frames = None
-            if real:  # the repeat-the-last-given-frame baseline tells how much the model adds
-                real = torch.stack(real, dim=1).cpu()  # (3, r, H, W)
-                chunk_scores = psnr_pixels(video[:, : real.shape[1]].cpu(), real).tolist()
-                chunk_baseline = psnr_pixels(pixels[:, -1:].cpu().expand_as(real), real).tolist()
-                scores += chunk_scores
-                baseline += chunk_baseline
-                compared += range(written, written + real.shape[1])
-                real_frames = to_uint8(real)  # (r, H, W, 3)
-            frames = to_uint8(video)  # (k, H, W, 3)
-            self.drift.add(frames, psnr=chunk_scores, psnr_repeat_last=chunk_baseline)
-            self.contact_sheet.add(frames, real=real_frames)
+            recorder.add(video)
             written += video.shape[1]
             yield video
         h, w = (s * self.vae.downsample for s in first.shape[-2:])
@@ -324,8 +308,5 @@ class CausalVDMPipeline:
             autoregressive=dict(chunk_size=generator.chunk_size, max_cond_frames=generator.max_cond_frames,
                                 prefix_perturb_t=generator.prefix_perturb_t),
             device=str(self.device), prefill_seconds=generator.prefill_time, chunk_seconds=generator.chunk_times,
-            total_seconds=time.perf_counter() - start,
+            total_seconds=time.perf_counter() - start, **recorder.summary(),
         )
-        if compared:
-            self.info["metrics"] = psnr_summary(compared, scores, baseline, settings.eval_len or self.model.max_tpe_len)
-        self.info["drift"] = self.drift.summary()
