@@ -15,14 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -35,22 +28,14 @@ from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.settings import SampleSettings
 from causalvdm.sampling.writer import StreamingVideoWriter
-from causalvdm.training.checkpoint import (
-    SHARDED_OPTIMIZER,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    staging_dir,
-    start_checkpoint,
-)
+from causalvdm.training.checkpoint import resolve_resume, restore_checkpoint, save_checkpoint, save_optimizer_shards
 from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_process, parallelize, unwrap
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
 from causalvdm.training.memory_plan import estimate_line
 from causalvdm.training.settings import TrainSettings, check_clip_shape, lr_factor
 from causalvdm.utils.io import check_free_space, writable_dir
-from causalvdm.utils.weights import CheckpointError, check_architecture
+from causalvdm.utils.weights import CheckpointError
 from causalvdm.utils.memory import peak_memory_mb
 
 log = logging.getLogger("causalvdm.train")
@@ -114,22 +99,7 @@ class Trainer:
             if resume:
                 log.info("--resume %s: no complete checkpoint in %s, starting fresh", resume, self.ckpt_dir)
             return
-        model_state, ema_state, state = load_checkpoint(path)
-        check_architecture(path / "model.safetensors", model_state, self.core)
-        newer = [p for p in list_checkpoints(self.ckpt_dir) if int(p.name.split("_")[1]) > state["step"]]
-        if newer:  # continuing would overwrite and prune them: the run's history
-            raise CheckpointError(f"{self.ckpt_dir}: holds checkpoints after step {state['step']} (up to "
-                                  f"{newer[-1].name}) that continuing from {path} would overwrite; resume the newest "
-                                  "(--resume auto) or move them away first")
-        set_model_state_dict(self.model, model_state, options=StateDictOptions(full_state_dict=True))
-        if "optimizer" in state:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:  # saved as shards: read into this run's layout, whatever the number of processes that wrote them
-            optimizer_state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-            dcp.load(optimizer_state, checkpoint_id=path / SHARDED_OPTIMIZER)
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state["optimizer"])
-        self.ema.load_state_dict(ema_state)
+        state = restore_checkpoint(path, self.ckpt_dir, self.model, self.core, self.optimizer, self.ema)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
         self.nonfinite_total = state["nonfinite_total"]
@@ -282,7 +252,7 @@ class Trainer:
                            rng_cpu=torch.get_rng_state())
         failure = ""
         if self.sharded:
-            failure = self.save_optimizer_shards()
+            failure = save_optimizer_shards(self.ckpt_dir, self.step, self.model, self.optimizer, self.info)
         else:
             train_state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
         if self.info.is_main and not failure:
@@ -297,23 +267,6 @@ class Trainer:
             raise CheckpointError(f"writing the step-{self.step} checkpoint failed ({failure or 'on the main process'})"
                                   f"; earlier checkpoints in {self.ckpt_dir} are intact: free space and rerun with "
                                   "--resume auto")
-
-    def save_optimizer_shards(self) -> str:
-        """Every process writes its optimizer shard into the step's staging directory (a collective) -> '' or why not."""
-        failure = ""
-        if self.info.is_main:
-            try:
-                start_checkpoint(self.ckpt_dir, self.step)
-            except OSError as err:
-                failure = str(err) or type(err).__name__
-        if any_process(bool(failure), self.info):  # also the barrier: the directory exists for everyone after it
-            return failure or "on the main process"
-        try:
-            dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
-                     checkpoint_id=staging_dir(self.ckpt_dir, self.step) / SHARDED_OPTIMIZER)
-        except Exception as err:  # DCP reports a failed write of any process to all of them, in its own types
-            return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return ""
 
     def validation_schedule(self) -> tuple[str, int]:
         """The sampler and steps of validation clips: train.validation_sampler / validation_steps."""
