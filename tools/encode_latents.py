@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int
 from causalvdm.config import add_config_args, load_config, require
-from causalvdm.data.datasets import LATENT_FORMAT, LATENT_INDEX_FILE, VideoClipDataset
+from causalvdm.data import LATENT_FORMAT, LATENT_INDEX_FILE, VideoClipDataset
 from causalvdm.data.video_io import NoReadableItemError, VideoReadError, first_line
 from causalvdm.registry import DATASETS, VAES, ConfigError, build
 from causalvdm.utils.dtypes import DTYPES

@@ -1,5 +1,6 @@
 """Files and folders: JSON written atomically, JSON-lines manifests with errors that name the file and line, output
-names and folders checked before work whose results would be lost. Weights files are utils/weights.py's."""
+names and folders checked before work whose results would be lost, paths kept inside a root. Weights files are
+utils/weights.py's."""
 
 import json
 import os
@@ -69,3 +70,12 @@ def check_free_space(path: str | Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(path).free
     if free < needed:
         raise ConfigError(f"{path}: {free / 2**20:.1f} MiB free, {what} needs about {needed / 2**20:.1f} MiB")
+
+
+def inside_root(root: Path, path: Path) -> bool:
+    """Whether `path` is `root` or below it, judged on the normalised text of both (`..` is followed lexically).
+
+    Symlinks are not resolved: data roots are often links to other disks.
+    """
+    base = os.path.abspath(root)
+    return os.path.commonpath([base, os.path.abspath(path)]) == base
