@@ -48,7 +48,8 @@ class CausalVDMPipeline:
     vae: encode (B, 3, T, H, W) <-> decode (B, C, T, h, w); text_encoder: None or `encode([prompt]) -> (y, mask)`;
     sample: the call defaults (SampleSettings); image_size: (H, W) first images/videos are resized to (default:
     sample.image_size). After a video, `self.info` holds its record: settings, timings, PSNR, per-chunk drift
-    statistics (the CLI's sidecar); `self.recorder` (VideoRecorder: `drift`, `contact_sheet`) is filled as chunks are made.
+    statistics (the CLI's sidecar); `self.recorder` (a VideoRecorder: `drift`, `contact_sheet`) is filled as chunks
+    are made.
     """
 
     def __init__(self, model, vae, diffusion, text_encoder=None, autoregressive: AutoregressiveSettings | None = None,

@@ -24,7 +24,7 @@ def psnr_summary(frames: list[int], scores: list[float], baseline: list[float], 
 
 
 class VideoRecorder:
-    """The bookkeeping of one video: `begin`, then `add` for the given frames and for each decoded chunk, then `summary`.
+    """The bookkeeping of one video: `begin`, then `add` for the given frames and each decoded chunk, then `summary`.
 
     drift: a DriftMonitor of the video's chunks; contact_sheet: a ContactSheetCollector (`.save(path)` writes the PNG);
     both None before the first video, renewed by each `begin`.

@@ -284,7 +284,8 @@ class Trainer:
         if s.validation_every:  # builds the VAE now
             self.validator = Validator(split_init_fields(self.cfg.model)[0], self.core, self.vae, self.diffusion,
                                        self.text_encoder, self.ar, self.validation_schedule(),
-                                       s.validation_frames or 2 * self.core.max_tpe_len, s.validation_every, info.device)
+                                       s.validation_frames or 2 * self.core.max_tpe_len, s.validation_every,
+                                       info.device)
         if not info.is_main:
             return
         writable_dir(self.ckpt_dir, "the checkpoint folder")

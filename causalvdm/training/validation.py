@@ -25,7 +25,8 @@ class Validator:
 
     def __init__(self, model_cfg: dict, core: torch.nn.Module, vae, diffusion, text_encoder,
                  ar: AutoregressiveSettings, schedule: tuple[str, int], frames: int, every: int, device):
-        self.model_cfg, self.vae, self.diffusion, self.text_encoder, self.ar = model_cfg, vae, diffusion, text_encoder, ar
+        self.model_cfg, self.vae, self.diffusion, self.text_encoder = model_cfg, vae, diffusion, text_encoder
+        self.ar = ar
         self.sampler, self.num_steps = schedule
         self.frames, self.device = frames, device
         try:
