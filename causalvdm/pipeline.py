@@ -4,15 +4,14 @@
     frames = pipe(first_image="cat.png", num_frames=81, seed=0)     # uint8 (81, H, W, 3)
     pipe.save_pretrained("cat_model")                               # config.json + model.safetensors
 
-The decode / PSNR / timing loop lives here once; the sampling command line (causalvdm/cli/sample.py) and the
-trainer's validation call it.
+The decode / timing loop lives here once; the sampling command line (causalvdm/cli/sample.py) and the trainer's
+validation call it, and a VideoRecorder (sampling/recorder.py) keeps PSNR, drift and contact-sheet frames per chunk.
 """
 
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
-from itertools import islice
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,171 +19,20 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from causalvdm.config import AutoregressiveSettings, check_range, load_config, settings_from
+from causalvdm.config import AutoregressiveSettings, load_config
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
-from causalvdm.diffusion.samplers import SAMPLERS, STUDENT_SAMPLER
-from causalvdm.eval.metrics import psnr_pixels
-from causalvdm.models.pretrained import extract_state_dict, load_pretrained, split_init_fields
-from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build, check_type
+from causalvdm.models.pretrained import load_pretrained, split_init_fields
+from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.generator import COMPILE_MODES, RECOMPUTE_POSITIONS
 from causalvdm.sampling.drift import DriftMonitor
+from causalvdm.sampling.recorder import VideoRecorder
+from causalvdm.sampling.settings import SampleSettings, image_size_of
 from causalvdm.sampling.writer import ContactSheetCollector, to_uint8
-from causalvdm.utils.dtypes import DTYPES, resolve_dtype
-from causalvdm.utils.io import CheckpointError, check_architecture, load_weights
+from causalvdm.utils.dtypes import resolve_dtype
+from causalvdm.utils.weights import PIPELINE_CONFIG, load_checkpoint_weights, pretrained_config_path
 
 log = logging.getLogger("causalvdm.pipeline")
-
-PIPELINE_CONFIG = "config.json"  # marks a folder written by save_pretrained
-
-
-@dataclass
-class SampleSettings:
-    """What sampling reads from `cfg.sample`, every default declared here; call arguments and flags override them."""
-
-    sampler: str = "iddpm"  # iddpm | ddim | dpm-solver++
-    num_steps: int = 100
-    cfg_scale: float = 1.0
-    num_frames: int | None = None  # frames of each video, given ones included (default: model.max_tpe_len)
-    fps: int = 8
-    image_size: int | tuple[int, int] | None = None  # (H, W) of the frames (default: dataset.image_size)
-    seed: int = 0
-    mode: str = "cache"  # cache | recompute (the baseline without a cache)
-    recompute_positions: str = "absolute"  # recompute window after eviction: absolute (as the cache) | window (from 0)
-    prompt: str = ""
-    prompts: tuple[dict, ...] = ()  # prompt switches [{"frame": j, "prompt": "..."}]: from chunk boundary j on
-    recache_on_switch: bool = False  # at a switch, re-encode the cached frames in view under the new prompt
-    first_image: str | None = None
-    first_video: str | None = None
-    first_frames: int = 1  # frames taken from first_video
-    eval_len: int | None = None  # PSNR summary over frames [n0, eval_len) (default: model.max_tpe_len)
-    ckpt: str | None = None
-    weights: str = "ema"  # ema | model: which weights of a training checkpoint directory
-    dtype: str = "auto"  # weights and KV cache: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-    compile: str | None = None  # torch.compile mode of the per-step model call (None: eager)
-
-    @classmethod
-    def from_cfg(cls, sample_cfg, overrides: dict | None = None) -> "SampleSettings":
-        """Validate `cfg.sample` against the declared fields, then apply the non-None overrides."""
-        given = dict(sample_cfg or {})
-        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        if "first_image" in overrides or "first_video" in overrides:  # a source given here replaces the config's
-            given.pop("first_image", None)
-            given.pop("first_video", None)
-        given.update(student_schedule(overrides.get("ckpt") or given.get("ckpt")))
-        settings = settings_from(cls, "sample", {**given, **overrides})
-        settings.prompts = check_prompts(settings.prompts, "sample.prompts")
-        check_range("sample", settings, 1, None, "num_steps", "num_frames", "fps", "first_frames", "eval_len")
-        check_range("sample", settings, 0, None, "seed", "cfg_scale")
-        if settings.mode not in ("cache", "recompute"):
-            raise ConfigError(f"sample.mode must be 'cache' or 'recompute', got {settings.mode!r}")
-        if settings.recompute_positions not in RECOMPUTE_POSITIONS:
-            raise ConfigError(f"sample.recompute_positions must be one of {', '.join(RECOMPUTE_POSITIONS)}, "
-                              f"got {settings.recompute_positions!r}")
-        if settings.weights not in ("ema", "model"):
-            raise ConfigError(f"sample.weights must be 'ema' or 'model', got {settings.weights!r}")
-        if settings.first_image and settings.first_video:
-            raise ConfigError("give a first image or a first video, not both")
-        if settings.sampler not in SAMPLERS:  # checked before the (slow) model is built
-            raise ConfigError(f"unknown sampler {settings.sampler!r} (known: {', '.join(SAMPLERS)})")
-        if settings.dtype != "auto" and settings.dtype not in DTYPES:
-            raise ConfigError(f"sample.dtype must be auto or one of {', '.join(DTYPES)}, got {settings.dtype!r}")
-        if settings.compile is not None and settings.compile not in COMPILE_MODES:
-            raise ConfigError(f"sample.compile must be one of {', '.join(COMPILE_MODES)}, got {settings.compile!r}")
-        return settings
-
-
-def check_prompts(entries, where: str) -> tuple[dict, ...]:
-    """A prompt-switch schedule [{"frame": int, "prompt": str}, ...] -> its entries as plain dicts; a bad entry is a
-    one-line ConfigError naming `where` and its index (whether the frames fit the video is checked when sampling)."""
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) != {"frame", "prompt"}:
-            raise ConfigError(f"{where}[{i}] must be {{\"frame\": FRAME, \"prompt\": TEXT}}, got {entry!r}")
-        check_type(f"{where}[{i}].frame", entry["frame"], int)
-        check_type(f"{where}[{i}].prompt", entry["prompt"], str)
-    return tuple(dict(frame=entry["frame"], prompt=entry["prompt"]) for entry in entries)
-
-
-# ------------------------------------------------------------------------------------------- loading
-def student_schedule(ckpt) -> dict:
-    """{sampler, num_steps} of a few-step student (its config has a `distill` section) for a checkpoint directory or
-    save_pretrained folder; {} for anything else (a weights file, a teacher)."""
-    if ckpt is None or not Path(ckpt).is_dir():
-        return {}
-    try:
-        cfg = load_config(pretrained_config_path(ckpt))
-    except CheckpointError:
-        return {}
-    if not cfg.get("distill"):
-        return {}
-    log.info("%s: a few-step student: %s in %d steps per chunk (--sampler / --num-steps override)", ckpt,
-             STUDENT_SAMPLER, cfg.distill.num_steps)
-    return dict(sampler=STUDENT_SAMPLER, num_steps=cfg.distill.num_steps)
-
-
-def pretrained_config_path(path: str | Path) -> Path:
-    """The config of a save_pretrained folder (config.json) or of a training checkpoint directory.
-
-    A training checkpoint outputs/EXP/checkpoints/step_N keeps its config.py inside; outputs/EXP/config.py, two
-    levels up, is the run's copy.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    for candidate in (path / PIPELINE_CONFIG, path / "config.py", path.parent.parent / "config.py"):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"{path}: no {PIPELINE_CONFIG} or config.py here or two levels up (pass the config)")
-
-
-def checkpoint_file(ckpt: str | Path, weights: str = "ema") -> Path:
-    """The weights file of a save_pretrained folder, of a training checkpoint directory (`weights`), or a file."""
-    path = Path(ckpt)
-    if path.is_dir():
-        file = path / ("model.safetensors" if (path / PIPELINE_CONFIG).is_file() else f"{weights}.safetensors")
-        if not file.is_file():
-            raise CheckpointError(f"{path}: no {file.name} in this directory (not a training checkpoint?)")
-        return file
-    if path.is_file():
-        return path
-    raise CheckpointError(f"{path}: checkpoint not found")
-
-
-def load_checkpoint_weights(model: torch.nn.Module, ckpt: str | Path, weights: str = "ema") -> Path:
-    """Load the weights of `ckpt` (see checkpoint_file) into `model`, strictly -> the file read."""
-    file = checkpoint_file(ckpt, weights)
-    state = extract_state_dict(load_weights(file), file)
-    check_architecture(file, state, model)
-    model.load_state_dict(state)
-    return file
-
-
-def image_size_of(cfg, settings: SampleSettings, vae) -> tuple[int, int]:
-    """(H, W) of the frames: sample.image_size, else dataset.image_size, else latent_size x VAE factor."""
-    if settings.image_size is not None:
-        size = to_size(settings.image_size)
-    elif cfg.get("dataset") is not None and cfg.dataset.get("image_size") is not None:
-        size = to_size(cfg.dataset.image_size)
-    elif cfg.get("latent_size") is not None:
-        size = tuple(int(s) * vae.downsample for s in cfg.latent_size)
-    else:
-        raise ConfigError(f"{cfg.filename}: set sample.image_size (no dataset.image_size or latent_size to derive it)")
-    multiple = vae.downsample * 2  # latents must split into 2x2 patches
-    if size[0] % multiple or size[1] % multiple:
-        raise ConfigError(f"image size {size} must be a multiple of {multiple} (VAE factor x patch size)")
-    return size
-
-
-def psnr_summary(frames: list[int], scores: list[float], baseline: list[float], eval_len: int) -> dict:
-    """Per-frame PSNR lists and their means over frames < eval_len and over all compared frames."""
-    in_eval = [i for i, f in enumerate(frames) if f < eval_len] or list(range(len(frames)))
-    return dict(
-        frames=frames, psnr=scores, psnr_repeat_last=baseline, eval_len=eval_len,
-        psnr_mean_eval=float(np.mean([scores[i] for i in in_eval])),
-        psnr_repeat_last_mean_eval=float(np.mean([baseline[i] for i in in_eval])),
-        psnr_mean_all=float(np.mean(scores)), psnr_repeat_last_mean_all=float(np.mean(baseline)),
-    )
 
 
 def _source_name(source) -> str | None:
@@ -200,7 +48,8 @@ class CausalVDMPipeline:
     vae: encode (B, 3, T, H, W) <-> decode (B, C, T, h, w); text_encoder: None or `encode([prompt]) -> (y, mask)`;
     sample: the call defaults (SampleSettings); image_size: (H, W) first images/videos are resized to (default:
     sample.image_size). After a video, `self.info` holds its record: settings, timings, PSNR, per-chunk drift
-    statistics (the CLI's sidecar); `self.drift` (DriftMonitor) and `self.contact_sheet` are filled as chunks are made.
+    statistics (the CLI's sidecar); `self.recorder` (a VideoRecorder: `drift`, `contact_sheet`) is filled as chunks
+    are made.
     """
 
     def __init__(self, model, vae, diffusion, text_encoder=None, autoregressive: AutoregressiveSettings | None = None,
@@ -227,13 +76,22 @@ class CausalVDMPipeline:
         self.progress = progress
         self.config = config  # the model/vae/text_encoder/diffusion dicts save_pretrained writes
         self.info: dict = {}
-        self.drift: DriftMonitor | None = None  # of the last video: per-chunk statistics, filled as chunks are made
-        self.contact_sheet: ContactSheetCollector | None = None  # of the last video: .save(path) writes the PNG
+        self.recorder = VideoRecorder()  # of the last video
         # Built now so bad settings (chunk and queue beyond the TPE) fail here; rebuilt only when a call changes
         # them, so a compiled step is compiled once.
         self._generator_key = None
         self.generator = self._generator(self.defaults.sampler, self.defaults.num_steps, self.defaults.cfg_scale,
                                          self.defaults.mode)
+
+    @property
+    def drift(self) -> DriftMonitor | None:
+        """The last video's per-chunk drift statistics, filled as chunks are made (`self.recorder.drift`)."""
+        return self.recorder.drift
+
+    @property
+    def contact_sheet(self) -> ContactSheetCollector | None:
+        """The last video's contact-sheet frames; `.save(path)` writes the PNG (`self.recorder.contact_sheet`)."""
+        return self.recorder.contact_sheet
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -314,7 +172,7 @@ class CausalVDMPipeline:
                  prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                  sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
                  mode: str | None = None, writer=None, output_type: str | None = "np", prompts=None,
-                 recache_on_switch: bool | None = None):
+                 recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None):
         """Sample one video -> uint8 (T, H, W, 3) ('np'), float (3, T, H, W) in [-1, 1] ('pt') or None.
 
         Arguments as for `iter_chunks`; writer: anything with `write(frames (t, H, W, 3) uint8)`, e.g. a
@@ -325,7 +183,7 @@ class CausalVDMPipeline:
         chunks = []
         for pixels in self.iter_chunks(first_image, first_video, first_frames, first_latents, prompt, num_frames,
                                        seed, sampler, num_steps, cfg_scale, mode, output_type="pt", prompts=prompts,
-                                       recache_on_switch=recache_on_switch):
+                                       recache_on_switch=recache_on_switch, recorder=recorder):
             frames = to_uint8(pixels) if writer is not None or output_type == "np" else None
             if writer is not None:
                 writer.write(frames)
@@ -339,7 +197,7 @@ class CausalVDMPipeline:
                     prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                     sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
                     mode: str | None = None, output_type: str = "np", prompts=None,
-                    recache_on_switch: bool | None = None):
+                    recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None):
         """Yield the decoded video, given frames first, then chunk by chunk: uint8 (t, H, W, 3) or float (3, t, H, W).
 
         Given frames, at most one of: first_image (a path or uint8 (H, W, 3)); first_video (a path or float
@@ -347,6 +205,7 @@ class CausalVDMPipeline:
         first_latents (1, C, n0, h, w), already encoded. Paths are resized and centre-cropped to `image_size`.
         prompts: prompt switches [{"frame": j, "prompt": "..."}], each j a chunk boundary (n0 + i * chunk_size);
         recache_on_switch: re-encode the cached frames in view under the new prompt (else they keep the old one).
+        recorder: a VideoRecorder fed each decoded chunk (default: a new one); it becomes `self.recorder`.
         The other arguments default to `self.defaults`. Checks run at call time; `self.info` is set when done.
         """
         if output_type not in ("np", "pt"):
@@ -381,7 +240,8 @@ class CausalVDMPipeline:
                 switches = []
         chunks = generator.iter_chunks(first, settings.num_frames, y, mask, seed=settings.seed,  # checks the lengths
                                        switches=switches, recache_on_switch=settings.recache_on_switch)
-        stream = self._decode(first, chunks, pixels, reference, settings, generator, start)
+        self.recorder = recorder or VideoRecorder()
+        stream = self._decode(first, chunks, pixels, reference, settings, generator, start, self.recorder)
         return stream if output_type == "pt" else (to_uint8(video) for video in stream)
 
     def _encode_prompt(self, prompt: str):
@@ -421,39 +281,24 @@ class CausalVDMPipeline:
             return video_transform(torch.from_numpy(np.stack(given)), self.image_size), later
         return None, None
 
-    def _decode(self, first, chunks, pixels, reference, settings: SampleSettings, generator, start: float):
-        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W); PSNR, timings, info,
-        drift statistics and the contact sheet's frames."""
+    def _decode(self, first, chunks, pixels, reference, settings: SampleSettings, generator, start: float,
+                recorder: VideoRecorder):
+        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W), each recorded by
+        `recorder`; `self.info` (settings, timings and the recorder's summary) when done."""
         n0 = first.shape[2]
-        scores, baseline, compared = [], [], []
         written = 0
-        self.drift = DriftMonitor()
-        self.contact_sheet = ContactSheetCollector(settings.num_frames)
+        recorder.begin(settings.num_frames, settings.eval_len or self.model.max_tpe_len, pixels, reference)
         if n0:
             with torch.inference_mode():
                 video = self.vae.decode(first)[0]  # (3, n0, H, W)
-            frames = to_uint8(video)
-            self.drift.add(frames, given=True)
-            self.contact_sheet.add(frames, real=to_uint8(pixels) if reference is not None else None, given=True)
+            recorder.add(video, given=True)
             written += n0
             yield video
         total = generator.num_chunks(n0, settings.num_frames)
         for latents in tqdm(chunks, total=total, desc="chunks", disable=not self.progress):
             with torch.inference_mode():
                 video = self.vae.decode(latents)[0]  # (3, k, H, W)
-            real = list(islice(reference, video.shape[1])) if reference is not None else []
-            chunk_scores = chunk_baseline = real_frames = None
-            if real:  # the repeat-the-last-given-frame baseline tells how much the model adds
-                real = torch.stack(real, dim=1).cpu()  # (3, r, H, W)
-                chunk_scores = psnr_pixels(video[:, : real.shape[1]].cpu(), real).tolist()
-                chunk_baseline = psnr_pixels(pixels[:, -1:].cpu().expand_as(real), real).tolist()
-                scores += chunk_scores
-                baseline += chunk_baseline
-                compared += range(written, written + real.shape[1])
-                real_frames = to_uint8(real)  # (r, H, W, 3)
-            frames = to_uint8(video)  # (k, H, W, 3)
-            self.drift.add(frames, psnr=chunk_scores, psnr_repeat_last=chunk_baseline)
-            self.contact_sheet.add(frames, real=real_frames)
+            recorder.add(video)
             written += video.shape[1]
             yield video
         h, w = (s * self.vae.downsample for s in first.shape[-2:])
@@ -464,8 +309,5 @@ class CausalVDMPipeline:
             autoregressive=dict(chunk_size=generator.chunk_size, max_cond_frames=generator.max_cond_frames,
                                 prefix_perturb_t=generator.prefix_perturb_t),
             device=str(self.device), prefill_seconds=generator.prefill_time, chunk_seconds=generator.chunk_times,
-            total_seconds=time.perf_counter() - start,
+            total_seconds=time.perf_counter() - start, **recorder.summary(),
         )
-        if compared:
-            self.info["metrics"] = psnr_summary(compared, scores, baseline, settings.eval_len or self.model.max_tpe_len)
-        self.info["drift"] = self.drift.summary()

@@ -17,7 +17,7 @@ from causalvdm.data import (ClassFolderDataset, FrameCache, FrameFolderDataset, 
                             VideoManifestDataset, VideoReadError, build_dataloader, class_caption, default_num_workers,
                             probe_video, read_video_frames, video_transform)
 from causalvdm.data import sampler as sampler_module
-from causalvdm.data.datasets import LATENT_FORMAT
+from causalvdm.data.latents import LATENT_FORMAT
 from causalvdm.data.video_io import NoReadableItemError, image_shape, read_image, read_image_frames
 from causalvdm.registry import DATASETS, ConfigError, build
 

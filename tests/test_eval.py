@@ -15,7 +15,7 @@ from causalvdm.cli import eval_video
 from causalvdm.eval import (EvalSettings, FeatureExtractor, chunk_windows, evaluate, feature_stats, frame_stats,
                             frechet_distance, fvd, fvd_clip, list_videos, load_i3d, psnr, ssim)
 from causalvdm.sampling.writer import StreamingVideoWriter
-from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.weights import CheckpointError
 from conftest import run_entrypoint, run_in_parallel
 from test_sampling import sample_setup  # noqa: F401  (a fixture: tiny config, checkpoint, real.mp4)
 

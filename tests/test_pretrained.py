@@ -11,7 +11,7 @@ import causalvdm
 from causalvdm.cli import convert_checkpoint
 from causalvdm.models.pretrained import build_model_from_config, load_pretrained
 from causalvdm.registry import ConfigError
-from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.weights import CheckpointError
 from conftest import ROOT
 
 TINY = ROOT / "configs" / "debug" / "tiny.py"

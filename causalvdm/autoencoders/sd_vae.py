@@ -5,7 +5,7 @@ from torch import nn
 
 from causalvdm.registry import VAES, ConfigError
 from causalvdm.utils.dtypes import resolve_dtype
-from causalvdm.utils.io import check_model_dir
+from causalvdm.utils.weights import check_model_dir
 
 
 @VAES.register_module()

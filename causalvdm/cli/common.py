@@ -11,7 +11,7 @@ import torch
 
 from causalvdm.data.video_io import VideoReadError
 from causalvdm.registry import ConfigError
-from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.weights import CheckpointError
 
 DEBUG_ENV = "CAUSALVDM_DEBUG"
 

@@ -21,7 +21,7 @@ import torch
 
 from causalvdm.cli.common import ArgumentParser, device_arg, one_line_errors, output_dir, positive_int
 from causalvdm.config import add_config_args, load_config, require
-from causalvdm.data.datasets import VideoClipDataset
+from causalvdm.data.video_clips import VideoClipDataset
 from causalvdm.data.latent_shards import encode_dataset
 from causalvdm.data.video_io import VideoReadError
 from causalvdm.registry import DATASETS, VAES, ConfigError, build

@@ -27,15 +27,17 @@ from causalvdm.cli.common import (ArgumentParser, debugging, error_line, non_neg
                                   one_line_errors, positive_int)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import VideoReadError
-from causalvdm.pipeline import (PIPELINE_CONFIG, CausalVDMPipeline, SampleSettings, check_prompts,
-                                pretrained_config_path)
+from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES
 from causalvdm.sampling.drift import plot_drift
+from causalvdm.sampling.recorder import VideoRecorder
+from causalvdm.sampling.settings import SampleSettings, check_prompts
 from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.utils.dtypes import DTYPES
 from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir
 from causalvdm.utils.memory import keep_freed_memory
+from causalvdm.utils.weights import PIPELINE_CONFIG, pretrained_config_path
 from causalvdm.training.memory_plan import estimate_line
 
 log = logging.getLogger("causalvdm.sample")
@@ -112,12 +114,13 @@ def run_job(job: Job, pipe: CausalVDMPipeline, out_dir: Path, config_path: str) 
     """Generate one video into out_dir/NAME.{mp4,png,json} and NAME_drift.png -> the sidecar dict."""
     h, w = pipe.image_size
     mp4 = out_dir / f"{job.name}.mp4"
+    recorder = VideoRecorder()
     chunks = pipe.iter_chunks(first_image=job.first_image, first_video=job.first_video, first_frames=job.first_frames,
-                              prompt=job.prompt, prompts=job.prompts, seed=job.seed)
+                              prompt=job.prompt, prompts=job.prompts, seed=job.seed, recorder=recorder)
     with StreamingVideoWriter(mp4, pipe.defaults.fps, w, h) as writer:
         for frames in chunks:  # (t, H, W, 3) uint8
             writer.write(frames)
-        pipe.contact_sheet.save(out_dir / f"{job.name}.png")
+        recorder.contact_sheet.save(out_dir / f"{job.name}.png")  # before the mp4 is complete: a rerun redoes both
     plot_drift(pipe.info["drift"], out_dir / f"{job.name}_drift.png", title=job.name)
     sidecar = dict(config=config_path, name=job.name, **pipe.info, video=mp4.name, contact_sheet=f"{job.name}.png",
                    drift_plot=f"{job.name}_drift.png")

@@ -14,7 +14,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from causalvdm.data.datasets import LATENT_FORMAT, LATENT_INDEX_FILE, VideoClipDataset
+from causalvdm.data.latents import LATENT_FORMAT, LATENT_INDEX_FILE
+from causalvdm.data.video_clips import VideoClipDataset
 from causalvdm.data.video_io import NoReadableItemError, VideoReadError, first_line
 from causalvdm.registry import ConfigError
 

@@ -15,10 +15,10 @@ from causalvdm.diffusion import prefix_lengths
 from causalvdm.diffusion.samplers import STUDENT_SAMPLER
 from causalvdm.distill.objective import DistillSettings, FewStepDistillation
 from causalvdm.models.pretrained import split_init_fields
-from causalvdm.pipeline import load_checkpoint_weights
 from causalvdm.registry import MODELS, build
 from causalvdm.training.ema import EMA
 from causalvdm.training.trainer import Trainer, sample_seed
+from causalvdm.utils.weights import load_checkpoint_weights
 
 log = logging.getLogger("causalvdm.distill")
 

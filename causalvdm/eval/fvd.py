@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from causalvdm.data.video_io import first_line
 from causalvdm.eval.metrics import feature_stats, frechet_distance
-from causalvdm.utils.io import CheckpointError
+from causalvdm.utils.weights import CheckpointError
 
 I3D_FILE = "i3d_torchscript.pt"  # the file StyleGAN-V, DIGAN and most video-generation papers compute FVD with
 DETECTOR_KWARGS = dict(rescale=True, resize=True, return_features=True)

@@ -18,36 +18,13 @@ import torch
 from torch import nn
 
 from causalvdm.registry import MODELS, ConfigError, build, check_type
-from causalvdm.utils.io import CheckpointError, load_weights
+from causalvdm.utils.weights import CheckpointError, extract_state_dict, load_weights
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("auto", "opensora", "pixart")
-# Wrappers that training scripts put around a state dict, tried in this order (EMA weights first).
-CONTAINERS = ("ema", "state_dict", "model", "module")
-PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 # Fixed sin-cos tables saved as buffers by PixArt / Open-Sora / Latte; ours are computed on the fly.
 DROPPED = ("pos_embed", "pos_embed_temporal", "temp_embed")
-
-
-def extract_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
-    """Unwrap {"ema"|"state_dict"|"model"|"module": ...} containers and strip "module." prefixes -> tensors by name."""
-    while isinstance(obj, dict):
-        inner = next((k for k in CONTAINERS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = obj[inner]
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
-    if not tensors:
-        found = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{path}: no state dict of tensors found (top level: {found})")
-    state = {}
-    for key, value in tensors.items():
-        for prefix in PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
-    return state
 
 
 def detect_source(state: dict[str, torch.Tensor]) -> str:

@@ -8,7 +8,7 @@ from torch import nn
 
 from causalvdm.registry import TEXT_ENCODERS, ConfigError
 from causalvdm.utils.dtypes import resolve_dtype
-from causalvdm.utils.io import check_model_dir
+from causalvdm.utils.weights import check_model_dir
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ outputs/<exp>/checkpoints/step_00001000/
                         process gathers the whole optimizer state; it loads back at any world size
     config.py           the resolved config of the run
 A directory is complete exactly when it carries its final name, so `--resume auto` never picks a
-half-written one, and a failed write (a full disk, a kill) leaves the previous checkpoints usable.
+half-written one, and a failed write (a full disk, a kill) leaves the previous checkpoints usable. The optimizer's
+shards are written and every state is read back into a (wrapped) model here; the Trainer assembles what it counts.
 """
 
 import logging
@@ -18,9 +19,18 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from causalvdm.utils.io import CheckpointError, load_weights
+from causalvdm.training.distributed import DistInfo, any_process
+from causalvdm.training.ema import EMA
+from causalvdm.utils.weights import CheckpointError, check_architecture, load_weights
 
 log = logging.getLogger("causalvdm.train")
 
@@ -109,3 +119,44 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     return load_weights(path / "model.safetensors"), load_weights(path / "ema.safetensors"), load_weights(
         path / "train_state.pt"
     )
+
+
+def save_optimizer_shards(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          info: DistInfo) -> str:
+    """Every process writes its optimizer shard into the step's staging directory (a collective) -> '' or why not."""
+    failure = ""
+    if info.is_main:
+        try:
+            start_checkpoint(ckpt_dir, step)
+        except OSError as err:
+            failure = str(err) or type(err).__name__
+    if any_process(bool(failure), info):  # also the barrier: the directory exists for everyone after it
+        return failure or "on the main process"
+    try:
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=staging_dir(ckpt_dir, step) / SHARDED_OPTIMIZER)
+    except Exception as err:  # DCP reports a failed write of any process to all of them, in its own types
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ""
+
+
+def restore_checkpoint(path: Path, ckpt_dir: Path, model: torch.nn.Module, core: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer, ema: EMA) -> dict:
+    """Load the weights, optimizer and EMA of the checkpoint `path` into a run writing to `ckpt_dir` -> its train
+    state (counters, LR schedule, RNG) for the caller. model: as wrapped for training; core: the plain model."""
+    model_state, ema_state, state = load_checkpoint(path)
+    check_architecture(path / "model.safetensors", model_state, core)
+    newer = [p for p in list_checkpoints(ckpt_dir) if int(p.name.split("_")[1]) > state["step"]]
+    if newer:  # continuing would overwrite and prune them: the run's history
+        raise CheckpointError(f"{ckpt_dir}: holds checkpoints after step {state['step']} (up to "
+                              f"{newer[-1].name}) that continuing from {path} would overwrite; resume the newest "
+                              "(--resume auto) or move them away first")
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    if "optimizer" in state:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:  # saved as shards: read into this run's layout, whatever the number of processes that wrote them
+        optimizer_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(optimizer_state, checkpoint_id=path / SHARDED_OPTIMIZER)
+        set_optimizer_state_dict(model, optimizer, optimizer_state["optimizer"])
+    ema.load_state_dict(ema_state)
+    return state

@@ -15,14 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -30,26 +23,17 @@ from causalvdm.config import AutoregressiveSettings
 from causalvdm.data import StatefulSampler, build_dataloader, default_num_workers
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config, split_init_fields
-from causalvdm.registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
-from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
-from causalvdm.sampling import AutoregressiveGenerator
-from causalvdm.sampling.writer import StreamingVideoWriter
-from causalvdm.training.checkpoint import (
-    SHARDED_OPTIMIZER,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    staging_dir,
-    start_checkpoint,
-)
+from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
+from causalvdm.training.checkpoint import resolve_resume, restore_checkpoint, save_checkpoint, save_optimizer_shards
 from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_process, parallelize, unwrap
 from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
 from causalvdm.training.memory_plan import estimate_line
 from causalvdm.training.settings import TrainSettings, check_clip_shape, lr_factor
-from causalvdm.utils.io import CheckpointError, check_architecture, check_free_space, writable_dir
+from causalvdm.training.validation import Validator
+from causalvdm.utils.io import check_free_space, writable_dir
 from causalvdm.utils.memory import peak_memory_mb
+from causalvdm.utils.weights import CheckpointError
 
 log = logging.getLogger("causalvdm.train")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -112,22 +96,7 @@ class Trainer:
             if resume:
                 log.info("--resume %s: no complete checkpoint in %s, starting fresh", resume, self.ckpt_dir)
             return
-        model_state, ema_state, state = load_checkpoint(path)
-        check_architecture(path / "model.safetensors", model_state, self.core)
-        newer = [p for p in list_checkpoints(self.ckpt_dir) if int(p.name.split("_")[1]) > state["step"]]
-        if newer:  # continuing would overwrite and prune them: the run's history
-            raise CheckpointError(f"{self.ckpt_dir}: holds checkpoints after step {state['step']} (up to "
-                                  f"{newer[-1].name}) that continuing from {path} would overwrite; resume the newest "
-                                  "(--resume auto) or move them away first")
-        set_model_state_dict(self.model, model_state, options=StateDictOptions(full_state_dict=True))
-        if "optimizer" in state:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:  # saved as shards: read into this run's layout, whatever the number of processes that wrote them
-            optimizer_state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-            dcp.load(optimizer_state, checkpoint_id=path / SHARDED_OPTIMIZER)
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state["optimizer"])
-        self.ema.load_state_dict(ema_state)
+        state = restore_checkpoint(path, self.ckpt_dir, self.model, self.core, self.optimizer, self.ema)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
         self.nonfinite_total = state["nonfinite_total"]
@@ -265,11 +234,6 @@ class Trainer:
             self.run_logger.log(self.step, metrics)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
 
-    @property
-    def sharded(self) -> bool:
-        """The model is split over several processes (FSDP2), so the optimizer state is saved as shards."""
-        return self.settings.parallel == "fsdp" and self.info.world_size > 1
-
     def checkpoint(self) -> None:
         """Save on the main process (when sharded, every process its optimizer shard first); a failed write (a full
         disk) stops every process with one line, older checkpoints intact."""
@@ -279,8 +243,8 @@ class Trainer:
                            scheduler=self.scheduler.state_dict(), nonfinite_total=self.nonfinite_total,
                            rng_cpu=torch.get_rng_state())
         failure = ""
-        if self.sharded:
-            failure = self.save_optimizer_shards()
+        if self.settings.parallel == "fsdp" and self.info.world_size > 1:  # the optimizer state split over processes
+            failure = save_optimizer_shards(self.ckpt_dir, self.step, self.model, self.optimizer, self.info)
         else:
             train_state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
         if self.info.is_main and not failure:
@@ -296,44 +260,16 @@ class Trainer:
                                   f"; earlier checkpoints in {self.ckpt_dir} are intact: free space and rerun with "
                                   "--resume auto")
 
-    def save_optimizer_shards(self) -> str:
-        """Every process writes its optimizer shard into the step's staging directory (a collective) -> '' or why not."""
-        failure = ""
-        if self.info.is_main:
-            try:
-                start_checkpoint(self.ckpt_dir, self.step)
-            except OSError as err:
-                failure = str(err) or type(err).__name__
-        if any_process(bool(failure), self.info):  # also the barrier: the directory exists for everyone after it
-            return failure or "on the main process"
-        try:
-            dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
-                     checkpoint_id=staging_dir(self.ckpt_dir, self.step) / SHARDED_OPTIMIZER)
-        except Exception as err:  # DCP reports a failed write of any process to all of them, in its own types
-            return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return ""
-
     def validation_schedule(self) -> tuple[str, int]:
         """The sampler and steps of validation clips: train.validation_sampler / validation_steps."""
         return self.settings.validation_sampler, self.settings.validation_steps
 
     def validate(self) -> None:
         """Sample a clip from the first frame of the first training clip with the EMA weights, into samples/."""
-        s, ar = self.settings, self.ar
         ema_state = self.ema.state_dict()  # a collective under FSDP: every rank takes part
-        if not self.info.is_main:
-            return
-        model = build(MODELS, split_init_fields(self.cfg.model)[0], "model")
-        model.load_state_dict(ema_state)
-        sampler, num_steps = self.validation_schedule()
-        sample = SampleSettings(sampler=sampler, num_steps=num_steps, dtype="float32")
-        pipe = CausalVDMPipeline(model, self.vae, self.diffusion, self.text_encoder, ar, sample, device=self.info.device)
-        height, width = (n * self.vae.downsample for n in self.first_latents.shape[-2:])
-        path = self.run_dir / "samples" / f"step_{self.step:08d}.mp4"
-        with StreamingVideoWriter(path, 8, width, height) as writer:
-            pipe(first_latents=self.first_latents[:, :, :1], prompt=self.first_clip["caption"], seed=s.seed,
-                 num_frames=s.validation_frames or 2 * self.core.max_tpe_len, writer=writer, output_type=None)
-        log.info("validation clip: %s", path)
+        if self.info.is_main:
+            self.validator.sample(ema_state, self.first_latents[:, :, :1], self.first_clip["caption"],
+                                  self.settings.seed, self.run_dir / "samples" / f"step_{self.step:08d}.mp4")
 
     # ---- the loop
 
@@ -345,19 +281,11 @@ class Trainer:
         self.first_clip = self.dataset[0]  # also fails (one line) when no item of the dataset can be read
         self.first_latents = self.encode({k: v[None] for k, v in self.first_clip.items() if k in ("video", "latents")})
         check_clip_shape(self.core, tuple(self.first_latents.shape[1:]), self.ar.chunk_size)
-        if s.validation_every:
-            frames = s.validation_frames or 2 * self.core.max_tpe_len
-            sampler, num_steps = self.validation_schedule()
-            try:
-                AutoregressiveGenerator(self.core, self.diffusion, sampler, num_steps,
-                                        self.ar.chunk_size, self.ar.max_cond_frames,
-                                        prefix_perturb_t=self.ar.prefix_perturb_t,
-                                        sink_frames=self.ar.sink_frames).check_length(1, frames)
-            except ValueError as err:
-                raise ConfigError(f"train.validation_every={s.validation_every} samples {frames} frames "
-                                  f"(train.validation_frames), but {err}") from None
-            log.info("validation every %d steps: %d frames, %s %d steps, decoded by %s", s.validation_every, frames,
-                     sampler, num_steps, type(self.vae).__name__)  # builds the VAE now
+        if s.validation_every:  # builds the VAE now
+            self.validator = Validator(split_init_fields(self.cfg.model)[0], self.core, self.vae, self.diffusion,
+                                       self.text_encoder, self.ar, self.validation_schedule(),
+                                       s.validation_frames or 2 * self.core.max_tpe_len, s.validation_every,
+                                       info.device)
         if not info.is_main:
             return
         writable_dir(self.ckpt_dir, "the checkpoint folder")

@@ -1,5 +1,6 @@
-"""Reading files safely: checkpoints through safetensors or `torch.load(weights_only=True)`, never pickle, written
-atomically; JSON-lines manifests with errors that name the file and line."""
+"""Files and folders: JSON written atomically, JSON-lines manifests with errors that name the file and line, output
+names and folders checked before work whose results would be lost, paths kept inside a root. Weights files are
+utils/weights.py's."""
 
 import json
 import os
@@ -7,61 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from causalvdm.registry import ConfigError
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or not a checkpoint; the message is one line naming the file."""
-
-
-def load_weights(path: str | Path) -> dict:
-    """Read a `.safetensors` file or a torch `.pt/.pth/.bin` file (weights only) onto the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, bad header: all mean "not readable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from err
-
-
-def check_architecture(file: str | Path, state: dict, model: torch.nn.Module) -> None:
-    """Fail with one line naming `file` unless `state` has exactly the keys and shapes of `model.state_dict()`
-    (a checkpoint trained with another config, instead of load_state_dict's many-line report)."""
-    target = model.state_dict()
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
-    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
-                if k in state and state[k].shape != v.shape]
-    if missing or unexpected or reshaped:
-        first = (reshaped or missing or unexpected)[0]
-        raise CheckpointError(f"{file}: not a checkpoint of this model architecture ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected, {len(reshaped)} mis-shaped keys, e.g. {first})")
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
-
-    A crash or a full disk mid-write leaves the previous file at `path` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -126,11 +73,10 @@ def check_free_space(path: str | Path, needed: int, what: str) -> None:
         raise ConfigError(f"{path}: {free / 2**20:.1f} MiB free, {what} needs about {needed / 2**20:.1f} MiB")
 
 
-def check_model_dir(path: str, field: str, what: str) -> Path:
-    """Check that `path` is a local model folder with a config.json; errors name the config `field`."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: directory not found (set {field} to a local {what} folder; nothing is downloaded)")
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"{directory}: no config.json, not a {what} folder (check {field})")
-    return directory
+def inside_root(root: Path, path: Path) -> bool:
+    """Whether `path` is `root` or below it, judged on the normalised text of both (`..` is followed lexically).
+
+    Symlinks are not resolved: data roots are often links to other disks.
+    """
+    base = os.path.abspath(root)
+    return os.path.commonpath([base, os.path.abspath(path)]) == base
