@@ -317,7 +317,7 @@ class CausalSTDiT(nn.Module):
         if cache is not None:
             if write:
                 return SpatialPrefix("write")
-            return SpatialPrefix("read", mask=cache.spatial_mask(tokens_per_frame, device))
+            return SpatialPrefix("read", mask=cache.spatial.mask(tokens_per_frame, device))
         if chunk is None:  # no chunk being denoised (a plain causal pass)
             return None
         frames = spatial_context(self.spatial_prefix, chunk[0])
