@@ -131,6 +131,7 @@ def test_cpu_state_follows_the_model_to_its_device(make_model):
     model.to("meta")
     restored = model.new_cache(2, 3, chunk_size=2, sink_frames=2)
     restored.load_state_dict(cache.state_dict())
+    model.begin_call(restored, 2, 4, 4)
     ctx = model.prepare(2, 4, 4, restored, model.encode_text(None, None, 2))
     out = model.step(torch.randn(2, 4, 2, 4, 4, device="meta"), torch.full((2, 2), 500, device="meta"), ctx)
     model.write_cache(out[:, :4], restored)

@@ -270,28 +270,47 @@ class CausalSTDiT(nn.Module):
             mask[start:end, start:end] = True
         return mask.to(device)
 
+    def _tokens_per_frame(self, height: int, width: int) -> int:
+        """Tokens S of a frame of height x width latents; fails in one line off the patch grid."""
+        ph, pw = self.patch_size[1:]
+        if height % ph or width % pw:
+            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
+        return (height // ph) * (width // pw)
+
+    def begin_call(self, cache: CallCache, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """Start a call on `num_frames` new frames of height x width latents on `cache` -> their positions (T,).
+
+        Sizes the cache's buffers for this model once (a state loaded elsewhere moves to its device and dtype) and
+        begins the call there: its frames take the next slots, and a RoPE sink turns. `prepare` then reads it.
+        """
+        head_dim = self.hidden_size // self.num_heads
+        cache.allocate(self._tokens_per_frame(height, width), self.num_heads, head_dim, self.dtype,
+                       self.x_embedder.proj.weight.device)
+        return cache.begin(num_frames)
+
     def prepare(self, num_frames: int, height: int, width: int, cache=None, text: TextContext | None = None,
                 chunk: tuple[int, int] | None = None, tpe_offset=None, write: bool = False,
                 positions: torch.Tensor | None = None, sink_frames: int = 0) -> CallContext:
         """The context of calls on `num_frames` frames of height x width latents (see `forward` for the arguments).
 
-        With a cache this starts a call on it (positions follow its queue) and preallocates its buffers, so build
-        one per chunk, then run `step` at every denoising step. write: a cache write of clean frames (causal among
-        themselves, and their spatial keys/values are kept for the spatial prefix). Without a cache: positions (T,)
-        the absolute positions of the frames (default 0..T-1; the recompute baseline's window after eviction), and
-        sink_frames, how many of the first positions are a frame sink (a cache knows its own).
+        Changes nothing: with a cache it reads the call `begin_call` started there (positions follow its queue), so
+        begin and prepare once per chunk, then run `step` at every denoising step. write: a cache write of clean
+        frames (causal among themselves, and their spatial keys/values are kept for the spatial prefix). Without a
+        cache: positions (T,) the absolute positions of the frames (default 0..T-1; the recompute baseline's window
+        after eviction), and sink_frames, how many of the first positions are a frame sink (a cache knows its own).
         """
+        tokens = self._tokens_per_frame(height, width)
         ph, pw = self.patch_size[1:]
-        if height % ph or width % pw:
-            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
         device, dtype = self.x_embedder.proj.weight.device, self.dtype
         head_dim = self.hidden_size // self.num_heads
         if cache is None:
             positions = torch.arange(num_frames) if positions is None else positions.cpu()
             attn_mask = self.frame_mask(num_frames, chunk if self.chunk_bidirectional else None, device)
         else:
-            cache.allocate((height // ph) * (width // pw), self.num_heads, head_dim, dtype, device)
-            positions = cache.begin(num_frames)
+            positions = cache.call_positions
+            if len(positions) != num_frames:
+                raise ValueError(f"the cache's call holds {len(positions)} frames, this one {num_frames}: begin it "
+                                 "first (model.begin_call)")
             attn_mask = cache.attn_mask(self.chunk_bidirectional and not write, device)
         sink = cache.sink_frames if cache is not None else sink_frames
         tpe = rope = None
@@ -306,7 +325,7 @@ class CausalSTDiT(nn.Module):
             index = tpe_index(positions, self.tpe_mode, self.max_tpe_len, tpe_offset, sink)
             tpe = self.pos_embed_temporal[index.to(device)].to(dtype)  # (B or 1, T, D)
         pos_spatial = sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(device, dtype)
-        spatial = self._spatial_prefix(cache, chunk, write, (height // ph) * (width // pw), device)
+        spatial = self._spatial_prefix(cache, chunk, write, tokens, device)
         return CallContext(attn_mask=attn_mask, tpe=tpe, rope=rope, pos_spatial=pos_spatial, cache=cache, text=text,
                            spatial=spatial)
 
@@ -380,6 +399,8 @@ class CausalSTDiT(nn.Module):
             return None
         b, _, num_frames, height, width = x.shape
         text = self.encode_text(y, mask, b, text_drop)
+        if cache is not None:
+            self.begin_call(cache, num_frames, height, width)
         ctx = self.prepare(num_frames, height, width, cache, text, chunk, tpe_offset, sink_frames=sink_frames)
         return self.step(x, t, ctx)
 
@@ -390,6 +411,8 @@ class CausalSTDiT(nn.Module):
         in `forward`. Returns (B, 2C, T, H, W): guided prediction, variance from the conditional half.
         """
         _, _, num_frames, height, width = x.shape
+        if cache is not None:
+            self.begin_call(cache, num_frames, height, width)
         ctx = self.prepare(num_frames, height, width, cache, self.guided_text(y, mask), chunk)
         return self.step_with_cfg(x, t, ctx, cfg_scale)
 
@@ -410,6 +433,7 @@ class CausalSTDiT(nn.Module):
         """
         b, _, num_frames, height, width = x_clean.shape
         text = self.encode_text(y, mask, b) if text is None else text
+        self.begin_call(cache, num_frames, height, width)
         ctx = self.prepare(num_frames, height, width, cache, text, write=True)
         t = torch.zeros(b, num_frames, dtype=torch.long, device=x_clean.device)
         self._trunk(x_clean, t, ctx, kv_only_last=True)

@@ -55,6 +55,9 @@ class CallCache(Protocol):
 
     def begin(self, num_frames: int) -> torch.Tensor: ...
 
+    @property
+    def call_positions(self) -> torch.Tensor: ...
+
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor: ...
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
@@ -72,7 +75,7 @@ class KVCache:
     layers. Slots: the sink's, then one ring of the queue's frames and the (up to chunk_size) frames of the current
     call, frame p in slot sink + (p - sink) % (capacity + chunk_size), then padding up to a multiple of SLOT_ALIGN that
     no frame takes and the mask always hides; attention reads one fixed-size buffer instead of concatenating the cache.
-    `allocate()` (done by `model.prepare`) sizes them once the token count S and the head shape are known.
+    `allocate()` (done by `model.begin_call`) sizes them once the token count S and the head shape are known.
 
     With a spatial prefix (`model.spatial_prefix`) its `spatial` ring also keeps, per layer, the spatial keys/values
     of the frames a chunk's spatial attention reads (`SpatialPrefixRing`); the cache begins and commits its calls.
@@ -261,12 +264,17 @@ class KVCache:
         self._slots = self._new_slots.to(device)  # a tensor, so a compiled step does not see the slots change
         self.spatial.begin(self.next_position, num_frames, device)
         self._turn_sink()
-        return torch.arange(self.next_position, self.next_position + num_frames)
+        return self.call_positions
+
+    @property
+    def call_positions(self) -> torch.Tensor:
+        """Absolute positions of the current call's frames (T,), as `begin` returned them; none between calls."""
+        return torch.arange(self.next_position, self.next_position + self._num_new)
 
     @property
     def _new_slots(self) -> torch.Tensor:
         """Slots of the current call's frames, on the CPU (T,)."""
-        return self.slots_of(torch.arange(self.next_position, self.next_position + self._num_new))
+        return self.slots_of(self.call_positions)
 
     def _turn_sink(self) -> None:
         """RoPE sink: rewrite the sink's key slots turned by (rolling start - s), from the keys as written, so they
@@ -328,7 +336,7 @@ class KVCache:
     def commit(self) -> None:
         """Make the frames of the last call part of the queue (their keys/values are in place already); the
         oldest leave it when it is full."""
-        new = torch.arange(self.next_position, self.next_position + self._num_new)
+        new = self.call_positions
         self.slot_pos[self._new_slots] = new
         if self.k:
             self._keep_sink(new)

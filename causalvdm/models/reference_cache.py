@@ -80,7 +80,12 @@ class ReferenceKVCache:
     def begin(self, num_frames: int) -> torch.Tensor:
         self._num_new = num_frames
         self.spatial.begin(self.next_position, num_frames)
-        return torch.arange(self.next_position, self.next_position + num_frames)
+        return self.call_positions
+
+    @property
+    def call_positions(self) -> torch.Tensor:
+        """Absolute positions of the current call's frames (T,)."""
+        return torch.arange(self.next_position, self.next_position + self._num_new)
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor:
         past = torch.ones(self._num_new, len(self), dtype=torch.bool)

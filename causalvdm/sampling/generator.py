@@ -161,6 +161,7 @@ class AutoregressiveGenerator:
         cond = torch.cat([self._sink, self._window], dim=2) if self.mode == "recompute" else None
         p = 0 if cond is None else cond.shape[2]
         if cond is None:
+            self.model.begin_call(self.cache, k, h, w)
             ctx = self.model.prepare(k, h, w, self.cache, self._text)
         else:
             if self.recompute_positions == "window":
