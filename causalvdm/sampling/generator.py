@@ -5,16 +5,10 @@ the hot loop (the model runs on the k chunk frames only and reads the cache, whi
 `commit` appends the finished chunk with one t = 0 pass. The queue holds `max_cond_frames` frames and
 evicts the oldest, so the cost of a chunk and the memory stay constant however long the video.
 
-mode="recompute" is the baseline without a cache (`recompute.py`).
-
-A caption can change at a chunk boundary (`switch_prompt`, or `switches` of `iter_chunks`). In cache mode the
-frames already cached keep the keys/values of the old caption, or are re-encoded under the new one: the generator
-keeps the latents of the frames in view (sink + queue, bounded) and writes them again, each at its own position in
-the call that first wrote it. Recompute mode runs the window under the current caption at every step, so it always
-re-encodes.
+mode="recompute" is the baseline without a cache (`recompute.py`); a caption can change at a chunk boundary
+(`switch_prompt`, or `switches` of `iter_chunks`; `switching.py`).
 """
 
-import itertools
 import time
 
 import numpy as np
@@ -25,6 +19,7 @@ from causalvdm.diffusion import make_sampler
 from causalvdm.models.spatial_prefix import spatial_prefix_frames
 from causalvdm.sampling.cached import CachedChunk
 from causalvdm.sampling.recompute import RECOMPUTE_POSITIONS, RecomputedChunk, WrittenFrames
+from causalvdm.sampling.switching import caption_at, check_switches, reencode, resume_chunk
 from causalvdm.utils.dtypes import resolve_dtype
 
 MODES = ("cache", "recompute")
@@ -196,7 +191,7 @@ class AutoregressiveGenerator:
             if self._written is None:
                 raise ValueError("re-encoding at a prompt switch needs the latents of the frames in view, which a "
                                  "resumed cache state does not hold")
-            self._recache()
+            reencode(self.cache, self._written, self._given, self.chunk_size, self._write)
 
     # ------------------------------------------------------------------------------ helpers
     def _check_first(self, first_latents: torch.Tensor) -> None:
@@ -241,27 +236,6 @@ class AutoregressiveGenerator:
         t = torch.full((frames.shape[0],), self.prefix_perturb_t, dtype=torch.long, device=frames.device)
         return self.diffusion.q_sample(frames, t, noise)
 
-    def _recache(self) -> None:
-        """Cache mode: reset the cache and write the frames in view again under the current text, each at its own
-        position in the call that first wrote it (the given frames, then chunks), so each is encoded as it first was
-        but for the caption and the frames that have left the view."""
-        positions = self.cache.positions.tolist()  # the sink, then the queue: the frames of the sink, then the window
-        frames = self._written.frames
-        if self._written.first is not None and positions[0] != 0:  # frame 0 left the queue, its spatial keys are read
-            positions, frames = [0] + positions, torch.cat([self._written.first, frames], dim=2)
-        n0, k = self._given, self.chunk_size
-
-        def run(i: int) -> tuple[int, int]:  # frames i, i + 1 are in one run: the same call, consecutive positions
-            p = positions[i]
-            return -1 if p < n0 else (p - n0) // k, p - i
-
-        self.cache.reset()
-        for _, run_indices in itertools.groupby(range(len(positions)), key=run):
-            first, *rest = run_indices
-            if positions[first] > self.cache.next_position:  # the frames in between have left the view
-                self.cache.seek(positions[first])
-            self._write(frames[:, :, first:first + 1 + len(rest)])
-
     def _write(self, frames: torch.Tensor) -> None:
         if self._guided:
             frames = torch.cat([frames, frames])
@@ -294,19 +268,7 @@ class AutoregressiveGenerator:
     def check_switches(self, n0: int, num_frames: int, frames: list[int]) -> None:
         """Fail unless each prompt-switch frame starts a chunk of this video, n0 + i * chunk_size < num_frames, and
         no frame switches twice."""
-        k = self.chunk_size
-        for frame in frames:
-            if frames.count(frame) > 1:
-                raise ValueError(f"two prompt switches at frame {frame}")
-            if frame >= num_frames:
-                raise ValueError(f"prompt switch at frame {frame} is beyond the video's {num_frames} frames")
-            if frame < n0 or (frame - n0) % k:
-                below = n0 + (frame - n0) // k * k
-                above = below + k if frame > n0 else n0
-                nearest = [str(b) for b in (below, above) if n0 <= b < num_frames]
-                raise ValueError(f"prompt switch at frame {frame} is not a chunk boundary (chunks of {k} from frame "
-                                 f"{n0}): the nearest {'are' if len(nearest) > 1 else 'is'} "
-                                 f"{' and '.join(nearest) or 'none'}")
+        check_switches(n0, num_frames, frames, self.chunk_size)
 
     def iter_chunks(self, first_latents: torch.Tensor, num_frames: int, y=None, mask=None, seed: int = 0,
                     cache_state: dict | None = None, switches=(), recache_on_switch: bool = False):
@@ -360,17 +322,8 @@ class AutoregressiveGenerator:
         if self.mode != "cache":
             raise ValueError("resuming from a cache state needs mode='cache'")
         n0 = first_latents.shape[2]
-        done, rest = divmod(int(cache_state["next_position"]) - n0, self.chunk_size)
-        if done < 0 or rest:
-            raise ValueError(f"cache state at frame {cache_state['next_position']} is not a chunk boundary "
-                             f"after {n0} given frames in chunks of {self.chunk_size}")
-        at = n0 + done * self.chunk_size
-        if recache and any(frame >= at for frame in schedule):
-            raise ValueError("recache_on_switch needs the latents of the frames in view, which a cache state does not "
-                             "hold: a resumed video must keep the cache at its later prompt switches")
-        earlier = [frame for frame in schedule if frame < at]
-        if earlier:
-            y, mask = schedule[max(earlier)]
+        done = resume_chunk(cache_state, n0, self.chunk_size, schedule, recache)
+        y, mask = caption_at(schedule, n0 + done * self.chunk_size, y, mask)
         self._start(first_latents.shape[0], n0, y, mask, guided)
         self.cache.load_state_dict(cache_state)
         return done
