@@ -297,13 +297,13 @@ class AutoregressiveGenerator:
         b, c, n0, h, w = first_latents.shape
         self.chunk_times = []
         if start is None:
-            t0 = time.perf_counter()
+            started = time.perf_counter()
             self.prefill(first_latents, y, mask, chunk_generator(seed, -1), guided)
             self._sync()
-            self.prefill_time = time.perf_counter() - t0
+            self.prefill_time = time.perf_counter() - started
             start = 0
         for j in range(start, self.num_chunks(n0, num_frames)):
-            t0 = time.perf_counter()
+            started = time.perf_counter()
             if n0 + j * self.chunk_size in schedule:
                 self.switch_prompt(*schedule[n0 + j * self.chunk_size], recache=recache)
             gen = chunk_generator(seed, j)
@@ -311,7 +311,7 @@ class AutoregressiveGenerator:
             latents = self.denoise_chunk(noise, gen)
             self.commit(latents, gen)
             self._sync()
-            self.chunk_times.append(time.perf_counter() - t0)
+            self.chunk_times.append(time.perf_counter() - started)
             keep = min(self.chunk_size, num_frames - n0 - j * self.chunk_size)
             yield latents[:, :, :keep]
 
