@@ -25,6 +25,7 @@ class ReferenceSpatialPrefix:
         self._start, self._num_new = start, num_frames
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hold this write's spatial keys/values (B*T, H, S, Dh) of `layer` until `commit`."""
         self.staged[layer] = (k.detach(), v.detach())
 
     def mask(self, tokens_per_frame: int, device) -> None:
