@@ -99,6 +99,7 @@ def compiled_step_code(model, cache) -> str:
     """Inductor's code for one denoising call of CHUNK frames through `cache` (one frame written first)."""
     with torch.inference_mode(), torch._inductor.config.patch({"cpp.simdlen": 1, "fx_graph_cache": False}):
         model.write_cache(torch.randn(1, 4, 1, LATENT, LATENT), cache)
+        model.begin_call(cache, CHUNK, LATENT, LATENT)
         ctx = model.prepare(CHUNK, LATENT, LATENT, cache)
         step = torch.compile(model.step, fullgraph=True, dynamic=False)
         x, t = torch.randn(1, 4, CHUNK, LATENT, LATENT), torch.full((1, CHUNK), 500)

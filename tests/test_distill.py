@@ -116,6 +116,7 @@ def test_targets_are_the_teachers_ode_given_the_real_context(make_model):
     sampler, state = gen.sampler, z
     sampler.reset()
     with torch.inference_mode():  # the generator's cache was made there
+        teacher.begin_call(gen.cache, 4, 4, 4)
         ctx = teacher.prepare(4, 4, 4, gen.cache, teacher.encode_text(y, mask, b, per_block_kv=True))
         for i, t in enumerate(sampler.timesteps[:3]):
             state = sampler.step(teacher.step(state, t.expand(b, 4), ctx), i, state)

@@ -205,6 +205,7 @@ def test_flop_formula_matches_the_flop_counter(make_model, case, spatial_prefix)
                 model(x, t, y, mask, chunk=(1, 3))  # frames 1, 2 the chunk: each reads frame 0 (all there is)
                 expected = forward_flops(model, b, k, h, w, text_tokens=y.shape[1], spatial_context=(reading, 1))
             elif case == "cached_call":
+                model.begin_call(cache, k, h, w)
                 model.step(x, t, model.prepare(k, h, w, cache, text))
                 expected = forward_flops(model, b, k, h, w, keys=5 + k, text_tokens=y.shape[1], project_text=False,
                                          spatial_context=(k if reading else 0, 2))

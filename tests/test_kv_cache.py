@@ -131,11 +131,12 @@ def test_cpu_state_follows_the_model_to_its_device(make_model):
     model.to("meta")
     restored = model.new_cache(2, 3, chunk_size=2, sink_frames=2)
     restored.load_state_dict(cache.state_dict())
+    model.begin_call(restored, 2, 4, 4)
     ctx = model.prepare(2, 4, 4, restored, model.encode_text(None, None, 2))
     out = model.step(torch.randn(2, 4, 2, 4, 4, device="meta"), torch.full((2, 2), 500, device="meta"), ctx)
     model.write_cache(out[:, :4], restored)
-    held = [*restored.k, *restored.v, *restored.spatial_k, *restored.spatial_v, restored.sink_k, restored._slots,
-            *restored._spatial_new[1:]]
+    held = [*restored.k, *restored.v, *restored.spatial.k, *restored.spatial.v, restored.sink_k, restored._slots,
+            *restored.spatial._new[1:]]
     assert len(held) == 4 * len(model.blocks) + 4
     assert all(t.device.type == "meta" for t in held)
     assert restored.next_position == cache.next_position + 2

@@ -55,6 +55,7 @@ def _prepare_variant(model, ar, first, text, compile_mode: str | None, seed: int
     text_ctx = model.encode_text(y, mask, b, per_block_kv=True)
     for start in range(0, max_cond, k):
         model.write_cache(frames[:, :, start : start + k], cache, text=text_ctx)
+    model.begin_call(cache, k, h, w)
     ctx = model.prepare(k, h, w, cache, text_ctx)
     call = model.step if compile_mode is None else torch.compile(model.step, mode=compile_mode, dynamic=False,
                                                                   fullgraph=True)

@@ -7,12 +7,12 @@ also reads the cached keys/values of the conditioning frames; `write_cache` appe
 
 import functools
 import inspect
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from causalvdm.models.call_context import CallContext, TextContext, begin_call, prepare_call
 from causalvdm.models.kv_cache import CallCache, KVCache
 from causalvdm.models.layers import (
     CaptionEmbedder,
@@ -25,8 +25,8 @@ from causalvdm.models.layers import (
     TimestepEmbedder,
     modulate,
 )
-from causalvdm.models.positional import check_tpe_mode, rope_cos_sin, sincos_2d, sincos_table, tpe_index
-from causalvdm.models.spatial_prefix import spatial_context, spatial_prefix_frames
+from causalvdm.models.positional import check_tpe_mode, sincos_table
+from causalvdm.models.spatial_prefix import spatial_prefix_frames
 from causalvdm.registry import MODELS
 
 # Size presets (depth, width, heads), DiT style; patch size is (1, 2, 2) for all.
@@ -36,41 +36,6 @@ PRESETS = {
     "S/2": dict(depth=12, hidden_size=384, num_heads=6),
 }
 NULL_CAPTIONS = ("learned", "fixed")
-
-
-@dataclass
-class TextContext:
-    """A caption as the cross-attention reads it; from `model.encode_text`, constant for a whole video."""
-
-    tokens: torch.Tensor  # (B, L, D) output of the caption MLP
-    mask: torch.Tensor  # (B, 1, 1, L) bool, True = attend
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block k, v (B, H, L, Dh); None: projected per call
-
-
-@dataclass
-class SpatialPrefix:
-    """How a call's spatial attention reads earlier frames (`spatial_prefix`): "read" the cache's (a chunk being
-    denoised), "write" this call's into it (a cache write), or "window": the frames from `start` on (the chunk) read
-    this call's frames `frames` (training and the recompute baseline, which have no cache)."""
-
-    mode: str
-    frames: list[int] | None = None  # window: the context frames, as indices into this call's frames
-    start: int = 0  # window: the first frame that reads them
-    mask: torch.Tensor | None = None  # read: (1, C + S) bool, empty cache slots hidden
-
-
-@dataclass
-class CallContext:
-    """Everything a model call needs besides x and t, from `model.prepare`: the same for every denoising step
-    of a chunk, so it is built once per chunk on the device and the per-step call is pure tensor work."""
-
-    attn_mask: torch.Tensor  # (T, keys) bool, True = attend
-    tpe: torch.Tensor | None  # (B or 1, T, D) table embedding added to the first block's temporal input
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (T, head_dim) float32
-    pos_spatial: torch.Tensor  # (S, D) 2D sin-cos embedding of the patch grid
-    cache: CallCache | None  # KVCache (or the reference cache) read by this call
-    text: TextContext | None  # None for an unconditional model
-    spatial: SpatialPrefix | None = None  # None: spatial attention within each frame only
 
 
 class STDiTBlock(nn.Module):
@@ -254,74 +219,25 @@ class CausalSTDiT(nn.Module):
         y = torch.cat([y.to(y_null), y_null])
         return self.encode_text(y, torch.cat([mask, mask_null]), y.shape[0], per_block_kv=per_block_kv)
 
-    # ------------------------------------------------------------------------------ positions
+    # --------------------------------------------------------------------------- call context
     def sample_tpe_offset(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Random cyclic-TPE offsets (B,) for training, so every rotation of the table is seen; None otherwise."""
         if self.tpe_mode != "cyclic":
             return None
         return torch.randint(0, self.max_tpe_len, (batch_size,), generator=generator)
 
-    @staticmethod
-    def frame_mask(num_frames: int, chunk: tuple[int, int] | None, device) -> torch.Tensor:
-        """Causal mask over frames (T, T), True = attend; frames inside `chunk` = (start, end) see each other."""
-        mask = torch.ones(num_frames, num_frames, dtype=torch.bool).tril()
-        if chunk is not None:
-            start, end = chunk
-            mask[start:end, start:end] = True
-        return mask.to(device)
+    def begin_call(self, cache: CallCache, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """Start a call on `num_frames` new frames of height x width latents on `cache` -> their positions (T,): size
+        its buffers for this model once, then begin the call (`call_context.begin_call`)."""
+        return begin_call(self, cache, num_frames, height, width)
 
-    def prepare(self, num_frames: int, height: int, width: int, cache=None, text: TextContext | None = None,
-                chunk: tuple[int, int] | None = None, tpe_offset=None, write: bool = False,
-                positions: torch.Tensor | None = None, sink_frames: int = 0) -> CallContext:
-        """The context of calls on `num_frames` frames of height x width latents (see `forward` for the arguments).
-
-        With a cache this starts a call on it (positions follow its queue) and preallocates its buffers, so build
-        one per chunk, then run `step` at every denoising step. write: a cache write of clean frames (causal among
-        themselves, and their spatial keys/values are kept for the spatial prefix). Without a cache: positions (T,)
-        the absolute positions of the frames (default 0..T-1; the recompute baseline's window after eviction), and
-        sink_frames, how many of the first positions are a frame sink (a cache knows its own).
-        """
-        ph, pw = self.patch_size[1:]
-        if height % ph or width % pw:
-            raise ValueError(f"latent size {height}x{width} is not a multiple of the patch size {ph}x{pw}")
-        device, dtype = self.x_embedder.proj.weight.device, self.dtype
-        head_dim = self.hidden_size // self.num_heads
-        if cache is None:
-            positions = torch.arange(num_frames) if positions is None else positions.cpu()
-            attn_mask = self.frame_mask(num_frames, chunk if self.chunk_bidirectional else None, device)
-        else:
-            cache.allocate((height // ph) * (width // pw), self.num_heads, head_dim, dtype, device)
-            positions = cache.begin(num_frames)
-            attn_mask = cache.attn_mask(self.chunk_bidirectional and not write, device)
-        sink = cache.sink_frames if cache is not None else sink_frames
-        tpe = rope = None
-        if self.tpe_mode == "rope":
-            if cache is None and sink:  # the sink sits just before the oldest rolling frame, as the cache turns it
-                rolling = positions[positions >= sink]
-                positions = torch.where(positions < sink, positions + (rolling[0] - sink if len(rolling) else 0),
-                                        positions)
-            cos, sin = rope_cos_sin(positions, head_dim)
-            rope = (cos.to(device), sin.to(device))
-        else:
-            index = tpe_index(positions, self.tpe_mode, self.max_tpe_len, tpe_offset, sink)
-            tpe = self.pos_embed_temporal[index.to(device)].to(dtype)  # (B or 1, T, D)
-        pos_spatial = sincos_2d(self.hidden_size, height // ph, width // pw, self.space_scale).to(device, dtype)
-        spatial = self._spatial_prefix(cache, chunk, write, (height // ph) * (width // pw), device)
-        return CallContext(attn_mask=attn_mask, tpe=tpe, rope=rope, pos_spatial=pos_spatial, cache=cache, text=text,
-                           spatial=spatial)
-
-    def _spatial_prefix(self, cache, chunk, write: bool, tokens_per_frame: int, device) -> SpatialPrefix | None:
-        """How this call's spatial attention reads earlier frames; None when it does not."""
-        if self.spatial_prefix is None:
-            return None
-        if cache is not None:
-            if write:
-                return SpatialPrefix("write")
-            return SpatialPrefix("read", mask=cache.spatial_mask(tokens_per_frame, device))
-        if chunk is None:  # no chunk being denoised (a plain causal pass)
-            return None
-        frames = spatial_context(self.spatial_prefix, chunk[0])
-        return SpatialPrefix("window", frames=frames, start=chunk[0]) if frames else None
+    def prepare(self, num_frames: int, height: int, width: int, cache: CallCache | None = None,
+                text: TextContext | None = None, chunk: tuple[int, int] | None = None, tpe_offset=None,
+                write: bool = False, positions: torch.Tensor | None = None, sink_frames: int = 0) -> CallContext:
+        """The context of calls on `num_frames` frames of height x width latents, made once per chunk on the device;
+        changes nothing: a cache's call is begun by `begin_call` (arguments: `call_context.prepare_call`)."""
+        return prepare_call(self, num_frames, height, width, cache, text, chunk, tpe_offset, write, positions,
+                            sink_frames)
 
     # -------------------------------------------------------------------------------- forward
     def _trunk(self, x, t, ctx: CallContext, kv_only_last: bool = False):
@@ -380,6 +296,8 @@ class CausalSTDiT(nn.Module):
             return None
         b, _, num_frames, height, width = x.shape
         text = self.encode_text(y, mask, b, text_drop)
+        if cache is not None:
+            self.begin_call(cache, num_frames, height, width)
         ctx = self.prepare(num_frames, height, width, cache, text, chunk, tpe_offset, sink_frames=sink_frames)
         return self.step(x, t, ctx)
 
@@ -390,6 +308,8 @@ class CausalSTDiT(nn.Module):
         in `forward`. Returns (B, 2C, T, H, W): guided prediction, variance from the conditional half.
         """
         _, _, num_frames, height, width = x.shape
+        if cache is not None:
+            self.begin_call(cache, num_frames, height, width)
         ctx = self.prepare(num_frames, height, width, cache, self.guided_text(y, mask), chunk)
         return self.step_with_cfg(x, t, ctx, cfg_scale)
 
@@ -410,6 +330,7 @@ class CausalSTDiT(nn.Module):
         """
         b, _, num_frames, height, width = x_clean.shape
         text = self.encode_text(y, mask, b) if text is None else text
+        self.begin_call(cache, num_frames, height, width)
         ctx = self.prepare(num_frames, height, width, cache, text, write=True)
         t = torch.zeros(b, num_frames, dtype=torch.long, device=x_clean.device)
         self._trunk(x_clean, t, ctx, kv_only_last=True)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from causalvdm.models.positional import apply_rope, rope_cos_sin
-from causalvdm.models.spatial_prefix import spatial_prefix_frames
+from causalvdm.models.spatial_prefix import SpatialPrefixRing
 
 
 # The buffers' slot length is padded up to a multiple of this (the padding always masked): CUDA's masked SDPA
@@ -32,28 +32,37 @@ def staged_mask(num_new: int, bidirectional: bool) -> torch.Tensor:
     return mask if bidirectional else mask.tril()
 
 
+class SpatialCallCache(Protocol):
+    """What a model call needs from a cache's spatial prefix (`SpatialPrefixRing`, or the reference's): a write
+    keeps its frames' spatial keys/values, a read takes the mask and context of the frames kept."""
+
+    def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def mask(self, tokens_per_frame: int, device) -> torch.Tensor | None: ...
+
+    def context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
+
+
 class CallCache(Protocol):
     """What a model call needs from a cache (`KVCache`, or the test reference `ReferenceKVCache`): allocate and begin
-    a call, its mask, stage / attend the temporal keys/values of each layer, the spatial prefix's reads and writes,
-    and commit the call's frames."""
+    a call, its mask, stage / attend the temporal keys/values of each layer, the spatial prefix's reads and writes
+    (`spatial`), and commit the call's frames."""
 
     sink_frames: int
+    spatial: SpatialCallCache
 
     def allocate(self, tokens_per_frame: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None: ...
 
     def begin(self, num_frames: int) -> torch.Tensor: ...
+
+    @property
+    def call_positions(self) -> torch.Tensor: ...
 
     def attn_mask(self, bidirectional: bool, device: torch.device) -> torch.Tensor: ...
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
-
-    def spatial_mask(self, tokens_per_frame: int, device) -> torch.Tensor | None: ...
-
-    def spatial_context(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]: ...
 
     def commit(self) -> None: ...
 
@@ -66,11 +75,10 @@ class KVCache:
     layers. Slots: the sink's, then one ring of the queue's frames and the (up to chunk_size) frames of the current
     call, frame p in slot sink + (p - sink) % (capacity + chunk_size), then padding up to a multiple of SLOT_ALIGN that
     no frame takes and the mask always hides; attention reads one fixed-size buffer instead of concatenating the cache.
-    `allocate()` (done by `model.prepare`) sizes them once the token count S and the head shape are known.
+    `allocate()` (done by `model.begin_call`) sizes them once the token count S and the head shape are known.
 
-    With a spatial prefix (`model.spatial_prefix`) it also keeps, per layer, the spatial keys/values of the frames a
-    chunk's spatial attention reads: frame 0 for ever ('first_frame'), or the last N written frames in a ring of N
-    slots ('prev_frames_N'), as (B, heads, slots, S, head_dim); cache writes fill them, reads never do.
+    With a spatial prefix (`model.spatial_prefix`) its `spatial` ring also keeps, per layer, the spatial keys/values
+    of the frames a chunk's spatial attention reads (`SpatialPrefixRing`); the cache begins and commits its calls.
 
     A frame sink (`sink_frames` = s) keeps the first s frames in view for the whole video, in slots 0..s-1 before
     the ring, besides the `capacity` rolling frames. With RoPE (`rotate_sink`) the sink's keys are turned, once per
@@ -96,14 +104,10 @@ class KVCache:
         self.v: list[torch.Tensor] = []
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
         self.spatial_prefix = spatial_prefix
-        self.spatial_slots = spatial_prefix_frames(spatial_prefix)
-        self.spatial_k: list[torch.Tensor] = []  # per layer (B, H, spatial_slots, S, Dh); empty without a prefix
-        self.spatial_v: list[torch.Tensor] = []
-        self.spatial_pos = torch.full((self.spatial_slots,), -1, dtype=torch.long)  # position per spatial slot
+        self.spatial = SpatialPrefixRing(num_layers, batch_size, spatial_prefix)
         self.next_position = 0  # absolute position of the next frame to be written
         self._num_new = 0
         self._slots: torch.Tensor | None = None  # (T,) slots of the current call's frames, on the buffers' device
-        self._spatial_new = (torch.zeros(0, dtype=torch.long), None, None)  # see begin()
 
     def __len__(self) -> int:
         return min(self.next_position, self.sink_frames) + max(0, self.next_position - self.rolling_start)
@@ -117,7 +121,7 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the key and value buffers, spatial prefix and sink included (0 before the first write)."""
         sink = 0 if self.sink_k is None else self.sink_k.nbytes
-        return sink + sum(t.nbytes for t in (*self.k, *self.v, *self.spatial_k, *self.spatial_v))
+        return sink + sum(t.nbytes for t in (*self.k, *self.v, *self.spatial.buffers))
 
     @property
     def positions(self) -> torch.Tensor:
@@ -133,7 +137,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget every frame; buffers are kept for reuse."""
         self.slot_pos.fill_(-1)
-        self.spatial_pos.fill_(-1)
+        self.spatial.reset()
         self.sink_k, self._sink_shift = None, 0
         self.next_position = 0
 
@@ -152,10 +156,9 @@ class KVCache:
         """An independent copy, to branch a generation."""
         other = copy.copy(self)
         other.k, other.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
-        other.spatial_k, other.spatial_v = [t.clone() for t in self.spatial_k], [t.clone() for t in self.spatial_v]
         other.slot_pos = self.slot_pos.clone()
         other.sink_k = None if self.sink_k is None else self.sink_k.clone()
-        other.spatial_pos = self.spatial_pos.clone()
+        other.spatial = self.spatial.clone()
         other._mark_static()
         return other
 
@@ -173,9 +176,7 @@ class KVCache:
         return {
             "k": k,
             "v": v,
-            "spatial_k": torch.stack(self.spatial_k) if self.spatial_k else None,
-            "spatial_v": torch.stack(self.spatial_v) if self.spatial_v else None,
-            "spatial_pos": self.spatial_pos.clone(),
+            **self.spatial.state_dict(),
             "next_position": self.next_position,
             "capacity": self.capacity,
             "chunk_size": self.chunk_size,
@@ -194,24 +195,20 @@ class KVCache:
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)}")
         self.next_position = int(state["next_position"])
-        self.spatial_pos = state["spatial_pos"].clone()
         positions = self.positions
         slots = self.slots_of(positions)
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)
         self.slot_pos[slots] = positions
         self.sink_k, self._sink_shift = None, 0
-        if state["k"] is None:
-            return
-        if not self.k:
-            self._allocate(state["k"])
-        index = slots.to(self.k[0].device)
-        for layer in range(self.num_layers):
-            self.k[layer][:, :, index] = state["k"][layer].to(self.k[layer])
-            self.v[layer][:, :, index] = state["v"][layer].to(self.v[layer])
-            if self.spatial_k:
-                self.spatial_k[layer].copy_(state["spatial_k"][layer])
-                self.spatial_v[layer].copy_(state["spatial_v"][layer])
-        self._keep_sink(torch.arange(min(self.next_position, self.sink_frames)))
+        if state["k"] is not None:
+            if not self.k:
+                self._allocate(state["k"])
+            index = slots.to(self.k[0].device)
+            for layer in range(self.num_layers):
+                self.k[layer][:, :, index] = state["k"][layer].to(self.k[layer])
+                self.v[layer][:, :, index] = state["v"][layer].to(self.v[layer])
+            self._keep_sink(torch.arange(min(self.next_position, self.sink_frames)))
+        self.spatial.load_state_dict(state)
 
     def _allocate(self, like: torch.Tensor) -> None:
         """Allocate the buffers like a (L or nothing, B*S, H, T, Dh) tensor: its trailing shape, dtype and device."""
@@ -229,13 +226,10 @@ class KVCache:
         """
         device = torch.device(device)
         shape = (self.batch_size * tokens_per_frame, heads, self.padded_slots, head_dim)
-        spatial_shape = (self.batch_size, heads, self.spatial_slots, tokens_per_frame, head_dim)
         if not self.k:
             self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
             self.v = [torch.zeros_like(buffer) for buffer in self.k]
-            if self.spatial_slots:
-                self.spatial_k = [torch.zeros(spatial_shape, dtype=dtype, device=device) for _ in self.k]
-                self.spatial_v = [torch.zeros_like(buffer) for buffer in self.spatial_k]
+            self.spatial.allocate(tokens_per_frame, heads, head_dim, dtype, device)
         elif self.k[0].shape != shape:
             raise ValueError(f"cache holds buffers of shape {tuple(self.k[0].shape)}, this call needs {shape}")
         elif self.k[0].dtype != dtype or self.k[0].device != device:
@@ -247,19 +241,15 @@ class KVCache:
     def _move(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the buffers, the sink's keys and the current call's slot indices to `device` (buffers in `dtype`)."""
         self.k, self.v = [t.to(device, dtype) for t in self.k], [t.to(device, dtype) for t in self.v]
-        self.spatial_k = [t.to(device, dtype) for t in self.spatial_k]
-        self.spatial_v = [t.to(device, dtype) for t in self.spatial_v]
+        self.spatial.move(device, dtype)
         if self.sink_k is not None:
             self.sink_k = self.sink_k.to(device, dtype)
         if self._slots is not None:
             self._slots = self._slots.to(device)
-        kept, index, slots = self._spatial_new
-        if index is not None:
-            self._spatial_new = (kept, index.to(device), slots.to(device))
 
     def _mark_static(self) -> None:
         """Tell dynamo every buffer keeps its address, so a compiled step takes them as fixed inputs."""
-        for buffer in (*self.k, *self.v, *self.spatial_k, *self.spatial_v):
+        for buffer in (*self.k, *self.v, *self.spatial.buffers):
             torch._dynamo.mark_static_address(buffer)
 
     def begin(self, num_frames: int) -> torch.Tensor:
@@ -272,18 +262,19 @@ class KVCache:
         self._num_new = num_frames
         device = self.k[0].device if self.k else None
         self._slots = self._new_slots.to(device)  # a tensor, so a compiled step does not see the slots change
-        # The frames of this call a later chunk's spatial prefix reads: their positions, their indices among the
-        # call's frames and their spatial slots (on the buffers' device), made once for every layer of a write.
-        kept = self._spatial_kept()
-        slots = kept % max(self.spatial_slots, 1)
-        self._spatial_new = (kept, (kept - self.next_position).to(device), slots.to(device))
+        self.spatial.begin(self.next_position, num_frames, device)
         self._turn_sink()
-        return torch.arange(self.next_position, self.next_position + num_frames)
+        return self.call_positions
+
+    @property
+    def call_positions(self) -> torch.Tensor:
+        """Absolute positions of the current call's frames (T,), as `begin` returned them; none between calls."""
+        return torch.arange(self.next_position, self.next_position + self._num_new)
 
     @property
     def _new_slots(self) -> torch.Tensor:
         """Slots of the current call's frames, on the CPU (T,)."""
-        return self.slots_of(torch.arange(self.next_position, self.next_position + self._num_new))
+        return self.slots_of(self.call_positions)
 
     def _turn_sink(self) -> None:
         """RoPE sink: rewrite the sink's key slots turned by (rolling start - s), from the keys as written, so they
@@ -345,41 +336,10 @@ class KVCache:
     def commit(self) -> None:
         """Make the frames of the last call part of the queue (their keys/values are in place already); the
         oldest leave it when it is full."""
-        new = torch.arange(self.next_position, self.next_position + self._num_new)
+        new = self.call_positions
         self.slot_pos[self._new_slots] = new
         if self.k:
             self._keep_sink(new)
-        kept = self._spatial_new[0]
-        self.spatial_pos[kept % max(self.spatial_slots, 1)] = kept
+        self.spatial.commit()
         self.next_position += self._num_new
         self._num_new = 0
-
-    # ---- spatial prefix
-    def _spatial_kept(self) -> torch.Tensor:
-        """Positions among the current call's frames that a later chunk's spatial attention may read -> (m,)."""
-        new = torch.arange(self.next_position, self.next_position + self._num_new)
-        if self.spatial_prefix == "first_frame":
-            return new[new == 0]
-        return new[max(0, len(new) - self.spatial_slots):] if self.spatial_slots else new[:0]
-
-    def stage_spatial(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep the spatial keys/values (B*T, H, S, Dh) of this write's frames that later chunks will read."""
-        kept, index, slots = self._spatial_new
-        if not len(kept):
-            return
-        for buffer, new in ((self.spatial_k[layer], k), (self.spatial_v[layer], v)):
-            frames = new.detach().view(self.batch_size, -1, *new.shape[1:]).index_select(1, index)  # (B, m, H, S, Dh)
-            buffer.index_copy_(2, slots, frames.transpose(1, 2))
-
-    def spatial_mask(self, tokens_per_frame: int, device) -> torch.Tensor | None:
-        """Keys a reading call's spatial attention may use -> (1, slots * S + S) bool: written slots, own tokens;
-        None once every slot is written (an unmasked attention takes the faster kernels)."""
-        if bool((self.spatial_pos >= 0).all()):
-            return None
-        written = (self.spatial_pos >= 0).repeat_interleave(tokens_per_frame)
-        return torch.cat([written, torch.ones(tokens_per_frame, dtype=torch.bool)])[None].to(device)
-
-    def spatial_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached spatial keys and values of `layer` -> each (B, H, slots * S, Dh)."""
-        k, v = self.spatial_k[layer], self.spatial_v[layer]  # (B, H, slots, S, Dh)
-        return k.flatten(2, 3), v.flatten(2, 3)

@@ -119,10 +119,10 @@ class SpatialAttention(SelfAttention):
         if prefix is None:
             return self.out(F.scaled_dot_product_attention(q, k, v))
         if prefix.mode == "write":
-            ctx.cache.stage_spatial(layer, k, v)
+            ctx.cache.spatial.stage(layer, k, v)
             return self.out(F.scaled_dot_product_attention(q, k, v))
         if prefix.mode == "read":
-            context_k, context_v = ctx.cache.spatial_context(layer)  # (B, H, C, Dh)
+            context_k, context_v = ctx.cache.spatial.context(layer)  # (B, H, C, Dh)
             if context_k is None:
                 return self.out(F.scaled_dot_product_attention(q, k, v))
             return self.out(attend_with_context(q, k, v, context_k, context_v, prefix.mask))

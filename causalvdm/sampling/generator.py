@@ -5,20 +5,10 @@ the hot loop (the model runs on the k chunk frames only and reads the cache, whi
 `commit` appends the finished chunk with one t = 0 pass. The queue holds `max_cond_frames` frames and
 evicts the oldest, so the cost of a chunk and the memory stay constant however long the video.
 
-mode="recompute" is the baseline without a cache: every denoising step runs the model on
-[last <= max_cond_frames written frames | chunk]. Both modes draw the same noise from the same seeds,
-so before the first eviction they produce the same video (fp32: to ~1e-5). After it the window's frames keep
-their absolute positions, as in the cache (recompute_positions='absolute', the reference code's baseline), or
-are numbered from 0 ('window').
-
-A caption can change at a chunk boundary (`switch_prompt`, or `switches` of `iter_chunks`). In cache mode the
-frames already cached keep the keys/values of the old caption, or are re-encoded under the new one: the generator
-keeps the latents of the frames in view (sink + queue, bounded) and writes them again, each at its own position in
-the call that first wrote it. Recompute mode runs the window under the current caption at every step, so it always
-re-encodes.
+mode="recompute" is the baseline without a cache (`recompute.py`); a caption can change at a chunk boundary
+(`switch_prompt`, or `switches` of `iter_chunks`; `switching.py`).
 """
 
-import itertools
 import time
 
 import numpy as np
@@ -27,10 +17,12 @@ from tqdm import tqdm
 
 from causalvdm.diffusion import make_sampler
 from causalvdm.models.spatial_prefix import spatial_prefix_frames
+from causalvdm.sampling.cached import CachedChunk
+from causalvdm.sampling.recompute import RECOMPUTE_POSITIONS, RecomputedChunk, WrittenFrames
+from causalvdm.sampling.switching import caption_at, check_switches, reencode, resume_chunk
 from causalvdm.utils.dtypes import resolve_dtype
 
 MODES = ("cache", "recompute")
-RECOMPUTE_POSITIONS = ("absolute", "window")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -102,11 +94,9 @@ class AutoregressiveGenerator:
         self.cache = None  # KVCache of the current video (cache mode)
         self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
         self.prefill_time = 0.0
-        # The written (perturbed) latents in view: recompute mode's input, what a re-encode writes again in cache mode.
-        self._window = None  # the rolling frames in view (B, C, <= max_cond_frames, h, w)
-        self._sink = None  # the sink frames written so far (B, C, <= sink_frames, h, w)
-        self._first = None  # cache mode, spatial_prefix='first_frame': frame 0, whose spatial keys are read for ever
-        self._written = 0  # frames written so far, so the window starts at _written - its length
+        # The written (perturbed) latents in view: recompute mode's input, what a re-encode writes again in cache
+        # mode; None when resumed from a cache state, which does not hold them.
+        self._written: WrittenFrames | None = None
         self._given = 0  # n0 of the current video: the calls that wrote its frames are [0, n0), then chunks
         self._batch_size = 0
         self._text = None  # TextContext of the current caption (2B rows when guided), None if unconditional
@@ -144,8 +134,9 @@ class AutoregressiveGenerator:
         b, _, n0 = first_latents.shape[:3]
         self._start(b, n0, y, mask, y is not None if guided is None else guided)
         frames = self._perturb(first_latents.to(self.device), generator)
-        self._window, self._sink, self._written = frames[:, :, :0], frames[:, :, :0], 0
-        self._keep(frames)
+        keep_first = self.model.spatial_prefix == "first_frame" and self.mode == "cache"
+        self._written = WrittenFrames(frames, self.sink_frames, self.max_cond_frames, keep_first)
+        self._written.keep(frames)
         if self.mode == "cache" and n0:
             self._write(frames)
 
@@ -158,18 +149,11 @@ class AutoregressiveGenerator:
         """
         b, _, k, h, w = noise.shape
         x = noise.to(self.device, torch.float32, copy=True)  # made here, so every step's x is an inference tensor
-        cond = torch.cat([self._sink, self._window], dim=2) if self.mode == "recompute" else None
-        p = 0 if cond is None else cond.shape[2]
-        if cond is None:
-            ctx = self.model.prepare(k, h, w, self.cache, self._text)
+        if self.mode == "cache":
+            chunk = CachedChunk(self.model, self.cache, self._text, k, h, w)
         else:
-            if self.recompute_positions == "window":
-                positions = torch.arange(p + k)
-            else:  # the sink at 0.., the rolling frames and the chunk at their absolute positions
-                rolling = torch.arange(self._written - self._window.shape[2], self._written + k)
-                positions = torch.cat([torch.arange(self._sink.shape[2]), rolling])
-            ctx = self.model.prepare(p + k, h, w, text=self._text, chunk=(p, p + k), positions=positions,
-                                     sink_frames=self.sink_frames)
+            chunk = RecomputedChunk(self.model, self._written, self._text, k, h, w, self.recompute_positions)
+        p = chunk.prefix
         self.sampler.reset()
         steps = len(self.sampler.timesteps)
         timesteps = torch.zeros(steps, b, p + k, dtype=torch.long, device=x.device)  # the written frames stay at 0
@@ -178,10 +162,7 @@ class AutoregressiveGenerator:
         for i in tqdm(range(steps), desc="denoise", leave=False, disable=not self.progress):
             if self._cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's output has been consumed
-            if cond is None:
-                out = self._call(x, timesteps[i], ctx)  # (B, 2C, k, h, w)
-            else:
-                out = self._call(torch.cat([cond, x], dim=2), timesteps[i], ctx)[:, :, p:]
+            out = chunk.chunk_output(self._call(chunk.model_input(x), timesteps[i], chunk.ctx))  # (B, 2C, k, h, w)
             x = self.sampler.step(out, i, x, generator, None if noises is None else noises[i])
         return x
 
@@ -189,7 +170,8 @@ class AutoregressiveGenerator:
     def commit(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Append a finished chunk (B, C, k, h, w): perturb (if configured), one t = 0 pass, the queue evicts."""
         frames = self._perturb(latents, generator)
-        self._keep(frames)
+        if self._written is not None:  # None: resumed from a cache state, the latents in view are unknown
+            self._written.keep(frames)
         if self.mode == "cache":
             self._write(frames)
 
@@ -206,10 +188,10 @@ class AutoregressiveGenerator:
                              "rows guidance needs: pass guided=True to prefill")
         self._text = self._encode_text(y, mask)
         if recache and self.mode == "cache":
-            if self._window is None:
+            if self._written is None:
                 raise ValueError("re-encoding at a prompt switch needs the latents of the frames in view, which a "
                                  "resumed cache state does not hold")
-            self._recache()
+            reencode(self.cache, self._written, self._given, self.chunk_size, self._write)
 
     # ------------------------------------------------------------------------------ helpers
     def _check_first(self, first_latents: torch.Tensor) -> None:
@@ -226,7 +208,7 @@ class AutoregressiveGenerator:
         self._guided = self._guidable and guided
         self._batch_size, self._given = batch_size, n0
         self._text = self._encode_text(y, mask)
-        self._window = self._sink = self._first = None
+        self._written = None
         self.cache = None
         if self.mode == "cache":
             rows = 2 * batch_size if self._guided else batch_size
@@ -246,18 +228,6 @@ class AutoregressiveGenerator:
             y, mask = self.model.null_text(self._batch_size)
         return self.model.guided_text(y, mask, per_block_kv=True)
 
-    def _keep(self, frames: torch.Tensor) -> None:
-        """Add written frames (B, C, n, h, w) to the sink (while it has room) and the rolling window."""
-        if self._window is None:  # resumed from a cache state: the latents of the frames in view are unknown
-            return
-        first_frame = self.model.spatial_prefix == "first_frame" and self.mode == "cache"
-        if first_frame and self._written == 0 and frames.shape[2]:
-            self._first = frames[:, :, :1]
-        to_sink = max(0, min(frames.shape[2], self.sink_frames - self._written))
-        self._sink = torch.cat([self._sink, frames[:, :, :to_sink]], dim=2)
-        self._window = torch.cat([self._window, frames[:, :, to_sink:]], dim=2)[:, :, -self.max_cond_frames:]
-        self._written += frames.shape[2]
-
     def _perturb(self, frames: torch.Tensor, generator) -> torch.Tensor:
         """Forward-noise clean frames to level prefix_perturb_t, as the training prefix was (noise drawn on CPU)."""
         if self.prefix_perturb_t == 0 or frames.shape[2] == 0:
@@ -265,27 +235,6 @@ class AutoregressiveGenerator:
         noise = torch.randn(frames.shape, generator=generator, dtype=frames.dtype).to(frames.device)
         t = torch.full((frames.shape[0],), self.prefix_perturb_t, dtype=torch.long, device=frames.device)
         return self.diffusion.q_sample(frames, t, noise)
-
-    def _recache(self) -> None:
-        """Cache mode: reset the cache and write the frames in view again under the current text, each at its own
-        position in the call that first wrote it (the given frames, then chunks), so each is encoded as it first was
-        but for the caption and the frames that have left the view."""
-        positions = self.cache.positions.tolist()  # the sink, then the queue: the frames of _sink, then _window
-        frames = torch.cat([self._sink, self._window], dim=2)
-        if self._first is not None and positions[0] != 0:  # frame 0 has left the queue, its spatial keys are still read
-            positions, frames = [0] + positions, torch.cat([self._first, frames], dim=2)
-        n0, k = self._given, self.chunk_size
-
-        def run(i: int) -> tuple[int, int]:  # frames i, i + 1 are in one run: the same call, consecutive positions
-            p = positions[i]
-            return -1 if p < n0 else (p - n0) // k, p - i
-
-        self.cache.reset()
-        for _, run_indices in itertools.groupby(range(len(positions)), key=run):
-            first, *rest = run_indices
-            if positions[first] > self.cache.next_position:  # the frames in between have left the view
-                self.cache.seek(positions[first])
-            self._write(frames[:, :, first:first + 1 + len(rest)])
 
     def _write(self, frames: torch.Tensor) -> None:
         if self._guided:
@@ -319,19 +268,7 @@ class AutoregressiveGenerator:
     def check_switches(self, n0: int, num_frames: int, frames: list[int]) -> None:
         """Fail unless each prompt-switch frame starts a chunk of this video, n0 + i * chunk_size < num_frames, and
         no frame switches twice."""
-        k = self.chunk_size
-        for frame in frames:
-            if frames.count(frame) > 1:
-                raise ValueError(f"two prompt switches at frame {frame}")
-            if frame >= num_frames:
-                raise ValueError(f"prompt switch at frame {frame} is beyond the video's {num_frames} frames")
-            if frame < n0 or (frame - n0) % k:
-                below = n0 + (frame - n0) // k * k
-                above = below + k if frame > n0 else n0
-                nearest = [str(b) for b in (below, above) if n0 <= b < num_frames]
-                raise ValueError(f"prompt switch at frame {frame} is not a chunk boundary (chunks of {k} from frame "
-                                 f"{n0}): the nearest {'are' if len(nearest) > 1 else 'is'} "
-                                 f"{' and '.join(nearest) or 'none'}")
+        check_switches(n0, num_frames, frames, self.chunk_size)
 
     def iter_chunks(self, first_latents: torch.Tensor, num_frames: int, y=None, mask=None, seed: int = 0,
                     cache_state: dict | None = None, switches=(), recache_on_switch: bool = False):
@@ -360,13 +297,13 @@ class AutoregressiveGenerator:
         b, c, n0, h, w = first_latents.shape
         self.chunk_times = []
         if start is None:
-            t0 = time.perf_counter()
+            started = time.perf_counter()
             self.prefill(first_latents, y, mask, chunk_generator(seed, -1), guided)
             self._sync()
-            self.prefill_time = time.perf_counter() - t0
+            self.prefill_time = time.perf_counter() - started
             start = 0
         for j in range(start, self.num_chunks(n0, num_frames)):
-            t0 = time.perf_counter()
+            started = time.perf_counter()
             if n0 + j * self.chunk_size in schedule:
                 self.switch_prompt(*schedule[n0 + j * self.chunk_size], recache=recache)
             gen = chunk_generator(seed, j)
@@ -374,7 +311,7 @@ class AutoregressiveGenerator:
             latents = self.denoise_chunk(noise, gen)
             self.commit(latents, gen)
             self._sync()
-            self.chunk_times.append(time.perf_counter() - t0)
+            self.chunk_times.append(time.perf_counter() - started)
             keep = min(self.chunk_size, num_frames - n0 - j * self.chunk_size)
             yield latents[:, :, :keep]
 
@@ -385,17 +322,8 @@ class AutoregressiveGenerator:
         if self.mode != "cache":
             raise ValueError("resuming from a cache state needs mode='cache'")
         n0 = first_latents.shape[2]
-        done, rest = divmod(int(cache_state["next_position"]) - n0, self.chunk_size)
-        if done < 0 or rest:
-            raise ValueError(f"cache state at frame {cache_state['next_position']} is not a chunk boundary "
-                             f"after {n0} given frames in chunks of {self.chunk_size}")
-        at = n0 + done * self.chunk_size
-        if recache and any(frame >= at for frame in schedule):
-            raise ValueError("recache_on_switch needs the latents of the frames in view, which a cache state does not "
-                             "hold: a resumed video must keep the cache at its later prompt switches")
-        earlier = [frame for frame in schedule if frame < at]
-        if earlier:
-            y, mask = schedule[max(earlier)]
+        done = resume_chunk(cache_state, n0, self.chunk_size, schedule, recache)
+        y, mask = caption_at(schedule, n0 + done * self.chunk_size, y, mask)
         self._start(first_latents.shape[0], n0, y, mask, guided)
         self.cache.load_state_dict(cache_state)
         return done
