@@ -227,7 +227,7 @@ def test_clean_prefix_inputs_and_gradients(make_model):
     d = IDDPM()
     x0, y, mask = _batch(model)
     p, k = 9, 8
-    kwargs = dict(y=y, mask=mask, ar_size=k, prefix_len=p, prefix_perturb_t=0, txt_dropout_prob=0.0)
+    kwargs = dict(y=y, mask=mask, chunk_size=k, prefix_len=p, prefix_perturb_t=0, txt_dropout_prob=0.0)
     res = clean_prefix_loss(model, d, x0, generators=_gens([0, 1]), **kwargs)
     res["loss"].backward()
     call = model.calls[0]
@@ -257,7 +257,7 @@ def test_clean_prefix_perturbation_and_text_dropout(make_model):
     model = Recorder(make_model())
     d = IDDPM()
     x0, y, mask = _batch(model, frames=17)
-    clean_prefix_loss(model, d, x0, y=y, mask=mask, ar_size=8, prefix_len=9, prefix_perturb_t=50,
+    clean_prefix_loss(model, d, x0, y=y, mask=mask, chunk_size=8, prefix_len=9, prefix_perturb_t=50,
                       txt_dropout_prob=1.0, generators=_gens([0, 1]))
     call = model.calls[0]
     assert (call["t"][:, :9] == 0).all()  # the timestep input of perturbed prefix frames stays 0
@@ -277,7 +277,7 @@ def test_clean_prefix_perturbation_and_text_dropout(make_model):
 def test_clean_prefix_tpe_offsets(make_model):
     # 'full_window' (the reference code): random cyclic offsets only when prefix + chunk fill the 33-row table.
     x0, y, mask = _batch(make_model())
-    kwargs = dict(y=y, mask=mask, ar_size=8, prefix_perturb_t=50, txt_dropout_prob=0.5)
+    kwargs = dict(y=y, mask=mask, chunk_size=8, prefix_perturb_t=50, txt_dropout_prob=0.5)
     for p in (9, 25):
         calls = {}
         for tpe_offsets in ("always", "full_window"):
@@ -303,7 +303,7 @@ def test_clean_prefix_text_dropout_with_fixed_null_caption(make_model):
     # The reference code's null caption: frozen, and a dropped row keeps its prompt's padding mask.
     model = Recorder(make_model(null_caption="fixed").train())
     x0, y, mask = _batch(model, frames=17)
-    res = clean_prefix_loss(model, IDDPM(), x0, y=y, mask=mask, ar_size=8, prefix_len=9, prefix_perturb_t=0,
+    res = clean_prefix_loss(model, IDDPM(), x0, y=y, mask=mask, chunk_size=8, prefix_len=9, prefix_perturb_t=0,
                             txt_dropout_prob=1.0, generators=_gens([0, 1]))
     res["loss"].backward()
     call = model.calls[0]
@@ -324,7 +324,7 @@ def test_clean_prefix_batch_equals_mean_of_halves(make_model):
     model = make_model()
     d = IDDPM()
     x0, y, mask = _batch(model, b=4)
-    kwargs = dict(ar_size=8, prefix_len=17, prefix_perturb_t=50, txt_dropout_prob=0.5)
+    kwargs = dict(chunk_size=8, prefix_len=17, prefix_perturb_t=50, txt_dropout_prob=0.5)
     seeds = [11, 12, 13, 14]
     full = clean_prefix_loss(model, d, x0, y=y, mask=mask, generators=_gens(seeds), **kwargs)
     halves = [clean_prefix_loss(model, d, x0[s], y=y[s], mask=mask[s], generators=_gens(seeds[s]), **kwargs)
@@ -415,7 +415,7 @@ def test_frame_sink_training_layout(make_model):
     losses = []
     for sink in (0, 2):
         gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        out = clean_prefix_loss(model, IDDPM(), x0, y=None, mask=None, ar_size=4, prefix_len=5, prefix_perturb_t=0,
+        out = clean_prefix_loss(model, IDDPM(), x0, y=None, mask=None, chunk_size=4, prefix_len=5, prefix_perturb_t=0,
                                 txt_dropout_prob=0.0, generators=gens, sink_frames=sink)
         losses.append(out["loss"].item())
     assert losses[0] != losses[1]

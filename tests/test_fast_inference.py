@@ -122,7 +122,7 @@ def test_autograd_never_reaches_the_cache(make_model):
     """Cached calls and writes outside no_grad: gradients reach the chunk (equal to the recompute baseline's), the
     buffers never hold a graph and memory stays flat over 20 chunks."""
     model = make_model(hidden_size=64, num_heads=4).train()
-    cache = model.new_cache(1, max_frames=9, chunk_size=4)
+    cache = model.new_cache(1, max_cond_frames=9, chunk_size=4)
     gen = torch.Generator().manual_seed(0)
     frames = torch.randn(1, 4, 1, 16, 16, generator=gen)
     model.write_cache(frames, cache)

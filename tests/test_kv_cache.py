@@ -26,7 +26,7 @@ def _fill(cache, layer_values):
 
 
 def test_capacity_and_eviction_order():
-    cache = KVCache(num_layers=2, batch_size=1, capacity=5, chunk_size=3)
+    cache = KVCache(num_layers=2, batch_size=1, max_cond_frames=5, chunk_size=3)
     assert len(cache) == 0 and cache.nbytes == 0
     _fill(cache, [1, 3])
     assert len(cache) == 4 and cache.positions.tolist() == [0, 1, 2, 3]
@@ -55,7 +55,7 @@ def test_capacity_and_eviction_order():
 
 
 def test_mask_sees_filled_slots_and_causal_chunk():
-    cache = KVCache(num_layers=1, batch_size=1, capacity=4, chunk_size=2)
+    cache = KVCache(num_layers=1, batch_size=1, max_cond_frames=4, chunk_size=2)
     _fill(cache, [2])
     cache.begin(2)
     mask = cache.attn_mask(bidirectional=False, device="cpu")
@@ -216,7 +216,7 @@ def test_forward_with_cache_leaves_it_unchanged(make_model):
 
 
 def test_reference_cache_attends_to_last_frames():
-    ref = ReferenceKVCache(num_layers=1, capacity=3)
+    ref = ReferenceKVCache(num_layers=1, max_cond_frames=3)
     for n in (2, 2, 2):
         positions = ref.begin(n)
         k = positions.float().view(1, 1, n, 1)

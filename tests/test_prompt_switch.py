@@ -48,7 +48,7 @@ def test_a_switch_changes_only_the_frames_after_it(make_model, mode, sink_frames
 def test_seek_leaves_out_frames():
     """The re-encode's one new cache operation: the rolling frames written so far leave the queue, the sink stays, the
     next call is written at the position sought."""
-    cache = KVCache(num_layers=1, batch_size=1, capacity=4, chunk_size=2, sink_frames=1)
+    cache = KVCache(num_layers=1, batch_size=1, max_cond_frames=4, chunk_size=2, sink_frames=1)
     with pytest.raises(ValueError, match="only once the 1 sink frames are written"):
         cache.seek(3)
     _fill(cache, [2])  # frame 0 (the sink) and frame 1

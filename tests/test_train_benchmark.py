@@ -57,7 +57,7 @@ def test_forward_flops_are_torch_count_of_the_step():
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
     diffusion = build(SCHEDULERS, dict(type="IDDPM"), "diffusion")
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        clean_prefix_loss(model, diffusion, x0, y=y, mask=mask, ar_size=8, prefix_len=25, prefix_perturb_t=50,
+        clean_prefix_loss(model, diffusion, x0, y=y, mask=mask, chunk_size=8, prefix_len=25, prefix_perturb_t=50,
                           txt_dropout_prob=0.1, generators=generators)
     assert counter.get_total_flops() == forward_flops(model, 2, 33, 4, 4, text_tokens=6)
 

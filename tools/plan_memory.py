@@ -99,7 +99,7 @@ def measure(cfg, mode: str, batch_size: int, steps: int = 2) -> dict:
         x0 = torch.randn(batch_size, c, frames, h, w)
         for step in range(steps):
             gens = [torch.Generator().manual_seed(step * batch_size + i) for i in range(batch_size)]
-            out = clean_prefix_loss(model, diffusion, x0, y=y, mask=None, ar_size=ar.chunk_size, prefix_len=prefix,
+            out = clean_prefix_loss(model, diffusion, x0, y=y, mask=None, chunk_size=ar.chunk_size, prefix_len=prefix,
                                     prefix_perturb_t=ar.prefix_perturb_t, txt_dropout_prob=0.1, generators=gens)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -42,10 +42,10 @@ chunks of 8, 25 cached frames, 100 steps. Wall times on a shared machine are onl
 """
 
 
-def frame_passes(n0: int, chunks: int, k: int, max_cond: int, steps: int) -> tuple[int, int]:
+def frame_passes(n0: int, chunks: int, chunk_size: int, max_cond_frames: int, steps: int) -> tuple[int, int]:
     """Frames through the model summed over a video -> (recompute, cache incl. prefill and commits)."""
-    recompute = steps * sum(min(n0 + j * k, max_cond) + k for j in range(chunks))
-    cache = steps * chunks * k + chunks * k + n0
+    recompute = steps * sum(min(n0 + j * chunk_size, max_cond_frames) + chunk_size for j in range(chunks))
+    cache = steps * chunks * chunk_size + chunks * chunk_size + n0
     return recompute, cache
 
 

@@ -43,8 +43,9 @@ def video_flops(model, mode: str, n0: int, chunks: int, k: int, max_cond: int, s
                 text_tokens: int) -> int:
     """Model FLOPs of one video as AutoregressiveGenerator runs it (`rows`: batch rows of a call, 2B with guidance).
 
-    cache: the prefill, per chunk `steps` calls on k frames against capacity + k keys and one cache write that
-    stops at the last block's K/V, the caption projected once; recompute: per chunk `steps` calls on p + k frames.
+    In the paper's letters (k = chunk_size, max_cond = max_cond_frames): cache: the prefill, per chunk `steps` calls
+    on k frames against max_cond + k keys and one cache write that stops at the last block's K/V, the caption
+    projected once; recompute: per chunk `steps` calls on p + k frames.
     """
     f = dict(batch=rows, height=h, width=w, text_tokens=text_tokens)
     rule = model.spatial_prefix

@@ -120,7 +120,7 @@ def train_step(model, optimizer, data, step: int, w: Workload) -> float:
     x0, y, mask = data
     generators = [torch.Generator().manual_seed(step * 1_000_003 + i) for i in range(x0.shape[0])]
     with w.autocast:
-        out = clean_prefix_loss(model, w.diffusion, x0, y=y, mask=mask, ar_size=w.ar.chunk_size,
+        out = clean_prefix_loss(model, w.diffusion, x0, y=y, mask=mask, chunk_size=w.ar.chunk_size,
                                 prefix_len=w.prefix_len, prefix_perturb_t=w.ar.prefix_perturb_t,
                                 txt_dropout_prob=w.settings.txt_dropout_prob, generators=generators,
                                 sink_frames=w.ar.sink_frames)

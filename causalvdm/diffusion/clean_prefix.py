@@ -13,11 +13,11 @@ from causalvdm.diffusion.gaussian import GaussianDiffusion
 TPE_OFFSETS = ("always", "full_window")
 
 
-def prefix_lengths(clip_len: int, ar_size: int) -> list[int]:
-    """Allowed prefix lengths [1, 1 + k, 1 + 2k, ...] with p + k <= clip_len (k = ar_size)."""
-    if ar_size < 1 or clip_len < 1 + ar_size:
-        raise ValueError(f"clip_len={clip_len} must hold one frame plus a chunk of ar_size={ar_size}")
-    return list(range(1, clip_len - ar_size + 1, ar_size))
+def prefix_lengths(clip_len: int, chunk_size: int) -> list[int]:
+    """Allowed prefix lengths [1, 1 + k, 1 + 2k, ...] with p + k <= clip_len (k = chunk_size)."""
+    if chunk_size < 1 or clip_len < 1 + chunk_size:
+        raise ValueError(f"clip_len={clip_len} must hold one frame plus a chunk of chunk_size={chunk_size}")
+    return list(range(1, clip_len - chunk_size + 1, chunk_size))
 
 
 def _draw(model, diffusion, sample_shape, prefix_len, prefix_perturb_t, drop_text, txt_dropout_prob, shift, gen):
@@ -38,7 +38,7 @@ def clean_prefix_loss(
     *,
     y: torch.Tensor | None,
     mask: torch.Tensor | None,
-    ar_size: int,
+    chunk_size: int,
     prefix_len: int,
     prefix_perturb_t: int,
     txt_dropout_prob: float,
@@ -57,10 +57,10 @@ def clean_prefix_loss(
     batch means, all on x0's device.
     """
     b, c, clip_len, h, w = x0.shape
-    p, k = prefix_len, ar_size
+    p, k = prefix_len, chunk_size
     allowed = prefix_lengths(clip_len, k)
     if p not in allowed:
-        raise ValueError(f"prefix_len={p} is not one of {allowed} (clip_len={clip_len}, ar_size={k})")
+        raise ValueError(f"prefix_len={p} is not one of {allowed} (clip_len={clip_len}, chunk_size={k})")
     if len(generators) != b:
         raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {b}")
     if tpe_offsets not in TPE_OFFSETS:

@@ -314,12 +314,12 @@ class CausalSTDiT(nn.Module):
         return self.step_with_cfg(x, t, ctx, cfg_scale)
 
     # ---------------------------------------------------------------------------------- cache
-    def new_cache(self, batch_size: int, max_frames: int, chunk_size: int | None = None,
+    def new_cache(self, batch_size: int, max_cond_frames: int, chunk_size: int | None = None,
                   sink_frames: int = 0) -> KVCache:
-        """An empty queue of `max_frames` conditioning frames, plus a sink of the first `sink_frames` frames kept for
-        the whole video; calls stage up to `chunk_size` frames."""
-        return KVCache(len(self.blocks), batch_size, max_frames, chunk_size or max_frames, self.spatial_prefix,
-                       sink_frames, rotate_sink=self.tpe_mode == "rope")
+        """An empty queue of `max_cond_frames` conditioning frames, plus a sink of the first `sink_frames` frames kept
+        for the whole video; calls stage up to `chunk_size` frames."""
+        return KVCache(len(self.blocks), batch_size, max_cond_frames, chunk_size or max_cond_frames,
+                       self.spatial_prefix, sink_frames, rotate_sink=self.tpe_mode == "rope")
 
     @torch.no_grad()
     def write_cache(self, x_clean, cache, y=None, mask=None, text: TextContext | None = None) -> None:

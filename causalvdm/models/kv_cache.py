@@ -1,7 +1,7 @@
 """The shared temporal KV cache: a bounded queue of the clean conditioning frames' keys and values.
 
 Every denoising step of a chunk reads the same cache; only `commit()` (after a t = 0 pass over
-the finished chunk) changes it. The queue is a ring buffer of capacity + chunk_size slots: frame at
+the finished chunk) changes it. The queue is a ring buffer of max_cond_frames + chunk_size slots: frame at
 absolute position p lives in slot p % slots. A call writes its frames' keys/values straight into the
 slots they will keep (those of frames already out of the queue), so appending moves nothing and
 commit only advances the position; the attention mask hides every slot outside the queue.
@@ -21,8 +21,14 @@ from causalvdm.models.spatial_prefix import SpatialPrefixRing
 SLOT_ALIGN = 8
 
 
+# What a saved state and the cache loading it must agree on, with what each means.
+STATE_FIELDS = {"max_cond_frames": "the queue's capacity in frames", "chunk_size": "the chunk length",
+                "batch_size": "the number of rows", "num_layers": "the depth", "spatial_prefix": "the spatial prefix",
+                "sink_frames": "the frame sink"}
+
+
 def padded_slots(num_slots: int) -> int:
-    """Slot length of a cache's buffers for `num_slots` usable slots (sink + capacity + chunk_size)."""
+    """Slot length of a cache's buffers for `num_slots` usable slots (sink + max_cond_frames + chunk_size)."""
     return -(-num_slots // SLOT_ALIGN) * SLOT_ALIGN
 
 
@@ -68,37 +74,39 @@ class CallCache(Protocol):
 
 
 class KVCache:
-    """Per-layer temporal keys/values of the last `capacity` clean frames, preallocated.
+    """Per-layer temporal keys/values of the last `max_cond_frames` clean frames, preallocated.
 
     One key and one value buffer per layer, each its own tensor at a static address, (B*S, heads, slots, head_dim):
     a compiled step then writes a call's frames into their slots in place instead of copying a buffer shared by all
     layers. Slots: the sink's, then one ring of the queue's frames and the (up to chunk_size) frames of the current
-    call, frame p in slot sink + (p - sink) % (capacity + chunk_size), then padding up to a multiple of SLOT_ALIGN that
-    no frame takes and the mask always hides; attention reads one fixed-size buffer instead of concatenating the cache.
+    call, frame p in slot sink + (p - sink) % (max_cond_frames + chunk_size), then padding up to a multiple of
+    SLOT_ALIGN that no frame takes and the mask always hides; attention reads one fixed-size buffer instead of
+    concatenating the cache.
     `allocate()` (done by `model.begin_call`) sizes them once the token count S and the head shape are known.
 
     With a spatial prefix (`model.spatial_prefix`) its `spatial` ring also keeps, per layer, the spatial keys/values
     of the frames a chunk's spatial attention reads (`SpatialPrefixRing`); the cache begins and commits its calls.
 
     A frame sink (`sink_frames` = s) keeps the first s frames in view for the whole video, in slots 0..s-1 before
-    the ring, besides the `capacity` rolling frames. With RoPE (`rotate_sink`) the sink's keys are turned, once per
-    call, to sit just before the oldest rolling frame, so every distance in view stays below s + capacity + chunk.
+    the ring, besides the `max_cond_frames` rolling frames. With RoPE (`rotate_sink`) the sink's keys are turned,
+    once per call, to sit just before the oldest rolling frame, so every distance in view stays below
+    s + max_cond_frames + chunk_size.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, capacity: int, chunk_size: int,
+    def __init__(self, num_layers: int, batch_size: int, max_cond_frames: int, chunk_size: int,
                  spatial_prefix: str | None = None, sink_frames: int = 0, rotate_sink: bool = False):
-        if capacity < 1 or chunk_size < 1 or sink_frames < 0:
-            raise ValueError(f"KV cache needs capacity >= 1, chunk_size >= 1 and sink_frames >= 0, got {capacity}, "
-                             f"{chunk_size}, {sink_frames}")
+        if max_cond_frames < 1 or chunk_size < 1 or sink_frames < 0:
+            raise ValueError(f"KV cache needs max_cond_frames >= 1, chunk_size >= 1 and sink_frames >= 0, got "
+                             f"{max_cond_frames}, {chunk_size}, {sink_frames}")
         self.num_layers = num_layers
         self.batch_size = batch_size
-        self.capacity = capacity
+        self.max_cond_frames = max_cond_frames
         self.chunk_size = chunk_size
         self.sink_frames = sink_frames
         self.rotate_sink = rotate_sink and sink_frames > 0
         self.sink_k: torch.Tensor | None = None  # RoPE: the sink's keys as written, (L, B*S, H, sink, Dh)
         self._sink_shift = 0  # the rotation the sink slots of `k` hold now
-        self.num_slots = sink_frames + capacity + chunk_size  # the slots a frame can take
+        self.num_slots = sink_frames + max_cond_frames + chunk_size  # the slots a frame can take
         self.padded_slots = padded_slots(self.num_slots)  # the buffers' slot length
         self.k: list[torch.Tensor] = []  # per layer (B*S, H, padded_slots, Dh); empty until allocated
         self.v: list[torch.Tensor] = []
@@ -115,7 +123,7 @@ class KVCache:
     @property
     def rolling_start(self) -> int:
         """Position of the oldest rolling (non-sink) frame in view (or that the next one will take)."""
-        return max(self.sink_frames, self.next_position - self.capacity)
+        return max(self.sink_frames, self.next_position - self.max_cond_frames)
 
     @property
     def nbytes(self) -> int:
@@ -131,7 +139,7 @@ class KVCache:
 
     def slots_of(self, positions: torch.Tensor) -> torch.Tensor:
         """Slot of each absolute position: the sink's own slots, then the ring."""
-        s, ring = self.sink_frames, self.capacity + self.chunk_size
+        s, ring = self.sink_frames, self.max_cond_frames + self.chunk_size
         return torch.where(positions < s, positions, s + (positions - s) % ring)
 
     def reset(self) -> None:
@@ -178,7 +186,7 @@ class KVCache:
             "v": v,
             **self.spatial.state_dict(),
             "next_position": self.next_position,
-            "capacity": self.capacity,
+            "max_cond_frames": self.max_cond_frames,
             "chunk_size": self.chunk_size,
             "batch_size": self.batch_size,
             "num_layers": self.num_layers,
@@ -187,13 +195,14 @@ class KVCache:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()`; the cache must have the same capacity, chunk size, batch size and depth.
+        """Restore a `state_dict()`; the cache must have the same queue length, chunk size, batch size and depth.
 
         Buffers already allocated keep their device and dtype; otherwise they take the state's, and the next
         `allocate()` moves every tensor of the cache to the model's."""
-        for name in ("capacity", "chunk_size", "batch_size", "num_layers", "spatial_prefix", "sink_frames"):
+        for name in STATE_FIELDS:
             if state.get(name) != getattr(self, name):
-                raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)}")
+                raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)} "
+                                 f"({STATE_FIELDS[name]} differs)")
         self.next_position = int(state["next_position"])
         positions = self.positions
         slots = self.slots_of(positions)

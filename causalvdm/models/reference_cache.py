@@ -50,14 +50,14 @@ class ReferenceSpatialPrefix:
 
 
 class ReferenceKVCache:
-    """A naive cache for verification: keeps every frame, concatenates, attends to the last `capacity`.
+    """A naive cache for verification: keeps every frame, concatenates, attends to the last `max_cond_frames`.
 
     Implements `CallCache` as `KVCache` does; slow and unbounded on purpose.
     """
 
-    def __init__(self, num_layers: int, capacity: int, spatial_prefix: str | None = None, sink_frames: int = 0,
+    def __init__(self, num_layers: int, max_cond_frames: int, spatial_prefix: str | None = None, sink_frames: int = 0,
                  rotate_sink: bool = False):
-        self.capacity = capacity
+        self.max_cond_frames = max_cond_frames
         self.sink_frames = sink_frames
         self.rotate_sink = rotate_sink
         self.spatial = ReferenceSpatialPrefix(num_layers, spatial_prefix)
@@ -71,9 +71,9 @@ class ReferenceKVCache:
         return len(self._in_view())
 
     def _in_view(self) -> list[int]:
-        """Positions of the frames attended to: the first `sink_frames`, then the last `capacity` of the rest."""
+        """Positions of the frames attended to: the first `sink_frames`, then the last `max_cond_frames` of the rest."""
         sink = list(range(min(self.next_position, self.sink_frames)))
-        return sink + list(range(max(self.sink_frames, self.next_position - self.capacity), self.next_position))
+        return sink + list(range(max(self.sink_frames, self.next_position - self.max_cond_frames), self.next_position))
 
     def allocate(self, *args) -> None:
         """Nothing to preallocate: this cache grows by concatenation."""
@@ -101,7 +101,7 @@ class ReferenceKVCache:
         keys = [torch.cat(self.keys[layer], dim=2)[:, :, view]] if view else []
         values = [torch.cat(self.values[layer], dim=2)[:, :, view]] if view else []
         sink = min(self.next_position, self.sink_frames)
-        shift = max(self.sink_frames, self.next_position - self.capacity) - self.sink_frames
+        shift = max(self.sink_frames, self.next_position - self.max_cond_frames) - self.sink_frames
         if self.rotate_sink and sink and shift:  # RoPE: the sink sits just before the oldest rolling frame
             cos, sin = rope_cos_sin(torch.tensor([shift]), k.shape[-1])
             turned = apply_rope(keys[0][:, :, :sink], cos.to(k.device), sin.to(k.device))

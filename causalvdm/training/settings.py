@@ -83,8 +83,8 @@ class TrainSettings:
         return settings
 
 
-def check_clip_shape(model, latent_shape, ar_size: int) -> None:
-    """Fail before training if one clip's latents (C, T, h, w) cannot go through `model` with chunks of `ar_size`."""
+def check_clip_shape(model, latent_shape, chunk_size: int) -> None:
+    """Fail before training if one clip's latents (C, T, h, w) cannot go through `model` with chunks of `chunk_size`."""
     channels, frames, height, width = latent_shape
     ph, pw = model.patch_size[1:]
     if channels != model.in_channels:
@@ -95,6 +95,6 @@ def check_clip_shape(model, latent_shape, ar_size: int) -> None:
     if model.tpe_mode != "rope" and frames > model.max_tpe_len:
         raise ConfigError(f"dataset.num_frames={frames} exceeds model.max_tpe_len={model.max_tpe_len} "
                           f"({model.tpe_mode} TPE); use at most {model.max_tpe_len} frames or a longer table")
-    if frames < 1 + ar_size:
+    if frames < 1 + chunk_size:
         raise ConfigError(f"dataset.num_frames={frames} must hold one clean frame plus a chunk of "
-                          f"autoregressive.chunk_size={ar_size}")
+                          f"autoregressive.chunk_size={chunk_size}")

@@ -168,7 +168,7 @@ class Trainer:
         prefix_len = lengths[int(torch.randint(len(lengths), (1,), generator=step_gen))]
         gens = [torch.Generator().manual_seed(sample_seed(s.seed, self.step, micro, int(i))) for i in batch["index"]]
         with self.autocast:
-            out = clean_prefix_loss(self.model, self.diffusion, x0, y=y, mask=mask, ar_size=self.ar.chunk_size,
+            out = clean_prefix_loss(self.model, self.diffusion, x0, y=y, mask=mask, chunk_size=self.ar.chunk_size,
                                     prefix_len=prefix_len, prefix_perturb_t=self.ar.prefix_perturb_t,
                                     txt_dropout_prob=s.txt_dropout_prob, generators=gens, tpe_offsets=s.tpe_offsets,
                                     sink_frames=self.ar.sink_frames)
