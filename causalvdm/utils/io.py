@@ -20,22 +20,33 @@ def write_json(path: str | Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file as editors save it: a byte-order mark is dropped and Windows line ends read as "\\n";
+    a file that is not UTF-8 is a one-line ValueError naming it and the line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (save it as UTF-8)") from None
+    return text.replace("\r\n", "\n")
+
+
 def iter_jsonl(path: str | Path):
-    """Yield (line number, object) for each non-blank line of a JSON-lines file.
+    """Yield (line number, object) for each non-blank line of a JSON-lines file (read by `read_text`).
 
     Raises a one-line ValueError naming the file and line for a line that is not a JSON object.
     """
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {line_no}: expected an object, got {type(row).__name__}")
-            yield line_no, row
+    for line_no, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {line_no}: expected an object, got {type(row).__name__}")
+        yield line_no, row
 
 
 def plain_name(name: str, what: str) -> str:
