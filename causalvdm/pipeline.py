@@ -10,6 +10,9 @@ validation call it, and a VideoRecorder (sampling/recorder.py) keeps PSNR, drift
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,6 +26,7 @@ from causalvdm.config import AutoregressiveSettings, load_config
 from causalvdm.data.transforms import to_size, video_transform
 from causalvdm.data.video_io import VideoReadError, iter_video_frames, read_image
 from causalvdm.models.pretrained import load_pretrained, split_init_fields
+from causalvdm.models.saved_config import check_saved_config
 from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.sampling.drift import DriftMonitor
@@ -107,6 +111,7 @@ class CausalVDMPipeline:
         model_cfg, pretrained, strict = split_init_fields(cfg.model)
         model = build(MODELS, model_cfg, "model")
         if sample.ckpt:
+            check_saved_config(sample.ckpt, cfg)
             log.info("weights: %s", load_checkpoint_weights(model, sample.ckpt, sample.weights))
         elif pretrained:
             load_pretrained(model, pretrained, strict=strict)
@@ -139,20 +144,42 @@ class CausalVDMPipeline:
                                                                  compile=compile))
         return cls.from_config(cfg, sample, device)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write config.json (model, vae, text_encoder, diffusion, autoregressive, sample) + model.safetensors.
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write config.json (model, vae, text_encoder, diffusion, autoregressive, sample) + model.safetensors into a
+        new or empty folder, both at once (written beside it, then renamed in); overwrite: replace an earlier
+        save_pretrained folder. A folder holding anything else (a training checkpoint) is refused.
 
         The weights are saved as held (bf16 when the pipeline runs in bf16); the VAE and text encoder entries keep
         pointing at their own local folders.
         """
         if self.config is None:
             raise ValueError("save_pretrained needs a pipeline built by from_config / from_pretrained (its config)")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        path = Path(path).expanduser()
+        held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path}: is a file, not a folder")
+        if held and held != sorted((PIPELINE_CONFIG, "model.safetensors")):
+            raise ValueError(f"{path}: holds other files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+                             "save into a new or empty folder")
+        if held and not overwrite:
+            raise ValueError(f"{path}: holds an earlier save_pretrained; pass overwrite=True to replace it")
         sample = asdict(replace(self.defaults, ckpt=None, image_size=self.image_size))
         config = dict(self.config, autoregressive=asdict(self.autoregressive), sample=sample)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(path / "model.safetensors"))
-        (path / PIPELINE_CONFIG).write_text(json.dumps(config, indent=2))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                      str(staging / "model.safetensors"))
+            (staging / PIPELINE_CONFIG).write_text(json.dumps(config, indent=2))
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            if held:  # moved aside first, so a crash here leaves one whole folder or the other
+                os.replace(path, old)
+            elif path.is_dir():
+                path.rmdir()
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _generator(self, sampler: str, num_steps: int, cfg_scale: float, mode: str) -> AutoregressiveGenerator:
         """The generator of these settings (the last one again when they have not changed)."""

@@ -75,6 +75,22 @@ def test_save_pretrained_round_trip(run_dir, sample_setup, tmp_path):
     np.testing.assert_array_equal(loaded(first_image=sample_setup / "first.png", seed=1, num_frames=10), frames)
 
 
+def test_save_pretrained_never_replaces_what_it_did_not_write(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoints" / "step_00000010"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    pipe = CausalVDMPipeline.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match=r"step_00000010: holds other files .*save into a new or empty folder"):
+        pipe.save_pretrained(ckpt)  # the training checkpoint it came from: its raw weights stay raw
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before
+
+    pipe.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"saved: holds an earlier save_pretrained; pass overwrite=True"):
+        pipe.save_pretrained(tmp_path / "saved")
+    pipe.save_pretrained(tmp_path / "saved", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no staging or old copy left beside it
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_iter_chunks_streams_the_call(run_dir, sample_setup):
     pipe = CausalVDMPipeline.from_pretrained(run_dir / "checkpoints" / "step_00000010")
     video = sample_setup / "real.mp4"
