@@ -45,20 +45,21 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# Where an installed (non-editable) package keeps the repository's configs/ folder (pyproject's data-files).
+# Where a "configs/..." path missing from the working folder is looked for: an installed (non-editable) package's copy
+# (pyproject's data-files), then the checkout this package runs from (an editable install, or PYTHONPATH).
 INSTALLED_CONFIGS = Path(sys.prefix) / "share" / "causalvdm"
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     """Read an mmengine `.py` config and apply dotted-key overrides; errors name the file.
 
-    A "configs/..." path missing from the working directory is read from the installed package's copy, so
-    `causalvdm-train configs/demo/overfit.py` works from any folder after `pip install causalvdm`.
+    A "configs/..." path missing from the working directory is read from the installed package's copy or the
+    checkout's, so `causalvdm-train configs/demo/overfit.py` works from any folder.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file() and not path.is_absolute() and path.parts[:1] == ("configs",):
-        installed = INSTALLED_CONFIGS / path
-        path = installed if installed.is_file() else path
+        path = next((home / path for home in (INSTALLED_CONFIGS, CHECKOUT) if (home / path).is_file()), path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

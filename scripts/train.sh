@@ -5,10 +5,11 @@
 #   bash scripts/train.sh configs/ucf101/xl2_256.py ucf 29500 0,1,2,3 --resume auto
 # Multi-node: set NNODES, NODE_RANK and MASTER_ADDR on every node (torchrun's static rendezvous).
 # CPU only: NPROC_PER_NODE=2 runs two gloo processes (useful for testing DDP/FSDP2 on one machine).
+# Paths (the config, --resume, train.outputs_dir) are the caller's: this script does not change folder.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,7p' "$0"; exit 0
+  sed -n '2,8p' "$0"; exit 0
 fi
 config=$1; shift
 positional=()
@@ -18,13 +19,13 @@ master_port=${positional[1]:-29500}
 gpu_ids=${positional[2]:-}
 
 if [[ -n "$gpu_ids" ]]; then
-  export CUDA_VISIBLE_DEVICES=$gpu_ids
+  export CUDA_VISIBLE_DEVICES=$gpu_ids CAUSALVDM_GPU_IDS=$gpu_ids  # the trainer refuses GPU ids without a GPU
   nproc=$(awk -F, '{print NF}' <<< "$gpu_ids")
 else
   nproc=${NPROC_PER_NODE:-1}
 fi
 PY=python
-if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
+if [[ -z "${VIRTUAL_ENV:-}" && -z "${CONDA_PREFIX:-}" && -x "$root/.venv/bin/python" ]]; then PY="$root/.venv/bin/python"; fi
 
 exec "$PY" -m causalvdm.cli.launch \
   --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \

@@ -11,9 +11,11 @@ locked while the run lives; one that holds an earlier run needs --resume (contin
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from causalvdm.cli.common import USER_ERRORS, ArgumentParser, debugging, error_line, one_line_errors
@@ -22,13 +24,15 @@ from causalvdm.distill import DistillSettings
 from causalvdm.distill.trainer import DistillTrainer
 from causalvdm.registry import ConfigError
 from causalvdm.training.distributed import any_process, init_distributed
-from causalvdm.training.run_dir import claim_run_dir
+from causalvdm.training.run_dir import claim_run_dir, config_paths
 from causalvdm.training.settings import TrainSettings
 from causalvdm.training.trainer import Trainer
 from causalvdm.utils.io import plain_name
 from causalvdm.utils.memory import keep_freed_memory
 
 log = logging.getLogger("causalvdm.train")
+
+GPU_IDS_ENV = "CAUSALVDM_GPU_IDS"  # set by scripts/train.sh to the GPU ids it was given
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Run training -> exit code: 0 done, 1 bad command line or config (one `error:` line), 2 bad config, data or
-    checkpoint found while setting up the run (one ERROR line, also in train.log), 3 too many non-finite steps."""
+    checkpoint found while setting up the run (one ERROR line, also in train.log), 3 too many non-finite steps,
+    130 stopped by Ctrl-C (after saving a checkpoint when it came during training)."""
     args = parse_args(argv)
+    with one_line_errors():
+        gpu_ids = os.environ.get(GPU_IDS_ENV)
+        if gpu_ids and not torch.cuda.is_available():
+            raise ConfigError(f"GPU ids {gpu_ids} given, but torch sees no CUDA device here (leave them out to train "
+                              "on the CPU)")
     with one_line_errors():  # these errors name the file themselves
         cfg = load_config(args.config, args.cfg_options)
         require(cfg, "model", "diffusion", "dataset")
@@ -63,7 +73,7 @@ def main(argv=None) -> int:
     lock, refusal = None, ""
     if info.is_main:
         try:
-            lock = claim_run_dir(run_dir, args.resume, args.overwrite)
+            lock = claim_run_dir(run_dir, args.resume, args.overwrite, config_paths(cfg.to_dict()))
         except ConfigError as err:
             refusal = str(err)
     if any_process(bool(refusal), info):  # every process stops, not only the one that found out
@@ -79,6 +89,9 @@ def main(argv=None) -> int:
     try:
         trainer = DistillTrainer if "distill" in cfg else Trainer
         return trainer(cfg, settings, run_dir, info).fit(resume=args.resume)
+    except KeyboardInterrupt:  # Ctrl-C while setting up, or twice: nothing to save yet, or asked not to
+        log.error("interrupted: no checkpoint written (a single Ctrl-C while training saves one)")
+        return 130
     except USER_ERRORS as err:
         if debugging():
             raise

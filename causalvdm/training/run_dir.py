@@ -43,10 +43,24 @@ class RunLock:
             self.file.close()
 
 
-def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock:
+def config_paths(node, key: str = "") -> dict[str, Path]:
+    """{"section.field": path} of every string in a config (dicts, lists) that names an existing file or folder: the
+    run's inputs (a teacher checkpoint, data, model folders)."""
+    if isinstance(node, dict):
+        return {k: v for name, value in node.items() for k, v in config_paths(value, f"{key}.{name}".strip(".")).items()}
+    if isinstance(node, (list, tuple)):
+        return {k: v for i, value in enumerate(node) for k, v in config_paths(value, f"{key}[{i}]").items()}
+    if isinstance(node, str) and node and Path(node).expanduser().exists():
+        return {key: Path(node).expanduser()}
+    return {}
+
+
+def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool,
+                  inputs: dict[str, Path] | None = None) -> RunLock:
     """Create and lock the run folder; refuse one holding an earlier run unless resuming it or overwriting it.
 
-    Raises ConfigError with one line naming the folder and the flags that would go on.
+    inputs: {"field": path} the run reads; --overwrite refuses to delete any of them. Raises ConfigError with one
+    line naming the folder and the flags that would go on.
     """
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite deletes it: give one of them")
@@ -61,6 +75,12 @@ def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> RunLock
     if resume or not (earlier or (run_dir / "metrics.jsonl").is_file()):
         return lock
     if overwrite:
+        doomed = [run_dir.resolve() / name for name in RUN_FILES if (run_dir / name).exists()]
+        for field, path in (inputs or {}).items():
+            if any(path.resolve().is_relative_to(target) for target in doomed):
+                lock.release()
+                raise ConfigError(f"--overwrite would delete {path}, which this run reads ({field}); move it out of "
+                                  f"{run_dir} first, or use another --exp-name")
         for name in RUN_FILES:
             path = run_dir / name
             if path.is_dir():
