@@ -1,9 +1,10 @@
-"""Faults injected into training: non-finite losses, a checkpoint write that fails half-way, SIGTERM."""
+"""Faults injected into training: non-finite losses, a checkpoint write that fails half-way, SIGTERM and Ctrl-C."""
 
 import errno
 import fcntl
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -86,21 +87,44 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, video_root, t5_dir, tr
     assert _steps(ckpts) == [4, 6]
 
 
-def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, video_root, t5_dir):
-    cfg = _config(tmp_path, video_root, t5_dir, steps=500, ckpt_every=1000)
-    run = tmp_path / "outputs" / "preempted"
-    proc = subprocess.Popen([sys.executable, "scripts/train.py", str(cfg), "--exp-name", "preempted"], cwd=ROOT,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _train_until_logged(command, run, steps: int, **popen):
+    """Start a training command and return its process once `steps` lines are in its metrics.jsonl."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, **popen)
     deadline = time.time() + 240
     metrics = run / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_checkpoint_then_exits(tmp_path, video_root, t5_dir, sig, code):
+    cfg = _config(tmp_path, video_root, t5_dir, steps=500, ckpt_every=1000)
+    run = tmp_path / "outputs" / "preempted"
+    proc = _train_until_logged([sys.executable, "scripts/train.py", str(cfg), "--exp-name", "preempted"], run, 3)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "SIGTERM: checkpoint saved at step" in stderr
+    assert proc.returncode == code, stderr[-2000:]
+    assert f"{sig.name}: checkpoint saved at step" in stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    steps = _steps(run / "checkpoints")
+    assert len(steps) == 1 and 3 <= steps[0] < 500
+
+
+def test_ctrl_c_under_torchrun_saves_a_checkpoint(tmp_path, video_root, t5_dir):
+    """Ctrl-C in a terminal reaches torchrun and its worker at once (one process group), and torchrun passes it on
+    again: the worker saves once, and each process says one line."""
+    cfg = _config(tmp_path, video_root, t5_dir, steps=500, ckpt_every=1000)
+    run = tmp_path / "outputs" / "ctrl_c"
+    proc = _train_until_logged(["bash", "scripts/train.sh", str(cfg), "ctrl_c", str(_free_port())], run, 3,
+                               start_new_session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "SIGINT: checkpoint saved at step" in stderr and "Traceback" not in stderr, stderr[-2000:]
     steps = _steps(run / "checkpoints")
     assert len(steps) == 1 and 3 <= steps[0] < 500
 
@@ -168,3 +192,18 @@ def test_too_little_disk_for_a_checkpoint_stops_before_step_1(tmp_path, video_ro
     assert len(errors) == 1 and re.search(r"full: 0\.0 MiB free, one checkpoint needs about [\d.]+ MiB", errors[0]), errors
     run = tmp_path / "outputs" / "full"
     assert not (run / "metrics.jsonl").exists() and not list_checkpoints(run / "checkpoints")
+
+
+def test_overwrite_never_deletes_what_the_run_reads(tmp_path, video_root, t5_dir, train_script):
+    """A student distilled with --overwrite in the folder that holds its teacher: the teacher stays, one line says
+    why (it was deleted before it was read)."""
+    cfg = _config(tmp_path, video_root, t5_dir, steps=2, ckpt_every=2)
+    run = tmp_path / "outputs" / "teacher_here"
+    assert train_script.main([str(cfg), "--exp-name", "teacher_here"]) == 0
+    teacher = run / "checkpoints" / "step_00000002"
+    with pytest.raises(SystemExit, match=rf"error: --overwrite would delete {re.escape(str(teacher))}, which this "
+                                         r"run reads \(distill\.teacher\)"):
+        train_script.main([str(cfg), "--exp-name", "teacher_here", "--overwrite", "--cfg-options",
+                           f"distill.teacher={teacher}", "distill.num_steps=2", "distill.teacher_steps=4"])
+    assert _steps(run / "checkpoints") == [2] and (teacher / "ema.safetensors").is_file()
+

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
@@ -25,6 +26,12 @@ def main(argv=None) -> int:
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
+    except SignalException as err:  # Ctrl-C or SIGTERM to torchrun: it passed the signal on to the workers
+        if debug:
+            raise
+        print(f"error: stopped by {err.sigval.name}; the workers were passed the signal (a training run saves a "
+              "checkpoint first)", file=sys.stderr)
+        return 128 + int(err.sigval)
     except ChildFailedError as err:
         if debug:
             raise

@@ -9,7 +9,6 @@ objective (e.g. distillation) subclasses and overrides it, reusing the step, EMA
 
 import logging
 import os
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +22,7 @@ from causalvdm.config import AutoregressiveSettings
 from causalvdm.data import StatefulSampler, build_dataloader, default_num_workers
 from causalvdm.diffusion import clean_prefix_loss, prefix_lengths
 from causalvdm.models.pretrained import build_model_from_config, split_init_fields
+from causalvdm.models.saved_config import check_saved_config
 from causalvdm.registry import DATASETS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.training.checkpoint import resolve_resume, restore_checkpoint, save_checkpoint, save_optimizer_shards
 from causalvdm.training.distributed import DistInfo, all_reduce_mean, any_process, parallelize, unwrap
@@ -30,6 +30,7 @@ from causalvdm.training.ema import EMA
 from causalvdm.training.logger import RunLogger
 from causalvdm.training.memory_plan import estimate_line
 from causalvdm.training.settings import TrainSettings, check_clip_shape, lr_factor
+from causalvdm.training.stop import StopRequest
 from causalvdm.training.validation import Validator
 from causalvdm.utils.io import check_free_space, writable_dir
 from causalvdm.utils.memory import peak_memory_mb
@@ -63,7 +64,7 @@ class Trainer:
         self.autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
         self.step, self.epoch, self.consumed, self.nonfinite_total = 0, 0, 0, 0
         self.nonfinite_run, self.skipped_files = 0, 0
-        self.sigterm = False
+        self.stop = StopRequest()
         self._vae = None
 
     # ---- set-up
@@ -96,6 +97,7 @@ class Trainer:
             if resume:
                 log.info("--resume %s: no complete checkpoint in %s, starting fresh", resume, self.ckpt_dir)
             return
+        check_saved_config(path, self.cfg)
         state = restore_checkpoint(path, self.ckpt_dir, self.model, self.core, self.optimizer, self.ema)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -307,7 +309,8 @@ class Trainer:
                         "with", path)
 
     def fit(self, resume: str | None = None) -> int:
-        """Train to `max_steps` -> exit code: 0 done (or saved after SIGTERM), 3 too many non-finite steps in a row."""
+        """Train to `max_steps` -> exit code: 0 done (or saved after SIGTERM), 130 saved after Ctrl-C, 3 too many
+        non-finite steps in a row."""
         s, info = self.settings, self.info
         self.build()
         self.resume(resume)
@@ -317,7 +320,7 @@ class Trainer:
             self.save_config()
         self.run_logger = RunLogger(self.run_dir, s.wandb, self.cfg.to_dict(), resume_step=self.step) \
             if info.is_main else None
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "sigterm", True))  # pre-emption: save, then exit
+        self.stop.install()
         self.model.train()
         if isinstance(self.text_encoder, torch.nn.Module):
             self.text_encoder.to(info.device)
@@ -339,12 +342,12 @@ class Trainer:
                     log.error("stopping: %d non-finite steps in a row; the last good checkpoint in %s is intact",
                               self.nonfinite_run, self.ckpt_dir)
                     return 3
-                pre_empted = any_process(self.sigterm, info)  # every rank saves and exits together
+                pre_empted = any_process(self.stop.requested, info)  # every rank saves and exits together
                 if self.step % s.ckpt_every == 0 or self.step == s.max_steps or pre_empted:
                     self.checkpoint()
                 if pre_empted:
-                    log.info("SIGTERM: checkpoint saved at step %d, exiting", self.step)
-                    return 0
+                    log.info("%s: checkpoint saved at step %d, exiting", self.stop.signal or "stop", self.step)
+                    return self.stop.exit_code
                 if s.validation_every and self.step % s.validation_every == 0:
                     self.validate()
             log.info("done: %d steps; skipped unreadable files: %d; non-finite steps: %d", self.step,
