@@ -9,6 +9,7 @@ longer than the tokenizer limit, an unknown registry type, bad model input shape
 import json
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -162,7 +163,7 @@ SAMPLE_CASES = [
 
 @pytest.mark.parametrize("case, extra, message", SAMPLE_CASES, ids=[c[0] for c in SAMPLE_CASES])
 def test_bad_sampling_input(case, extra, message, sample_setup, tmp_path):
-    import sample
+    from causalvdm.cli import sample
 
     argv = [str(sample_setup / "cfg2.py"), "--out", str(tmp_path)] + [a.format(root=sample_setup) for a in extra]
     with pytest.raises(SystemExit) as exit_info:
@@ -172,9 +173,48 @@ def test_bad_sampling_input(case, extra, message, sample_setup, tmp_path):
     assert not list(tmp_path.glob("*.mp4"))
 
 
+# (what the config in use changes, the override, the error's start) for a checkpoint that keeps its config.py
+MEANING_CASES = [
+    ("prediction type", "diffusion.prediction_type=v_prediction",
+     "diffusion.prediction_type is 'epsilon' in the checkpoint's config.py but 'v_prediction'"),
+    ("learned sigma", "diffusion.learn_sigma=False", "diffusion.learn_sigma is True in the checkpoint's config.py"),
+    ("TPE mode", "model.tpe_mode=rope", "model.tpe_mode is 'cyclic' in the checkpoint's config.py but 'rope'"),
+    ("TPE length", "model.max_tpe_len=33", "model.max_tpe_len is 17 in the checkpoint's config.py but 33"),
+    ("sink", "autoregressive.sink_frames=1", "autoregressive.sink_frames is 0 in the checkpoint's config.py but 1"),
+    ("spatial prefix", "model.spatial_prefix=first_frame", "model.spatial_prefix is None in the checkpoint's config.py"),
+    ("patch size", "model.patch_size=(1,1,1)", "model.patch_size is (1, 2, 2) in the checkpoint's config.py"),
+    ("channels", "model.in_channels=4", "model.in_channels is 12 in the checkpoint's config.py but 4"),
+]
+
+
+@pytest.mark.parametrize("case, override, message", MEANING_CASES, ids=[c[0] for c in MEANING_CASES])
+def test_a_checkpoint_is_read_as_what_its_config_says(case, override, message, sample_setup, tmp_path):
+    from causalvdm.cli import sample
+
+    ckpt = tmp_path / "step_00000002"
+    shutil.copytree(sample_setup / "ckpt2", ckpt)
+    shutil.copy(sample_setup / "cfg2.py", ckpt / "config.py")
+    argv = [str(sample_setup / "cfg2.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv + ["--cfg-options", override])
+    text = str(exit_info.value.code)
+    assert text.startswith(f"error: {ckpt}: {message}") and "\n" not in text, text
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_settings_that_only_change_sampling_may_differ_from_the_checkpoints(sample_setup, tmp_path):
+    from causalvdm.cli import sample
+
+    ckpt = tmp_path / "step_00000002"
+    shutil.copytree(sample_setup / "ckpt2", ckpt)
+    shutil.copy(sample_setup / "cfg2.py", ckpt / "config.py")
+    assert sample.main([str(sample_setup / "cfg2.py"), "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-steps", "1",
+                        "--sampler", "iddpm", "--num-frames", "6", "--cfg-options", "sample.cfg_scale=2.0"]) == 0
+
+
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "sub/escaped", ".."])
 def test_manifest_names_stay_in_the_output_folder(name, sample_setup, tmp_path):
-    import sample
+    from causalvdm.cli import sample
 
     out = tmp_path / "out"
     manifest = tmp_path / "jobs.jsonl"
@@ -199,7 +239,7 @@ def test_exp_name_stays_in_the_outputs_folder(name, tmp_path, video_root, t5_dir
 def test_a_full_disk_while_writing_a_video_is_one_line(sample_setup, tmp_path, monkeypatch):
     import errno
 
-    import sample
+    from causalvdm.cli import sample
     from causalvdm.sampling import writer
 
     def full(self, frames):

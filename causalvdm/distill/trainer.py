@@ -15,6 +15,7 @@ from causalvdm.diffusion import prefix_lengths
 from causalvdm.diffusion.samplers import STUDENT_SAMPLER
 from causalvdm.distill.objective import DistillSettings, FewStepDistillation
 from causalvdm.models.pretrained import split_init_fields
+from causalvdm.models.saved_config import check_saved_config
 from causalvdm.registry import MODELS, build
 from causalvdm.training.ema import EMA
 from causalvdm.training.trainer import Trainer, sample_seed
@@ -29,12 +30,16 @@ class DistillTrainer(Trainer):
     def __init__(self, cfg, settings, run_dir, info):
         super().__init__(cfg, settings, run_dir, info)
         self.distill = DistillSettings.from_cfg(cfg.get("distill"))
+        # The run's config.py and every checkpoint's say how the student samples, so a pipeline loading one needs
+        # nothing of distillation to know.
+        cfg.merge_from_dict({"sample.sampler": STUDENT_SAMPLER, "sample.num_steps": self.distill.num_steps})
 
     def build(self) -> None:
         """The Trainer's components, the frozen teacher and the student initialised from it (EMA included)."""
         super().build()
         d = self.distill
         self.teacher = build(MODELS, split_init_fields(self.cfg.model)[0], "model")
+        check_saved_config(d.teacher, self.cfg)
         log.info("teacher: %s", load_checkpoint_weights(self.teacher, d.teacher, d.teacher_weights))
         self.teacher.to(self.info.device).eval().requires_grad_(False)
         set_model_state_dict(self.model, self.teacher.state_dict(), options=StateDictOptions(full_state_dict=True))

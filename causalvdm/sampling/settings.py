@@ -8,7 +8,7 @@ from pathlib import Path
 
 from causalvdm.config import check_range, load_config, settings_from
 from causalvdm.data.transforms import to_size
-from causalvdm.diffusion.samplers import SAMPLERS, STUDENT_SAMPLER
+from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES, RECOMPUTE_POSITIONS
 from causalvdm.utils.dtypes import DTYPES
@@ -85,8 +85,9 @@ def check_prompts(entries, where: str) -> tuple[dict, ...]:
 
 
 def student_schedule(ckpt) -> dict:
-    """{sampler, num_steps} of a few-step student (its config has a `distill` section) for a checkpoint directory or
-    save_pretrained folder; {} for anything else (a weights file, a teacher)."""
+    """{sampler, num_steps} of a few-step student (its config has a `distill` section, and the distiller wrote its
+    schedule in `sample`) for a checkpoint directory or save_pretrained folder; {} for anything else (a weights file,
+    a teacher)."""
     if ckpt is None or not Path(ckpt).is_dir():
         return {}
     try:
@@ -95,9 +96,10 @@ def student_schedule(ckpt) -> dict:
         return {}
     if not cfg.get("distill"):
         return {}
+    schedule = dict(sampler=cfg.sample.sampler, num_steps=cfg.sample.num_steps)
     log.info("%s: a few-step student: %s in %d steps per chunk (--sampler / --num-steps override)", ckpt,
-             STUDENT_SAMPLER, cfg.distill.num_steps)
-    return dict(sampler=STUDENT_SAMPLER, num_steps=cfg.distill.num_steps)
+             schedule["sampler"], schedule["num_steps"])
+    return schedule
 
 
 def image_size_of(cfg, settings: SampleSettings, vae) -> tuple[int, int]:

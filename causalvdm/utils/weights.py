@@ -50,6 +50,18 @@ def checkpoint_file(ckpt: str | Path, weights: str = "ema") -> Path:
     raise CheckpointError(f"{path}: checkpoint not found")
 
 
+def saved_config_path(ckpt: str | Path) -> Path | None:
+    """The config written with the weights of `ckpt` (a checkpoint directory, a save_pretrained folder, or a weights
+    file inside one), or None for weights without one (a converted or downloaded file)."""
+    path = Path(ckpt)
+    folder = path if path.is_dir() else path.parent
+    try:
+        return pretrained_config_path(folder) if (folder / PIPELINE_CONFIG).is_file() or \
+            (folder / "config.py").is_file() else None
+    except CheckpointError:
+        return None
+
+
 # ------------------------------------------------------------------------------------------- reading
 def load_weights(path: str | Path) -> dict:
     """Read a `.safetensors` file or a torch `.pt/.pth/.bin` file (weights only) onto the CPU."""
