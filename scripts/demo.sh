@@ -34,7 +34,7 @@ bash scripts/train.sh configs/demo/overfit.py "$exp" 29517 --resume auto
 trained=$(date +%s)
 ckpt=$(ls -d "outputs/$exp/checkpoints/step_"* | tail -n 1)
 bash scripts/sample.sh configs/demo/overfit.py --ckpt "$ckpt" --first-video "data/demo_long/$clip.mp4" \
-  --first-frames 1 --num-frames 51 --out "outputs/$exp/samples" --name continuation
+  --first-frames 1 --num-frames 51 --out "outputs/$exp/samples" --name continuation --overwrite
 done_at=$(date +%s)
 
 "$PY" - "$exp" "$clip" "$((trained - start))" "$((done_at - trained))" <<'PY'
@@ -61,7 +61,7 @@ if [[ "${DISTILL:-0}" == 1 ]]; then
   bash scripts/train.sh configs/demo/distill.py "$student_exp" 29518 --resume auto --cfg-options "distill.teacher=$ckpt"
   student=$(ls -d "outputs/$student_exp/checkpoints/step_"* | tail -n 1)
   bash scripts/sample.sh --ckpt "$student" --first-video "data/demo_long/$clip.mp4" --first-frames 1 --num-frames 51 \
-    --out "outputs/$student_exp/samples" --name continuation
+    --out "outputs/$student_exp/samples" --name continuation --overwrite
   "$PY" tools/compare_student.py --teacher "$ckpt" --student "$student" --video "data/demo_long/$clip.mp4" \
     --num-frames 51 --train-frames 17 --long-frames 201 --out "outputs/$student_exp"
 fi

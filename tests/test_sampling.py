@@ -1,5 +1,8 @@
 import json
 import os
+import signal
+import subprocess
+import time
 
 import av
 import numpy as np
@@ -13,6 +16,7 @@ from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.eval.metrics import psnr_pixels as psnr
 from causalvdm.sampling.writer import ContactSheetCollector, StreamingVideoWriter, to_uint8
 from causalvdm.utils.memory import proc_status_mb
+from conftest import ROOT
 
 
 def _inputs(model, batch=2, n0=1, size=4, seed=1):
@@ -324,3 +328,65 @@ def test_sample_script_end_to_end(sample_setup, tmp_path, monkeypatch):
     assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--manifest", str(manifest),
                         "--out", str(batch)]) == 0
     assert (batch / "b.mp4").stat().st_mtime_ns == stamp
+
+
+def test_outputs_are_never_replaced_by_name_alone(sample_setup, tmp_path):
+    from causalvdm.cli import sample
+
+    root = sample_setup
+    argv = [str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-image", str(root / "first.png"),
+            "--out", str(tmp_path), "--num-frames", "6"]
+    assert sample.main(argv + ["--seed", "1"]) == 0
+    first = (tmp_path / "first.mp4").read_bytes()
+    with pytest.raises(SystemExit, match=r"first.mp4: exists \(an earlier sample\); pass --overwrite"):
+        sample.main(argv + ["--seed", "2"])
+    assert (tmp_path / "first.mp4").read_bytes() == first
+    assert sample.main(argv + ["--seed", "2", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "first.json").read_text())["seed"] == 2
+
+
+def test_batch_rerun_trusts_only_complete_sets(sample_setup, tmp_path):
+    """A row whose mp4 was written but not its sidecar (the run stopped in between) is generated again; a finished
+    one is skipped."""
+    from causalvdm.cli import sample
+
+    root = sample_setup
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps({"first_image": str(root / "first.png"), "name": n, "seed": i}) + "\n"
+                                for i, n in enumerate(("a", "b"))))
+    argv = [str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--manifest", str(manifest), "--out", str(tmp_path),
+            "--num-frames", "6"]
+    assert sample.main(argv) == 0
+    (tmp_path / "b.json").unlink()
+    stamps = {n: (tmp_path / f"{n}.mp4").stat().st_mtime_ns for n in ("a", "b")}
+    assert sample.main(argv) == 0
+    assert (tmp_path / "a.mp4").stat().st_mtime_ns == stamps["a"]
+    assert (tmp_path / "b.mp4").stat().st_mtime_ns != stamps["b"] and (tmp_path / "b.json").is_file()
+
+
+def test_ctrl_c_in_batch_sampling_then_a_rerun_finishes_the_rest(sample_setup, tmp_path):
+    root = sample_setup
+    manifest = tmp_path / "rows.jsonl"
+    names = [f"v{i:02d}" for i in range(40)]
+    manifest.write_text("".join(json.dumps({"first_image": str(root / "first.png"), "name": n, "seed": i}) + "\n"
+                                for i, n in enumerate(names)))
+    out = tmp_path / "out"
+    argv = ["scripts/sample.sh", str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--manifest", str(manifest),
+            "--out", str(out), "--num-frames", "10"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(["bash", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "v01.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted: a rerun" in stderr, stderr[-2000:]
+    done = {p.stem for p in out.glob("*.json")}
+    assert 2 <= len(done) < len(names)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no partial mp4 left behind
+    result = subprocess.run(["bash", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("done in an earlier run, skipped") == len(done)
+    assert {p.stem for p in out.glob("*.json")} == set(names)

@@ -14,7 +14,6 @@ checkpoint directory or a save_pretrained folder, and the config saved with it i
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -35,7 +34,7 @@ from causalvdm.sampling.recorder import VideoRecorder
 from causalvdm.sampling.settings import SampleSettings, check_prompts
 from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.utils.dtypes import DTYPES
-from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir
+from causalvdm.utils.io import iter_jsonl, plain_name, writable_dir, write_json
 from causalvdm.utils.memory import keep_freed_memory
 from causalvdm.utils.weights import PIPELINE_CONFIG, pretrained_config_path
 from causalvdm.training.memory_plan import estimate_line
@@ -84,7 +83,10 @@ def parse_args(argv=None):
     parser.add_argument("--manifest", help="batch mode: a .jsonl file, one video per row: {first_image | first_video, "
                         "prompt, prompts, name, first_frames, seed} (all optional; prompts: [{frame, prompt}] "
                         "switches as --prompt-at; relative paths are relative to the manifest). "
-                        "Rows are split over torchrun processes; videos whose mp4 exists are skipped")
+                        "Rows are split over torchrun processes; a rerun skips the videos it finished (mp4 and "
+                        "sidecar .json written)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of the same name in --out from an "
+                        "earlier run (without it a single video refuses to, and --manifest skips finished rows)")
     add_config_args(parser)
     args = parser.parse_args(argv)
     if not args.config and not args.ckpt:
@@ -130,8 +132,18 @@ def run_job(job: Job, pipe: CausalVDMPipeline, out_dir: Path, config_path: str) 
                  sidecar["given_frames"], min(metrics["eval_len"], metrics["frames"][-1] + 1) - 1,
                  metrics["psnr_mean_eval"], metrics["psnr_repeat_last_mean_eval"])
     sidecar["drift"] = sidecar.pop("drift")  # last: one record per chunk
-    (out_dir / f"{job.name}.json").write_text(json.dumps(sidecar, indent=2))
+    write_json(out_dir / f"{job.name}.json", sidecar)  # last and atomic: it marks the set complete
     return sidecar
+
+
+def outputs_of(name: str, out_dir: Path) -> list[Path]:
+    """The files a job named `name` writes into out_dir (the sidecar NAME.json last)."""
+    return [out_dir / f"{name}{suffix}" for suffix in (".mp4", ".png", "_drift.png", ".json")]
+
+
+def complete(name: str, out_dir: Path) -> bool:
+    """True when an earlier run finished job `name`: its sidecar, written last, and its video are there."""
+    return (out_dir / f"{name}.json").is_file() and (out_dir / f"{name}.mp4").is_file()
 
 
 def read_jobs(manifest: str, settings: SampleSettings) -> list[Job]:
@@ -219,13 +231,30 @@ def main(argv=None) -> int:
             jobs = [Job(name, settings.prompt, settings.seed, settings.first_image, settings.first_video,
                         settings.first_frames, settings.prompts)]
         out_dir = writable_dir(args.out or default_out_dir(args), "--out" if args.out else "the output folder")
+        earlier = [path for path in outputs_of(jobs[0].name, out_dir) if path.exists()] if jobs else []
+        if not args.manifest and earlier and not args.overwrite:
+            raise ConfigError(f"{earlier[0]}: exists (an earlier sample); pass --overwrite to replace it, or choose "
+                              "another --name or --out")
         log.info(estimate_line(cfg, "sample", device.type, 1, cfg_scale=settings.cfg_scale))
         pipe = CausalVDMPipeline.from_config(cfg, settings, device, progress=rank == 0)
 
+    try:
+        failed = run_jobs(jobs, pipe, out_dir, config_path, args)
+    except KeyboardInterrupt:  # finished videos are whole; the one in progress has no sidecar and its mp4 was dropped
+        log.error("interrupted: a rerun of the same --manifest redoes only the unfinished videos; a single video "
+                  "needs --overwrite if some of its files were written")
+        return 130
+    if failed:
+        log.error("%d of %d videos failed", failed, len(jobs))
+    return 1 if failed else 0
+
+
+def run_jobs(jobs: list[Job], pipe: CausalVDMPipeline, out_dir: Path, config_path: str, args) -> int:
+    """Generate each job not finished by an earlier run (batch mode) -> the number that failed."""
     failed = 0
     for job in jobs:
-        if args.manifest and (out_dir / f"{job.name}.mp4").exists():
-            log.info("%s: exists, skipped", job.name)
+        if args.manifest and not args.overwrite and complete(job.name, out_dir):
+            log.info("%s: done in an earlier run, skipped", job.name)
             continue
         try:
             sidecar = run_job(job, pipe, out_dir, config_path)
@@ -238,9 +267,7 @@ def main(argv=None) -> int:
             failed += 1
             continue
         print(f"{out_dir / sidecar['video']}: {sidecar['frames']} frames in {sidecar['total_seconds']:.1f}s")
-    if failed:
-        log.error("%d of %d videos failed", failed, len(jobs))
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
