@@ -16,6 +16,7 @@ from causalvdm.cli import encode_latents, prepare_demo_data
 from causalvdm.data import (ClassFolderDataset, FrameCache, FrameFolderDataset, LatentDataset, StatefulSampler,
                             VideoManifestDataset, VideoReadError, build_dataloader, class_caption, default_num_workers,
                             probe_video, read_video_frames, video_transform)
+from causalvdm.data import latent_shards
 from causalvdm.data import sampler as sampler_module
 from causalvdm.data.latents import LATENT_FORMAT
 from causalvdm.data.video_io import NoReadableItemError, image_shape, read_image, read_image_frames
@@ -389,6 +390,50 @@ def test_encode_latents_round_trip(tmp_path, capsys, caplog):
         encode_latents.main(argv + ["--cfg-options", "vae.factor=4"])
     with pytest.raises(ValueError, match="index.json: not found"):
         LatentDataset(str(tmp_path), num_frames=3)
+
+
+def test_encoded_latents_follow_their_sources(tmp_path, capsys, monkeypatch):
+    """A video or caption that changed after encoding is encoded again; an index whose shards were rewritten after
+    it (an interrupted rerun) is refused, and a rerun in progress leaves no index to trust."""
+    root = tmp_path / "clips"
+    for k in range(3):
+        write_video(root / f"v{k}.mp4", pattern(6, 16, 16, offset=k * 5))
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"v{k}.mp4", "caption": f"clip {k}"}) + "\n" for k in range(3)))
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(f"vae = dict(type='PixelVAE', factor=2)\n"
+                   f"dataset = dict(type='VideoManifestDataset', root={str(root)!r}, manifest='manifest.jsonl', "
+                   f"num_frames=3, image_size=16)\n")
+    out = tmp_path / "latents"
+    argv = ["--config", str(cfg), "--out", str(out), "--shard-size", "1"]
+    assert encode_latents.main(argv) == 0
+    capsys.readouterr()
+
+    write_video(root / "v1.mp4", pattern(6, 16, 16, offset=40))  # the same name, other frames
+    manifest.write_text(manifest.read_text().replace("clip 2", "clip two"))
+    assert encode_latents.main(argv) == 0
+    assert "(1 already done)" in capsys.readouterr().out
+    latents = LatentDataset(str(out), num_frames=3)
+    assert latents.source(2) == ("v2.mp4", "clip two")
+    pixels = VideoManifestDataset(str(root), "manifest.jsonl", num_frames=3, image_size=16)
+    assert torch.equal(latents[1]["latents"], PixelVAE(factor=2).encode(pixels[1]["video"][None])[0])
+
+    index = (out / "index.json").read_bytes()
+    write_video(root / "v0.mp4", pattern(6, 16, 16, offset=60))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latent_shards, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        encode_latents.main(argv)
+    assert not (out / "index.json").exists()  # nothing left that describes shards it does not match
+    monkeypatch.undo()
+    (out / "index.json").write_bytes(index)  # an index kept from before, over a shard written since
+    assert encode_latents.main(argv) == 0
+    (out / "index.json").write_bytes(index)
+    with pytest.raises(ValueError, match=r"latents-00000.safetensors: rewritten after .*index.json was"):
+        LatentDataset(str(out), num_frames=3)
 
 
 def test_prepare_demo_data(tmp_path, capsys):

@@ -10,19 +10,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from causalvdm.data.latents import LATENT_FORMAT, LATENT_INDEX_FILE
-from causalvdm.data.video_clips import VideoClipDataset
+from causalvdm.data.latents import LATENT_FORMAT, LATENT_INDEX_FILE, SHARD_META_KEY, shard_digest, shard_header
+from causalvdm.data.video_clips import SourceVideo, VideoClipDataset
 from causalvdm.data.video_io import NoReadableItemError, VideoReadError, first_line
 from causalvdm.registry import ConfigError
 
 log = logging.getLogger("causalvdm.data")
-
-_META_KEY = "causalvdm"  # safetensors header metadata entry holding the shard's JSON description
-
 
 def shard_name(k: int) -> str:
     """File name of shard `k`."""
@@ -50,11 +47,18 @@ def read_shard_meta(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            return json.loads(f.metadata()[_META_KEY])
+        return json.loads(shard_header(path))
     except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:
         log.warning("%s: unreadable shard, encoding it again (%s)", path, first_line(err))
         return None
+
+
+def video_fingerprint(video: SourceVideo) -> list:
+    """What a video's latents were made from: its name, caption, and each file's size and modification time (a
+    frame folder: its frames'), so an edited video or caption is encoded again."""
+    files = video.frames or (video.path,)
+    stats = [os.stat(f) for f in files]
+    return [video.name, video.caption, sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)]
 
 
 @torch.no_grad()
@@ -67,6 +71,8 @@ def encode_dataset(dataset: VideoClipDataset, vae, out_dir: Path, config: dict, 
     Raises NoReadableItemError, and writes no index, when not one video can be read.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The index goes first and comes back last: a run stopped half-way leaves none, not one that lies about its shards.
+    (out_dir / LATENT_INDEX_FILE).unlink(missing_ok=True)
     n = len(dataset)
     num_shards = math.ceil(n / shard_size)
     metas = [read_shard_meta(out_dir / shard_name(k)) for k in range(num_shards)]
@@ -78,7 +84,7 @@ def encode_dataset(dataset: VideoClipDataset, vae, out_dir: Path, config: dict, 
     with tqdm(total=n, unit="video", desc="encoding latents") as bar:
         for k, meta in enumerate(metas):
             lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-            sources = [dataset.source(i)[0] for i in range(lo, hi)]
+            sources = [video_fingerprint(dataset.videos[i]) for i in range(lo, hi)]
             if meta is not None and meta["sources"] == sources:
                 items += meta["items"]
                 skipped += meta["skipped"]
@@ -102,14 +108,16 @@ def encode_dataset(dataset: VideoClipDataset, vae, out_dir: Path, config: dict, 
                                             num_frames=z.shape[1]))
                 bar.update(1)
             meta = dict(config=config, sources=sources, items=shard_items, skipped=shard_skipped)
-            _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)}))
+            _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={SHARD_META_KEY: json.dumps(meta)}))
             items += shard_items
             skipped += shard_skipped
     if not items:  # an index of no video would only fail later, in the training that reads it
         names = f" ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})" if skipped else ""
         raise NoReadableItemError(f"{type(dataset).__name__}: none of the {n} videos under {dataset.root} can be "
                                   f"read{names}; no {LATENT_INDEX_FILE} written")
+    shards = {shard_name(k): shard_digest(out_dir / shard_name(k)) for k in range(num_shards)}
     index = dict(format=LATENT_FORMAT, config=config, latent_channels=vae.out_channels,
-                 downsample=vae.downsample, image_size=list(dataset.image_size), items=items, skipped=skipped)
+                 downsample=vae.downsample, image_size=list(dataset.image_size), shards=shards, items=items,
+                 skipped=skipped)
     _write_text(out_dir / LATENT_INDEX_FILE, json.dumps(index, indent=1))
     return dict(encoded=len(items), skipped=len(skipped), shards=num_shards, reused=reused)

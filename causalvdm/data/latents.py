@@ -1,6 +1,7 @@
 """Latent videos cached by tools/encode_latents.py: its index file, and the dataset that reads clips of them from the
 memory-mapped safetensors shards."""
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,18 @@ log = logging.getLogger("causalvdm.data")
 
 LATENT_INDEX_FILE = "index.json"  # written by tools/encode_latents.py next to its shards
 LATENT_FORMAT = "causalvdm-latents/1"
+SHARD_META_KEY = "causalvdm"  # safetensors header metadata entry holding a shard's JSON description
+
+
+def shard_header(path: Path) -> str:
+    """The JSON description a shard keeps in its safetensors header (read without loading any tensor)."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return f.metadata()[SHARD_META_KEY]
+
+
+def shard_digest(path: Path) -> str:
+    """A digest of a shard's description: the index records it, so a shard rewritten after the index is noticed."""
+    return hashlib.sha256(shard_header(path).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class LatentDataset(ClipDataset):
             self.sources = {it["key"]: it["path"] for it in index["items"]}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{index_path}: not a latent index ({first_line(err)})") from None
+        self._check_shards(index_path, index.get("shards", {}))
         for number, entry in enumerate(index["items"], 1):
             # tools/encode_latents.py writes bare shard names: one leaving the root was edited in
             if not inside_root(self.root, self.root / entry["shard"]):
@@ -64,6 +78,19 @@ class LatentDataset(ClipDataset):
                         index_path, len(items) - len(self.latents), len(items), self.span)
         if not self.latents:
             raise ValueError(f"{index_path}: no latent video has the {self.span} frames a sample needs")
+
+    def _check_shards(self, index_path: Path, shards: dict) -> None:
+        """Fail with one line when a shard the index lists is missing or was written after the index."""
+        for name, digest in shards.items():
+            path = self.root / name
+            try:
+                same = shard_digest(path) == digest
+            except (OSError, SafetensorError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}: listed in {index_path} but unreadable ({first_line(err)}); run "
+                                 "tools/encode_latents.py again") from None
+            if not same:
+                raise ValueError(f"{path}: rewritten after {index_path} was (an interrupted encode?); run "
+                                 "tools/encode_latents.py again")
 
     def __len__(self) -> int:
         return len(self.latents)
