@@ -40,6 +40,14 @@ TRAIN_CASES = [
      r"/nonexistent/t5.*text_encoder\.from_pretrained"),
     ("missing data root", ["dataset.root=/nonexistent/videos"], r"/nonexistent/videos: dataset root is not a directory"),
     ("batch larger than the dataset", ["train.batch_size=64"], r"fewer than train\.batch_size=64"),
+    # layouts no sampler could use, found before step 1 instead of after the run
+    ("queue and chunk beyond the cyclic TPE", ["autoregressive.max_cond_frames=8"],
+     r"autoregressive: cyclic TPE: max_cond_frames \+ chunk_size = 12 frames in view exceed max_tpe_len=9"),
+    ("sink beyond the cyclic TPE", ["autoregressive.sink_frames=2", "autoregressive.max_cond_frames=4"],
+     r"autoregressive: cyclic TPE: sink_frames \+ max_cond_frames \+ chunk_size = 10 frames in view"),
+    ("spatial prefix longer than the queue", ["model.spatial_prefix=prev_frames_4", "autoregressive.max_cond_frames=3"],
+     r"autoregressive: spatial_prefix='prev_frames_4' reads more frames than the max_cond_frames=3"),
+    ("misspelt section", ["trian.lr=1e-4"], r"unknown section 'trian' \(did you mean 'train'\?\)"),
 ]
 
 

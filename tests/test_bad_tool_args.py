@@ -55,6 +55,10 @@ CASES = {
     "cache-bf16-tol-inf": ("verify_cache.py", ["--config", TINY, "--bf16-tol", "inf"], "--bf16-tol"),
     "cache-chunk-beyond-absolute-tpe": ("verify_cache.py", ["--config", TINY, "--tpe-mode", "absolute", "--chunk",
                                                             "40"], "--chunk"),
+    "cache-view-beyond-cyclic-tpe": ("verify_cache.py", ["--config", TINY, "--chunk", "10", "--max-cond", "25"],
+                                     "frames in view exceed max_tpe_len=33"),
+    "cache-spatial-prefix-beyond-queue": ("verify_cache.py", ["--config", TINY, "--spatial-prefix", "prev_frames_4",
+                                                              "--max-cond", "3", "--chunk", "4"], "--max-cond 3"),
     # Outputs and devices are checked where the flag is read, before any work whose figures would be lost.
     **{f"{tool}-json-{kind}": (f"{tool}.py", [*args, "--json", path], "--json")
        for tool, args in (("benchmark_speedup", ["--config", TINY]), ("benchmark_step", ["--config", TINY]),

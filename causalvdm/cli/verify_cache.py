@@ -18,6 +18,7 @@ import causalvdm
 from causalvdm.cli.common import ArgumentParser, non_negative_float, non_negative_int, one_line_errors, positive_int
 from causalvdm.config import add_config_args, load_config, require
 from causalvdm.models.cache_check import verify
+from causalvdm.models.layout import check_layout
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import ConfigError
 
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
     randomize_weights(model, seed=args.seed).eval().to(getattr(torch, args.dtype))
     latent_size = args.latent_size or tuple(cfg.get("latent_size", (4, 4)))
 
+    try:
+        check_layout(model, args.chunk, args.max_cond)
+    except ValueError as err:
+        sys.exit(f"error: {args.config}: --chunk {args.chunk} --max-cond {args.max_cond}: {err}")
     steps = args.ar_steps
     if model.tpe_mode == "absolute":
         fit = (model.max_tpe_len - args.first_frames) // args.chunk

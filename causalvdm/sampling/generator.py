@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from causalvdm.diffusion import make_sampler
-from causalvdm.models.spatial_prefix import spatial_prefix_frames
+from causalvdm.models.layout import check_layout
 from causalvdm.sampling.cached import CachedChunk
 from causalvdm.sampling.recompute import RECOMPUTE_POSITIONS, RecomputedChunk, WrittenFrames
 from causalvdm.sampling.switching import caption_at, check_switches, reencode, resume_chunk
@@ -59,18 +59,7 @@ class AutoregressiveGenerator:
         if recompute_positions not in RECOMPUTE_POSITIONS:
             raise ValueError(f"recompute_positions must be one of {', '.join(RECOMPUTE_POSITIONS)}, "
                              f"got {recompute_positions!r}")
-        if chunk_size < 1 or max_cond_frames < 1:
-            raise ValueError(f"need chunk_size >= 1 and max_cond_frames >= 1, got {chunk_size}, {max_cond_frames}")
-        if sink_frames < 0:
-            raise ValueError(f"sink_frames must be >= 0, got {sink_frames}")
-        in_view = sink_frames + max_cond_frames + chunk_size
-        if model.tpe_mode == "cyclic" and in_view > model.max_tpe_len:
-            raise ValueError(f"cyclic TPE: {'sink_frames + ' if sink_frames else ''}max_cond_frames + chunk_size = "
-                             f"{in_view} frames in view exceed max_tpe_len={model.max_tpe_len}, so two of them "
-                             "would share a position")
-        if spatial_prefix_frames(model.spatial_prefix) > max_cond_frames:
-            raise ValueError(f"spatial_prefix={model.spatial_prefix!r} reads more frames than the max_cond_frames="
-                             f"{max_cond_frames} the recompute baseline keeps")
+        check_layout(model, chunk_size, max_cond_frames, sink_frames)
         if not 0 <= prefix_perturb_t < diffusion.num_timesteps:
             raise ValueError(f"prefix_perturb_t must be in [0, {diffusion.num_timesteps}), got {prefix_perturb_t}")
         compile_mode = "default" if compile is True else compile or None

@@ -3,9 +3,10 @@
 import math
 from dataclasses import dataclass
 
-from causalvdm.config import check_range, settings_from
+from causalvdm.config import AutoregressiveSettings, check_range, settings_from
 from causalvdm.diffusion.clean_prefix import TPE_OFFSETS
 from causalvdm.diffusion.samplers import SAMPLERS
+from causalvdm.models.layout import check_layout
 from causalvdm.registry import ConfigError
 
 
@@ -83,8 +84,10 @@ class TrainSettings:
         return settings
 
 
-def check_clip_shape(model, latent_shape, chunk_size: int) -> None:
-    """Fail before training if one clip's latents (C, T, h, w) cannot go through `model` with chunks of `chunk_size`."""
+def check_clip_shape(model, latent_shape, ar: AutoregressiveSettings) -> None:
+    """Fail before training if one clip's latents (C, T, h, w) cannot go through `model` in the layout of `ar`, or
+    if no sampler could use that layout (found now, not after the run)."""
+    chunk_size = ar.chunk_size
     channels, frames, height, width = latent_shape
     ph, pw = model.patch_size[1:]
     if channels != model.in_channels:
@@ -98,3 +101,7 @@ def check_clip_shape(model, latent_shape, chunk_size: int) -> None:
     if frames < 1 + chunk_size:
         raise ConfigError(f"dataset.num_frames={frames} must hold one clean frame plus a chunk of "
                           f"autoregressive.chunk_size={chunk_size}")
+    try:
+        check_layout(model, chunk_size, ar.max_cond_frames, ar.sink_frames)
+    except ValueError as err:
+        raise ConfigError(f"autoregressive: {err}") from None

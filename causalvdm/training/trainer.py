@@ -282,7 +282,7 @@ class Trainer:
         s, info = self.settings, self.info
         self.first_clip = self.dataset[0]  # also fails (one line) when no item of the dataset can be read
         self.first_latents = self.encode({k: v[None] for k, v in self.first_clip.items() if k in ("video", "latents")})
-        check_clip_shape(self.core, tuple(self.first_latents.shape[1:]), self.ar.chunk_size)
+        check_clip_shape(self.core, tuple(self.first_latents.shape[1:]), self.ar)
         if s.validation_every:  # builds the VAE now
             self.validator = Validator(split_init_fields(self.cfg.model)[0], self.core, self.vae, self.diffusion,
                                        self.text_encoder, self.ar, self.validation_schedule(),
