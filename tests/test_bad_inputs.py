@@ -210,6 +210,17 @@ def test_a_checkpoint_is_read_as_what_its_config_says(case, override, message, s
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize("with_config", [True, False], ids=["config-given", "ckpt-only"])
+def test_a_hugging_face_folder_is_not_taken_for_a_checkpoint(with_config, sample_setup, t5_dir, tmp_path):
+    from causalvdm.cli import sample
+
+    argv = ([str(sample_setup / "cfg2.py")] if with_config else []) + ["--ckpt", str(t5_dir), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    assert str(exit_info.value.code) == (f"error: {t5_dir}: not a causalvdm checkpoint: its config.json has no "
+                                         "'model' section; a Hugging Face model folder (model_type 't5')?")
+
+
 def test_settings_that_only_change_sampling_may_differ_from_the_checkpoints(sample_setup, tmp_path):
     from causalvdm.cli import sample
 

@@ -4,12 +4,14 @@ never pickle), checking them against a model or a model folder, and loading them
 Every failure is a one-line CheckpointError (or ConfigError for a model folder) naming the file.
 """
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from causalvdm.registry import ConfigError
+from causalvdm.utils.io import read_text
 
 PIPELINE_CONFIG = "config.json"  # marks a folder written by CausalVDMPipeline.save_pretrained
 # Wrappers that training scripts put around a state dict, tried in this order (EMA weights first).
@@ -32,15 +34,32 @@ def pretrained_config_path(path: str | Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     for candidate in (path / PIPELINE_CONFIG, path / "config.py", path.parent.parent / "config.py"):
+        if candidate == path / PIPELINE_CONFIG and candidate.is_file():
+            check_pipeline_config(candidate)
         if candidate.is_file():
             return candidate
     raise CheckpointError(f"{path}: no {PIPELINE_CONFIG} or config.py here or two levels up (pass the config)")
+
+
+def check_pipeline_config(path: Path) -> None:
+    """Fail with one line unless the config.json at `path` is a save_pretrained one (it has a `model` section): a
+    Hugging Face model folder has a config.json too."""
+    try:
+        config = json.loads(read_text(path))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        kind = f" (model_type {config['model_type']!r})" if isinstance(config, dict) and "model_type" in config else ""
+        raise CheckpointError(f"{path.parent}: not a causalvdm checkpoint: its {path.name} has no 'model' section; "
+                              f"a Hugging Face model folder{kind}?")
 
 
 def checkpoint_file(ckpt: str | Path, weights: str = "ema") -> Path:
     """The weights file of a save_pretrained folder, of a training checkpoint directory (`weights`), or a file."""
     path = Path(ckpt)
     if path.is_dir():
+        if (path / PIPELINE_CONFIG).is_file():
+            check_pipeline_config(path / PIPELINE_CONFIG)
         file = path / ("model.safetensors" if (path / PIPELINE_CONFIG).is_file() else f"{weights}.safetensors")
         if not file.is_file():
             raise CheckpointError(f"{path}: no {file.name} in this directory (not a training checkpoint?)")
@@ -55,11 +74,8 @@ def saved_config_path(ckpt: str | Path) -> Path | None:
     file inside one), or None for weights without one (a converted or downloaded file)."""
     path = Path(ckpt)
     folder = path if path.is_dir() else path.parent
-    try:
-        return pretrained_config_path(folder) if (folder / PIPELINE_CONFIG).is_file() or \
-            (folder / "config.py").is_file() else None
-    except CheckpointError:
-        return None
+    has_config = (folder / PIPELINE_CONFIG).is_file() or (folder / "config.py").is_file()
+    return pretrained_config_path(folder) if has_config else None
 
 
 # ------------------------------------------------------------------------------------------- reading
