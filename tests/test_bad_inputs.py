@@ -166,6 +166,20 @@ SAMPLE_CASES = [
     ("output name climbing out of --out", ["--ckpt", "{root}/ckpt2", "--name", "../escaped"],
      "--name '../escaped' must be a plain name"),
     ("absolute output name", ["--ckpt", "{root}/ckpt2", "--name", "/tmp/escaped"], "must be a plain name"),
+    # flags that the settings in force would ignore
+    ("first frames without a first video", ["--ckpt", "{root}/ckpt2", "--first-image", "{root}/first.png",
+                                            "--first-frames", "2"], "--first-frames takes frames from a first video"),
+    ("eval length without a first video", ["--ckpt", "{root}/ckpt2", "--eval-len", "8"],
+     "--eval-len sets the PSNR range against a first video's real frames"),
+    ("recache without a switch", ["--ckpt", "{root}/ckpt2", "--recache-on-switch"],
+     "--recache-on-switch re-encodes at prompt switches, and there are none"),
+    ("a name for a whole manifest", ["--ckpt", "{root}/ckpt2", "--manifest", "{root}/cfg2.py", "--name", "x"],
+     "--name names a single video"),
+    ("weights of a single weights file", ["--ckpt", "{root}/ckpt2/ema.safetensors", "--weights", "model"],
+     "--weights picks ema or model weights of a training checkpoint directory"),
+    ("a misspelt section", ["--ckpt", "{root}/ckpt2", "--cfg-options", "sampel.num_steps=3"],
+     "unknown section 'sampel' (did you mean 'sample'?)"),
+    ("an output folder that is a file", ["--ckpt", "{root}/ckpt2", "--out", "{root}/cfg2.py"], "is a file, not a folder"),
 ]
 
 

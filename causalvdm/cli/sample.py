@@ -99,6 +99,22 @@ def parse_args(argv=None):
     return args
 
 
+def check_flags_apply(args, settings: SampleSettings) -> None:
+    """Fail with one line on a flag that the settings in force would ignore (asked for, so it must do something)."""
+    if args.manifest and args.name:
+        raise ConfigError("--name names a single video; with --manifest each row has its own 'name'")
+    ckpt = Path(settings.ckpt) if settings.ckpt else None
+    if args.weights and ckpt and not (ckpt.is_dir() and not (ckpt / PIPELINE_CONFIG).exists()):
+        raise ConfigError(f"--weights picks ema or model weights of a training checkpoint directory; {ckpt} holds "
+                          "one set of weights")
+    if args.first_frames and not settings.first_video and not args.manifest:
+        raise ConfigError("--first-frames takes frames from a first video; give --first-video")
+    if args.eval_len and not settings.first_video and not args.manifest:
+        raise ConfigError("--eval-len sets the PSNR range against a first video's real frames; give --first-video")
+    if args.recache_on_switch and not settings.prompts and not args.manifest:
+        raise ConfigError("--recache-on-switch re-encodes at prompt switches, and there are none: add --prompt-at")
+
+
 @dataclass
 class Job:
     """One video to generate: its output name, caption, seed and given frames."""
@@ -219,6 +235,7 @@ def main(argv=None) -> int:
         config_path = str(args.config or pretrained_config_path(args.ckpt))
         cfg = load_config(config_path, args.cfg_options)
         settings = SampleSettings.from_cfg(cfg.get("sample"), overrides)
+        check_flags_apply(args, settings)
         if args.manifest:
             jobs = read_jobs(args.manifest, settings)[rank::world]
         else:
