@@ -3,6 +3,7 @@
 import argparse
 import ast
 import difflib
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -69,7 +70,19 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     if overrides:
         cfg.merge_from_dict(dict(overrides))
     check_sections(cfg)
+    home_paths = {key: value for key, value in _strings(cfg.to_dict()) if value == "~" or value.startswith("~/")}
+    if home_paths:  # as a shell would for a path typed on its own ("data.root=~/clips" is not expanded by one)
+        cfg.merge_from_dict({key: os.path.expanduser(value) for key, value in home_paths.items()})
     return cfg
+
+
+def _strings(node, key: str = ""):
+    """(dotted key, value) of every string in a config's nested dicts."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _strings(value, f"{key}.{name}" if key else name)
+    elif isinstance(node, str):
+        yield key, node
 
 
 # The top-level names the project reads; a config may define others (a data_root the sections share).

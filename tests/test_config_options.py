@@ -59,3 +59,11 @@ def test_a_section_nothing_reads_is_named(options, message):
 
 def test_a_shared_variable_is_not_a_section():
     assert load_config(ROOT / "configs" / "debug" / "tiny.py", {"data_root": "data/x"}).data_root == "data/x"
+
+
+def test_a_home_path_is_expanded_as_a_shell_would(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    options = _parse("dataset.root=~/my clips", "sample.prompt=~ is a tilde")
+    cfg = load_config(ROOT / "configs" / "debug" / "tiny.py", options)
+    assert cfg.dataset.root == "/home/someone/my clips"
+    assert cfg.sample.prompt == "~ is a tilde"  # not a path: left as typed
