@@ -11,7 +11,7 @@ import causalvdm
 from causalvdm.cli import convert_checkpoint
 from causalvdm.models.pretrained import build_model_from_config, load_pretrained
 from causalvdm.registry import ConfigError
-from causalvdm.utils.weights import CheckpointError
+from causalvdm.utils.weights import CheckpointError, load_weights
 from conftest import ROOT
 
 TINY = ROOT / "configs" / "debug" / "tiny.py"
@@ -271,6 +271,15 @@ def test_bad_checkpoints_fail_in_one_line(tiny_cfg, tmp_path):
         assert "\n" not in message and str(path) in message and reason in message, message
     with pytest.raises(CheckpointError, match="source='pixart' but the checkpoint has temporal blocks"):
         load_pretrained(model, good_st, source="pixart")
+
+
+def test_weights_are_read_as_what_their_bytes_say(tmp_path):
+    """A safetensors file named .pt and a torch file named .safetensors load the same tensors."""
+    state = {"w": torch.arange(6.0).view(2, 3)}
+    save_file(state, tmp_path / "weights.pt")
+    torch.save(state, tmp_path / "weights.safetensors")
+    for name in ("weights.pt", "weights.safetensors"):
+        assert torch.equal(load_weights(tmp_path / name)["w"], state["w"])
 
 
 def test_build_model_from_config(tiny_cfg, tmp_path):

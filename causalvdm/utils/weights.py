@@ -79,15 +79,31 @@ def saved_config_path(ckpt: str | Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------- reading
+def is_safetensors(path: Path) -> bool:
+    """True when the file's bytes are a safetensors file (an 8-byte header length, then the JSON header), whatever
+    its name says."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def load_weights(path: str | Path) -> dict:
-    """Read a `.safetensors` file or a torch `.pt/.pth/.bin` file (weights only) onto the CPU."""
+    """Read a safetensors file or a torch `.pt/.pth/.bin` file (weights only) onto the CPU; the format is told by the
+    file's bytes, so a renamed file is still read as what it is."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        if path.suffix == ".safetensors":
+        if is_safetensors(path):
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would go by a path's suffix
+            if f.read(4)[:2] not in (b"PK", b"\x80\x02"):  # a torch zip file, or a legacy pickle
+                raise CheckpointError(f"{path}: not a readable checkpoint (by its first bytes neither safetensors "
+                                      "nor a torch file)")
+            f.seek(0)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as err:  # truncated zip, foreign pickle, bad header: all mean "not readable"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from err
