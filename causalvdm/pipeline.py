@@ -314,7 +314,8 @@ class CausalVDMPipeline:
         `recorder`; `self.info` (settings, timings and the recorder's summary) when done."""
         n0 = first.shape[2]
         written = 0
-        recorder.begin(settings.num_frames, settings.eval_len or self.model.max_tpe_len, pixels, reference)
+        token = tuple(self.vae.downsample * p for p in self.model.patch_size[1:])  # one token in pixels
+        recorder.begin(settings.num_frames, settings.eval_len or self.model.max_tpe_len, pixels, reference, token)
         if n0:
             with torch.inference_mode():
                 video = self.vae.decode(first)[0]  # (3, n0, H, W)

@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_sampling import sample_setup  # noqa: F401  (a fixture: tiny config, checkpoints, image, video)
 
+from causalvdm.eval.metrics import token_grid_ratio
 from causalvdm.sampling.drift import BAND_FLOORS, DriftMonitor, frame_values, reference_band
 from causalvdm.sampling.writer import LABEL_HEIGHT, ContactSheetCollector
 
@@ -40,6 +42,51 @@ def test_statistics_by_hand():
     half = light.copy()
     half[:2] += 40
     assert frame_values(np.stack([light, half]), previous=dark)["change"] == [20.0, 20.0]
+
+
+def _smooth(size: int = 64, shift: int = 0) -> np.ndarray:
+    """A smooth photograph-like grey frame (size, size, 3) uint8, panned by `shift` pixels."""
+    y, x = np.mgrid[:size, :size].astype(np.float64) + np.array([0, shift])[:, None, None]
+    return _grey(np.round(128 + 60 * np.sin(x / 7) + 50 * np.cos(y / 9)))
+
+
+def _tiled(frame: np.ndarray, token: int, spread: float, seed: int) -> np.ndarray:
+    """`frame` with an offset of its own on each token x token square, as a model whose tokens err independently."""
+    rng = np.random.default_rng(seed)
+    h, w = frame.shape[:2]
+    offsets = np.kron(rng.normal(0, spread, (h // token, w // token)), np.ones((token, token)))
+    return np.clip(np.round(frame.astype(np.float64) + offsets[..., None]), 0, 255).astype(np.uint8)
+
+
+def test_token_grid_ratio_by_hand():
+    """Border step / inner step of luma: 1 with no grid; the steps of a known image counted by hand."""
+    smooth, flat = _smooth(), _grey(np.full((16, 16), 90))
+    assert token_grid_ratio(torch.from_numpy(smooth[None]), (8, 8)).item() == pytest.approx(1.0, abs=0.1)
+    assert token_grid_ratio(torch.from_numpy(flat[None]), (8, 8)).item() == 1.0
+    # a 16x16 frame of two 8-wide halves, 0 and 80: 16 border steps of 80 across x, every other step 0
+    halves = _grey(np.repeat([[0] * 8 + [80] * 8], 16, axis=0))
+    border, inner = 16 * 80 / (16 + 16), 0.0  # 16 rows x 1 border column, 16 columns x 1 border row
+    expected = (border + 1e-3) / (inner + 1e-3)
+    assert token_grid_ratio(torch.from_numpy(halves[None]), (8, 8)).item() == pytest.approx(expected)
+    assert math.isnan(token_grid_ratio(torch.from_numpy(flat[None, :8, :8]), (8, 8)).item())  # one token: no border
+    tiled = [token_grid_ratio(torch.from_numpy(_tiled(smooth, 8, spread, 0)[None]), (8, 8)).item()
+             for spread in (2.0, 6.0, 12.0)]
+    assert 1.05 < tiled[0] < tiled[1] < tiled[2] and tiled[2] > 1.5  # grows with the offsets' size
+
+
+def test_monitor_bands_token_grid_from_the_given_frames(caplog):
+    given = np.stack([_smooth(shift=k) for k in range(8)])  # eight real frames, panning
+    monitor = DriftMonitor(token=(8, 8))
+    monitor.add(given, given=True)
+    clean = monitor.add(np.stack([_smooth(shift=k) for k in range(8, 12)]))
+    with caplog.at_level(logging.WARNING, logger="causalvdm.drift"):
+        tiled = monitor.add(np.stack([_tiled(_smooth(shift=k), 8, 12.0, k) for k in range(12, 16)]))
+    low, high = monitor.summary()["band"]["token_grid"]
+    assert low < 1.0 < high and high - low >= 2 * BAND_FLOORS["token_grid"] - 1e-12
+    assert clean["token_grid"] == pytest.approx(1.0, abs=0.1) and "token_grid" not in clean["out_of_band"]
+    assert tiled["token_grid"] > high and "token_grid" in tiled["out_of_band"]
+    assert "drift: token_grid left its reference band at chunk 1" in caplog.text
+    assert "token_grid" not in DriftMonitor().add(given, given=True)  # without a token size: not measured
 
 
 def test_band_rule():
@@ -203,6 +250,8 @@ def test_pipeline_and_cli_drift_outputs(sample_setup, tmp_path):
     assert np.mean(pipe.info["metrics"]["psnr"][:4]) == pytest.approx(drift["chunks"][1]["psnr"])
     mean = frame_values(np.concatenate(chunks)[2:6])["mean"]
     assert drift["chunks"][1]["mean"] == pytest.approx(np.mean(mean, axis=0).tolist())
+    grid = token_grid_ratio(torch.from_numpy(np.concatenate(chunks)[2:6]), (4, 4))  # PixelVAE x2, 2x2 patch
+    assert drift["chunks"][1]["token_grid"] == pytest.approx(grid.mean().item()) and "token_grid" in drift["band"]
     assert sorted(pipe.contact_sheet.real) == sorted(pipe.contact_sheet.frames)  # the 20-frame video covers all 14
 
     assert main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-video", str(root / "real.mp4"),

@@ -248,3 +248,22 @@ def test_batch_sampling_then_eval(sample_setup, i3d_file, tmp_path):  # noqa: F8
     assert [c["window"] for c in res["fvd_per_chunk"]] == [[0, 8], [1, 9], [5, 13]]
     assert all(np.isfinite(c["fvd"]) for c in res["fvd_per_chunk"]) and np.isfinite(res["fvd"])
     assert res["pairs"]["count"] == 2 and res["pairs"]["videos"][0]["frames"] == [1, 14]
+
+
+def test_eval_video_measures_token_grid_artifacts(tmp_path, capsys):
+    """--token-size: real-looking videos score about 1, the same videos with an offset per 8x8 square clearly above."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:64, :64].astype(np.float64)
+    for name in ("a", "b"):
+        frames = np.stack([128 + 60 * np.sin((x + 2 * t) / 7) + 50 * np.cos(y / 9) for t in range(8)])  # (8, 64, 64)
+        tiles = np.kron(rng.normal(0, 14, (8, 8, 8)), np.ones((1, 8, 8)))  # one offset per frame and 8x8 square
+        for folder, video in (("real", frames), ("fake", frames + tiles)):
+            pixels = np.repeat(video.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=3)
+            _write_video(tmp_path / folder / f"{name}.mp4", pixels)
+    out = tmp_path / "eval.json"
+    assert eval_video.main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--token-size", "8",
+                            "--device", "cpu", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["real"]["token_grid"] == pytest.approx(1.0, abs=0.15) and res["fake"]["token_grid"] > 1.5
+    assert all(v["token_grid"] > 1.5 for v in res["videos"]["fake"])
+    assert "token-grid ratio (8 px; about 1 for real)" in capsys.readouterr().out

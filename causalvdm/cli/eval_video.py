@@ -49,6 +49,11 @@ def print_summary(result: dict, args) -> None:
     real, fake = (f"{result[w]['mean_abs_diff']:.2f}" if result[w]["mean_abs_diff"] is not None else "-"
                   for w in ("real", "fake"))
     print(f"  {'mean |frame - previous frame|':<41}  {real:>20}  {fake:>20}")
+    if "token_grid" in result["fake"]:
+        real, fake = (f"{result[w]['token_grid']:.2f}" if result[w]["token_grid"] is not None else "-"
+                      for w in ("real", "fake"))
+        label = f"token-grid ratio ({s['token_size']} px; about 1 for real)"
+        print(f"  {label:<41}  {real:>20}  {fake:>20}")
 
 
 def main(argv=None) -> int:
@@ -74,6 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=output_file, help="write the full result, per video too, to this file (checked "
                         "before the evaluation)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="clips per detector call (default 8)")
+    parser.add_argument("--token-size", type=positive_int, help="also the token-grid ratio of every video: the mean "
+                        "luma step across the borders of TOKEN x TOKEN pixel squares over the step inside them (about "
+                        "1 for real video; the model's VAE factor x patch size, 8 for the demo)")
     parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the detector runs (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
@@ -88,7 +96,8 @@ def main(argv=None) -> int:
     with one_line_errors(prefix="--i3d: "):
         detector = load_i3d(args.i3d, args.device) if args.i3d else None
     settings = EvalSettings(num_frames=args.num_frames, size=args.size, start=args.start, chunk_size=args.chunk_size,
-                            given_frames=args.given_frames, pairs=args.pairs, batch_size=args.batch_size)
+                            given_frames=args.given_frames, pairs=args.pairs, batch_size=args.batch_size,
+                            token_size=args.token_size)
     with one_line_errors(*USER_ERRORS, ValueError):
         result = evaluate(real, fake, settings, detector, args.device)
     result["real"]["source"], result["fake"]["source"], result["i3d"] = args.real, args.fake, args.i3d

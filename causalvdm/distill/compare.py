@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from causalvdm.sampling.drift import STATISTICS
 
 
 @dataclass
@@ -29,7 +28,7 @@ def beyond_band(drift: dict) -> dict:
     levels (0: inside; the largest over colour channels) -> {statistic: levels}."""
     last = drift["chunks"][-1]
     out = {}
-    for name in STATISTICS:
+    for name in drift["band"]:
         low, high = np.asarray(drift["band"][name], dtype=float).reshape(-1, 2).T
         value = np.asarray(last[name], dtype=float).reshape(-1)
         out[name] = float(np.max(np.maximum(0.0, np.maximum(low - value, value - high))))

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from causalvdm.data.video_io import VideoReadError
 from causalvdm.eval.fvd import FeatureExtractor, chunk_windows, fvd, fvd_clip
-from causalvdm.eval.metrics import FRAMES_AT_ONCE, frame_stats, psnr, ssim
+from causalvdm.eval.metrics import FRAMES_AT_ONCE, frame_stats, psnr, ssim, token_grid_ratio
 from causalvdm.eval.videos import Video, match_size, read_frames, video_length
 
 log = logging.getLogger("causalvdm.eval")
@@ -23,7 +23,7 @@ log = logging.getLogger("causalvdm.eval")
 class EvalSettings:
     """What to compute: FVD clips of `num_frames` frames from frame `start` at `size` x `size`; per-chunk FVD when
     `chunk_size` is set (after `given_frames` given frames); PSNR / SSIM of same-name pairs when `pairs`, over the
-    frames after the given ones."""
+    frames after the given ones; the token-grid ratio of every video when `token_size` (pixels) is set."""
 
     num_frames: int = 16
     size: int = 224
@@ -32,6 +32,7 @@ class EvalSettings:
     given_frames: int = 0
     pairs: bool = False
     batch_size: int = 8
+    token_size: int | None = None
 
 
 def _check_fvd_inputs(real: list[Video], fake: list[Video], settings: EvalSettings) -> list[dict]:
@@ -102,9 +103,20 @@ def _clip(video: Video, frames: torch.Tensor, start: int, end: int) -> torch.Ten
 def _set_summary(records: list[dict]) -> dict:
     """Mean over the videos of a set of their frame statistics."""
     diffs = [r["mean_abs_diff"] for r in records if r["mean_abs_diff"] is not None]
-    return dict(videos=len(records), mean=np.mean([r["mean"] for r in records], axis=0).tolist(),
-                std=np.mean([r["std"] for r in records], axis=0).tolist(),
-                mean_abs_diff=float(np.mean(diffs)) if diffs else None)
+    grids = [r["token_grid"] for r in records if r.get("token_grid") is not None]
+    summary = dict(videos=len(records), mean=np.mean([r["mean"] for r in records], axis=0).tolist(),
+                   std=np.mean([r["std"] for r in records], axis=0).tolist(),
+                   mean_abs_diff=float(np.mean(diffs)) if diffs else None)
+    if "token_grid" in records[0]:
+        summary["token_grid"] = float(np.mean(grids)) if grids else None
+    return summary
+
+
+def _token_grid(frames: torch.Tensor, token_size: int) -> float | None:
+    """Mean token-grid ratio of a video's frames (T, H, W, 3) uint8; None when a frame holds under two tokens."""
+    ratios = torch.cat([token_grid_ratio(frames[i:i + FRAMES_AT_ONCE], (token_size, token_size))
+                        for i in range(0, len(frames), FRAMES_AT_ONCE)])
+    return None if ratios.isnan().any() else ratios.mean().item()
 
 
 def evaluate(real: list[Video], fake: list[Video], settings: EvalSettings, detector=None,
@@ -126,6 +138,8 @@ def evaluate(real: list[Video], fake: list[Video], settings: EvalSettings, detec
             frames = read_frames(video)  # (T, H, W, 3) uint8
             records[which].append(dict(name=video.name, path=str(video.path), frames=len(frames),
                                        **frame_stats(frames)))
+            if settings.token_size:
+                records[which][-1]["token_grid"] = _token_grid(frames, settings.token_size)
             if extractor is not None:
                 extractor.add(which, fvd_clip(_clip(video, frames, first, end), settings.size))
                 for w in chunks:

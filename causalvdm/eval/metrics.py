@@ -3,6 +3,8 @@
 Frames are uint8 `(T, H, W, 3)` in [0, 255] (as the video readers return them) or float `(T, H, W, 3)` in [0, 1].
 """
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -141,3 +143,29 @@ def frame_stats(frames: torch.Tensor) -> dict:
     mean = sums / n
     std = (squares / n - mean**2).clamp_min(0).sqrt()
     return dict(mean=mean.tolist(), std=std.tolist(), mean_abs_diff=diff / ((t - 1) * h * w * 3) if t > 1 else None)
+
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
+
+
+def token_grid_ratio(frames: torch.Tensor, token: tuple[int, int]) -> torch.Tensor:
+    """Token-grid artifacts: frames (t, H, W, 3) uint8 -> (t,) float64, the mean absolute luma step across token
+    borders (every `token` = (th, tw) pixels) over the mean step between neighbours inside a token.
+
+    About 1 for a real image; above 1 when each token's error is its own, so the grid of tokens shows (a 2x2 patch
+    after a factor-4 VAE: 8-pixel squares). Steps in both directions; NaN when a frame holds under two tokens.
+    """
+    th, tw = token
+    luma = frames.to(torch.float64) @ torch.tensor(LUMA_WEIGHTS, dtype=torch.float64)  # (t, H, W)
+    across = (luma[:, :, 1:] - luma[:, :, :-1]).abs()  # (t, H, W-1): step from column x to x + 1
+    down = (luma[:, 1:] - luma[:, :-1]).abs()  # (t, H-1, W)
+    col_border = (torch.arange(1, luma.shape[2]) % tw) == 0  # (W-1,): x + 1 starts a token
+    row_border = (torch.arange(1, luma.shape[1]) % th) == 0  # (H-1,)
+    border = across[:, :, col_border].sum(dim=(1, 2)) + down[:, row_border].sum(dim=(1, 2))
+    inner = across[:, :, ~col_border].sum(dim=(1, 2)) + down[:, ~row_border].sum(dim=(1, 2))
+    n_border = col_border.sum() * luma.shape[1] + row_border.sum() * luma.shape[2]
+    n_inner = (~col_border).sum() * luma.shape[1] + (~row_border).sum() * luma.shape[2]
+    if n_border == 0 or n_inner == 0:
+        return torch.full((luma.shape[0],), math.nan, dtype=torch.float64)
+    eps = 1e-3  # grey levels: a flat frame (no step anywhere) scores 1
+    return (border / n_border + eps) / (inner / n_inner + eps)

@@ -12,18 +12,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from causalvdm.eval.metrics import frame_stats
+from causalvdm.eval.metrics import LUMA_WEIGHTS, frame_stats, token_grid_ratio
 
 log = logging.getLogger("causalvdm.drift")
 
 STATISTICS = ("mean", "std", "sharpness", "change")  # checked against the band; psnr is recorded and plotted only
+TOKEN_GRID = "token_grid"  # also banded when the monitor knows the model's token size in pixels
 CHANNELS = ("r", "g", "b")
 REFERENCE_FRAMES = 8  # about one chunk: enough frames for a spread, few enough that the band is set early
 BAND_K = 3.0
-# Smallest band half-widths, in grey levels (0-255). With one given frame the spread is zero, and a real clip's own
-# lighting and motion move these numbers by a few levels; the floors keep such changes inside the band.
-BAND_FLOORS = dict(mean=8.0, std=6.0, sharpness=4.0, change=3.0)
-LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)  # ITU-R BT.601, as PIL's convert("L")
+# Smallest band half-widths, in grey levels (0-255; token_grid: a ratio). With one given frame the spread is zero, and
+# a real clip's own lighting and motion move these numbers by a few levels; the floors keep such changes inside.
+BAND_FLOORS = dict(mean=8.0, std=6.0, sharpness=4.0, change=3.0, token_grid=0.15)
+LUMA = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64)
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64).view(1, 1, 3, 3)
 
 
@@ -38,15 +39,19 @@ def sharpness(frames: torch.Tensor) -> torch.Tensor:
     return laplacian.square().mean(dim=(1, 2, 3)).sqrt()
 
 
-def frame_values(frames: np.ndarray, previous: np.ndarray | None = None) -> dict[str, list]:
+def frame_values(frames: np.ndarray, previous: np.ndarray | None = None,
+                 token: tuple[int, int] | None = None) -> dict[str, list]:
     """Drift statistics of each frame: frames (t, H, W, 3) uint8 -> {statistic: t values}, on the 0-255 scale.
 
     mean, std: [r, g, b] over the frame's pixels; sharpness: see `sharpness`; change: mean absolute difference to
-    the frame before, the first one's to `previous` (H, W, 3) (None without it).
+    the frame before, the first one's to `previous` (H, W, 3) (None without it); with `token` (th, tw) pixels also
+    token_grid (`eval.metrics.token_grid_ratio`; None for a frame under two tokens).
     """
     x = torch.from_numpy(frames)
     before = [None if previous is None else torch.from_numpy(previous), *x[:-1]]
     values = {name: [] for name in STATISTICS}
+    if token is not None:
+        values[TOKEN_GRID] = [None if math.isnan(v) else v for v in token_grid_ratio(x, token).tolist()]
     for frame, prev in zip(x, before):  # one frame at a time: float64 copies of a whole chunk can be large
         stats = frame_stats(frame[None])
         values["mean"].append(stats["mean"])
@@ -73,18 +78,21 @@ class DriftMonitor:
     (each channel of mean and std) is  reference mean ± max(k * reference spread, floor)  over the per-frame values
     of the reference frames: the given frames when there are at least `reference_frames` of them, else the first
     `reference_frames` frames of the video (the given ones, then generated ones). Keeps a few numbers per chunk.
+    token: the model's token in pixels (VAE factor x patch), to watch for token-grid artifacts too.
     """
 
-    def __init__(self, reference_frames: int = REFERENCE_FRAMES, k: float = BAND_K, floors: dict | None = None):
+    def __init__(self, reference_frames: int = REFERENCE_FRAMES, k: float = BAND_K, floors: dict | None = None,
+                 token: tuple[int, int] | None = None):
         if reference_frames < 2:
             raise ValueError(f"reference_frames must be >= 2 (change needs a pair), got {reference_frames}")
-        self.reference_frames, self.k = reference_frames, k
+        self.reference_frames, self.k, self.token = reference_frames, k, token
+        self.statistics = STATISTICS + ((TOKEN_GRID,) if token is not None else ())
         self.floors = {**BAND_FLOORS, **(floors or {})}
         self.chunks: list[dict] = []  # one record per add()
         self.band: dict[str, np.ndarray] | None = None  # statistic -> (channels, 2) low, high; None until set
         self.left_band: dict[str, dict] = {}  # statistic -> the chunk where it first left the band
         self.reference_count = 0  # frames whose values make the band
-        self._reference = {name: [] for name in STATISTICS}  # their per-frame values, dropped once the band is set
+        self._reference = {name: [] for name in self.statistics}  # their per-frame values, dropped once the band is set
         self._frames = self._given = self._generated = 0
         self._last = None  # the last frame (H, W, 3): the next chunk's first `change` is taken against it
 
@@ -96,7 +104,7 @@ class DriftMonitor:
         """
         if given and self._frames > self._given:
             raise ValueError("given frames must come before the generated ones")
-        values = frame_values(frames, self._last)
+        values = frame_values(frames, self._last, self.token)
         self._last = frames[-1].copy()
         record = dict(chunk=None if given else self._generated, start=self._frames, frames=len(frames), given=given)
         for name, per_frame in values.items():
@@ -115,12 +123,12 @@ class DriftMonitor:
             return record
         if given or self.reference_count < self.reference_frames:
             take = len(frames) if given else self.reference_frames - self.reference_count
-            for name in STATISTICS:
+            for name in self.statistics:
                 self._reference[name] += values[name][:take]
             self.reference_count += min(take, len(frames))
         if not given and self.reference_count >= self.reference_frames:
-            self.band = {name: reference_band([v for v in self._reference[name] if v is not None], self.k,
-                                              self.floors[name]) for name in STATISTICS}
+            self.band = {name: reference_band(known, self.k, self.floors[name]) for name in self.statistics
+                         if (known := [v for v in self._reference[name] if v is not None])}
             self._reference = None
             for earlier in self.chunks:  # the reference chunks too: a chunk can leave the band its frames helped set
                 self._check(earlier)
@@ -128,7 +136,7 @@ class DriftMonitor:
 
     def _check(self, record: dict) -> None:
         """Mark the statistics of `record` outside the band; log one warning the first time each one leaves it."""
-        for name in STATISTICS:
+        for name in self.band:
             if record[name] is None:
                 continue
             value = np.atleast_1d(record[name])
@@ -178,7 +186,8 @@ def plot_drift(drift: dict, path: str | Path, title: str = "") -> None:
 
     chunks = drift["chunks"]
     x = np.array([c["start"] for c in chunks])
-    names = [*STATISTICS, *(["psnr"] if any(c["psnr"] is not None for c in chunks) else [])]
+    names = [*(name for name in (*STATISTICS, TOKEN_GRID) if name in chunks[0]),
+             *(["psnr"] if any(c["psnr"] is not None for c in chunks) else [])]
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.8 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         if drift["reference_frames"]:
@@ -191,7 +200,7 @@ def plot_drift(drift: dict, path: str | Path, title: str = "") -> None:
             continue
         values = np.array([[math.nan] * (3 if name in ("mean", "std") else 1) if c[name] is None
                            else np.atleast_1d(c[name]) for c in chunks], dtype=np.float64)  # (chunks, channels)
-        band = None if drift["band"] is None else np.atleast_2d(drift["band"][name])  # (channels, 2)
+        band = None if (drift["band"] or {}).get(name) is None else np.atleast_2d(drift["band"][name])  # (c, 2)
         colors = ("tab:red", "tab:green", "tab:blue") if values.shape[1] == 3 else ("tab:purple",)
         for j, color in enumerate(colors):
             ax.plot(x, values[:, j], marker=".", color=color, label=CHANNELS[j] if len(colors) == 3 else None)

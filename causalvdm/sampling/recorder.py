@@ -34,12 +34,14 @@ class VideoRecorder:
         self.drift: DriftMonitor | None = None
         self.contact_sheet: ContactSheetCollector | None = None
 
-    def begin(self, num_frames: int, eval_len: int, given: torch.Tensor | None = None, reference=None) -> None:
+    def begin(self, num_frames: int, eval_len: int, given: torch.Tensor | None = None, reference=None,
+              token: tuple[int, int] | None = None) -> None:
         """Start a video of `num_frames` frames. given: the given frames (3, n0, H, W) in [-1, 1], or None; reference:
         an iterator of the real frames (3, H, W) that follow them in a given video (the PSNR reference), or None.
-        eval_len: the PSNR summary's means are over frames before it."""
+        eval_len: the PSNR summary's means are over frames before it; token: the model's token in pixels (the drift
+        monitor then watches for token-grid artifacts)."""
         self.given, self.reference, self.eval_len = given, reference, eval_len
-        self.drift = DriftMonitor()
+        self.drift = DriftMonitor(token=token)
         self.contact_sheet = ContactSheetCollector(num_frames)
         self.scores, self.baseline, self.compared = [], [], []  # per compared frame: PSNR, its baseline, its index
         self.recorded = 0
