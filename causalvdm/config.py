@@ -70,17 +70,21 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     if overrides:
         cfg.merge_from_dict(dict(overrides))
     check_sections(cfg)
-    home_paths = {key: value for key, value in _strings(cfg.to_dict()) if value == "~" or value.startswith("~/")}
+    home_paths = {key: value for key, value in config_strings(cfg.to_dict())
+                  if (value == "~" or value.startswith("~/")) and "[" not in key}  # merge_from_dict takes dict keys
     if home_paths:  # as a shell would for a path typed on its own ("data.root=~/clips" is not expanded by one)
         cfg.merge_from_dict({key: os.path.expanduser(value) for key, value in home_paths.items()})
     return cfg
 
 
-def _strings(node, key: str = ""):
-    """(dotted key, value) of every string in a config's nested dicts."""
+def config_strings(node, key: str = ""):
+    """(key, value) of every string in a config's nested dicts and lists: "section.field", "section.list[0]"."""
     if isinstance(node, dict):
         for name, value in node.items():
-            yield from _strings(value, f"{key}.{name}" if key else name)
+            yield from config_strings(value, f"{key}.{name}" if key else name)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from config_strings(value, f"{key}[{i}]")
     elif isinstance(node, str):
         yield key, node
 

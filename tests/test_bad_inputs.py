@@ -209,13 +209,19 @@ MEANING_CASES = [
 ]
 
 
+def _checkpoint_with_its_config(sample_setup, tmp_path):
+    """A copy of the fixture's checkpoint ckpt2 that keeps the config it was made with, as training writes one."""
+    ckpt = tmp_path / "step_00000002"
+    shutil.copytree(sample_setup / "ckpt2", ckpt)
+    shutil.copy(sample_setup / "cfg2.py", ckpt / "config.py")
+    return ckpt
+
+
 @pytest.mark.parametrize("case, override, message", MEANING_CASES, ids=[c[0] for c in MEANING_CASES])
 def test_a_checkpoint_is_read_as_what_its_config_says(case, override, message, sample_setup, tmp_path):
     from causalvdm.cli import sample
 
-    ckpt = tmp_path / "step_00000002"
-    shutil.copytree(sample_setup / "ckpt2", ckpt)
-    shutil.copy(sample_setup / "cfg2.py", ckpt / "config.py")
+    ckpt = _checkpoint_with_its_config(sample_setup, tmp_path)
     argv = [str(sample_setup / "cfg2.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
         sample.main(argv + ["--cfg-options", override])
@@ -238,9 +244,7 @@ def test_a_hugging_face_folder_is_not_taken_for_a_checkpoint(with_config, sample
 def test_settings_that_only_change_sampling_may_differ_from_the_checkpoints(sample_setup, tmp_path):
     from causalvdm.cli import sample
 
-    ckpt = tmp_path / "step_00000002"
-    shutil.copytree(sample_setup / "ckpt2", ckpt)
-    shutil.copy(sample_setup / "cfg2.py", ckpt / "config.py")
+    ckpt = _checkpoint_with_its_config(sample_setup, tmp_path)
     assert sample.main([str(sample_setup / "cfg2.py"), "--ckpt", str(ckpt), "--out", str(tmp_path), "--num-steps", "1",
                         "--sampler", "iddpm", "--num-frames", "6", "--cfg-options", "sample.cfg_scale=2.0"]) == 0
 

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from causalvdm.config import config_strings
 from causalvdm.registry import ConfigError
 from causalvdm.training.checkpoint import list_checkpoints
 
@@ -43,16 +44,10 @@ class RunLock:
             self.file.close()
 
 
-def config_paths(node, key: str = "") -> dict[str, Path]:
-    """{"section.field": path} of every string in a config (dicts, lists) that names an existing file or folder: the
-    run's inputs (a teacher checkpoint, data, model folders)."""
-    if isinstance(node, dict):
-        return {k: v for name, value in node.items() for k, v in config_paths(value, f"{key}.{name}".strip(".")).items()}
-    if isinstance(node, (list, tuple)):
-        return {k: v for i, value in enumerate(node) for k, v in config_paths(value, f"{key}[{i}]").items()}
-    if isinstance(node, str) and node and Path(node).expanduser().exists():
-        return {key: Path(node).expanduser()}
-    return {}
+def config_paths(config: dict) -> dict[str, Path]:
+    """{"section.field": path} of every string in a config (`config_strings`) that names an existing file or folder:
+    the run's inputs (a teacher checkpoint, data, model folders)."""
+    return {key: Path(value) for key, value in config_strings(config) if value and Path(value).exists()}
 
 
 def claim_run_dir(run_dir: Path, resume: str | None, overwrite: bool,
