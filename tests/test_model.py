@@ -217,3 +217,17 @@ def test_config_overrides_and_missing_file(tmp_path):
     broken.write_text("model = dict(\n")
     with pytest.raises(ConfigError, match=r"broken\.py: cannot parse config"):
         load_config(broken)
+
+
+def test_output_refiner_is_a_residual_conv_per_frame(make_model):
+    # Each output frame goes through the refiner on its own, after the tokens are laid back out as a grid.
+    model = make_model(output_refine=8)
+    x, t = torch.randn(2, 4, 5, 8, 8), torch.randint(0, 1000, (2, 5))
+    out = model(x, t)
+    refiner, model.refiner = model.refiner, None
+    plain = model(x, t)
+    model.refiner = refiner
+    want = torch.stack([refiner(plain[:, :, i]) for i in range(5)], dim=2)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    fresh = causalvdm.build_model(dict(load_config(ROOT / "configs/debug/tiny.py").model, output_refine=8))
+    assert fresh.refiner.conv2.weight.abs().max() == 0  # a fresh refiner passes the output through unchanged

@@ -12,7 +12,11 @@ import torch
 
 from causalvdm.registry import SCHEDULERS
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# 'sample' (x-prediction) weighs its x_0 error by 1 / (1 - abar_t), so the loss is the v-prediction loss of the
+# same model (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"); the floor keeps the
+# nearly clean steps from dominating it.
+SAMPLE_WEIGHT_FLOOR = 0.05
 
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
@@ -48,7 +52,8 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
 class GaussianDiffusion:
     """Forward process, posterior and learned reverse step for a given beta schedule.
 
-    betas: (N,) float64; prediction_type: 'epsilon' | 'v_prediction'; learn_sigma: the model also predicts
+    betas: (N,) float64; prediction_type: 'epsilon' | 'v_prediction' | 'sample' (the model predicts x_0 itself: a
+    narrow model cannot carry the noise through each token, which eps and v ask of it); learn_sigma: the model also predicts
     the variance (IDDPM learned range). timestep_map: (N,) original timesteps the model is given for each
     step of this diffusion (identity unless it was made by `respaced`).
     """
@@ -149,6 +154,8 @@ class GaussianDiffusion:
         if self.prediction_type == "epsilon":
             pred_xstart = (self._extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
                            - self._extract(self.sqrt_recipm1_alphas_cumprod, t, n) * pred)
+        elif self.prediction_type == "sample":
+            pred_xstart = pred
         else:  # v: x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
             pred_xstart = (self._extract(self.sqrt_alphas_cumprod, t, n) * x_t
                            - self._extract(self.sqrt_one_minus_alphas_cumprod, t, n) * pred)
@@ -169,8 +176,13 @@ class GaussianDiffusion:
         model_output (B, 2C or C, ...), x0 / x_t / noise (B, C, ...), t (B,) -> dict(loss, mse, vb), each (B,).
         """
         pred, var_values = self._split(model_output, x0.shape[1])
-        target = noise if self.prediction_type == "epsilon" else self.v_target(x0, noise, t)
-        mse = _mean_flat((target.float() - pred.float()) ** 2)
+        if self.prediction_type == "sample":
+            one_minus_abar = self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) ** 2
+            weight = 1 / one_minus_abar.clamp(min=SAMPLE_WEIGHT_FLOOR)
+            mse = _mean_flat(weight * (x0.float() - pred.float()) ** 2)
+        else:
+            target = noise if self.prediction_type == "epsilon" else self.v_target(x0, noise, t)
+            mse = _mean_flat((target.float() - pred.float()) ** 2)
         if var_values is None:
             vb = torch.zeros_like(mse)
         else:
@@ -207,7 +219,7 @@ class GaussianDiffusion:
 @SCHEDULERS.register_module()
 def IDDPM(diffusion_steps: int = 1000, noise_schedule: str = "linear", prediction_type: str = "epsilon",
           learn_sigma: bool = True) -> GaussianDiffusion:
-    """The training diffusion: `diffusion_steps` steps of linear betas, eps or v target, learned-range variance."""
+    """The training diffusion: `diffusion_steps` steps of linear betas, eps, v or x_0 target, learned-range variance."""
     if noise_schedule != "linear":
         raise ValueError(f"unknown noise_schedule {noise_schedule!r} (known: linear)")
     return GaussianDiffusion(linear_betas(diffusion_steps), prediction_type, learn_sigma)

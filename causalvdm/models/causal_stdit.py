@@ -19,6 +19,7 @@ from causalvdm.models.layers import (
     CrossAttention,
     FinalLayer,
     Mlp,
+    OutputRefiner,
     PatchEmbed3D,
     SpatialAttention,
     TemporalAttention,
@@ -92,6 +93,8 @@ class CausalSTDiT(nn.Module):
     spatial_prefix: None | 'first_frame' | 'prev_frames_N': the spatial attention of the chunk being denoised also
     attends to the tokens of frame 0, or of the N frames before the chunk (Ca2-VDM's prefix-enhanced spatial
     attention); their spatial keys/values are cached like the temporal ones.
+    output_refine: channels of a residual 3x3 conv pair over each output frame (layers.OutputRefiner), which sees
+    across token borders so they do not show; 0 (the default): none, every token's output is its own.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class CausalSTDiT(nn.Module):
         space_scale: float = 1.0,
         chunk_bidirectional: bool = False,
         spatial_prefix: str | None = None,
+        output_refine: int = 0,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
@@ -147,6 +151,7 @@ class CausalSTDiT(nn.Module):
             STDiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=caption_channels > 0) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size[1] * patch_size[2], self.out_channels)
+        self.refiner = OutputRefiner(self.out_channels, output_refine) if output_refine else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -164,7 +169,7 @@ class CausalSTDiT(nn.Module):
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
             nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        zeroed = [self.t_block[1], self.final_layer.linear]
+        zeroed = [self.t_block[1], self.final_layer.linear] + ([self.refiner.conv2] if self.refiner else [])
         for block in self.blocks:
             zeroed.append(block.attn_temp.proj)
             if block.cross_attn is not None:
@@ -268,7 +273,11 @@ class CausalSTDiT(nn.Module):
         h = self.final_layer(h, t_emb)  # (B, T, S, ph*pw*C_out)
         ph, pw = self.patch_size[1:]
         h = h.view(b, num_frames, height // ph, width // pw, ph, pw, self.out_channels)
-        return h.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, num_frames, height, width).float()
+        if self.refiner is None:
+            return h.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, num_frames, height, width).float()
+        frames = h.permute(0, 1, 6, 2, 4, 3, 5).reshape(b * num_frames, self.out_channels, height, width)
+        out = self.refiner(frames).view(b, num_frames, self.out_channels, height, width)  # each frame on its own
+        return out.transpose(1, 2).float()
 
     def step_with_cfg(self, x: torch.Tensor, t: torch.Tensor, ctx: CallContext, cfg_scale: float) -> torch.Tensor:
         """Classifier-free guidance in one batch: x (B, C, T, H, W), t (B, T), ctx of 2B rows (conditional first)

@@ -206,3 +206,19 @@ class FinalLayer(nn.Module):
         shift, scale = (self.scale_shift_table[None, None] + t_emb[:, :, None]).unbind(2)  # (B, T, D) each
         x = modulate(self.norm_final(x), shift[:, :, None], scale[:, :, None])
         return self.linear(x)
+
+
+class OutputRefiner(nn.Module):
+    """A residual 3x3 conv pair over each frame of the unpatchified output: (N, C, H, W) -> (N, C, H, W).
+
+    Each token's values come from its own vector alone, so its errors are its own and the token grid shows; these
+    convolutions see across token borders. The last one starts at zero, so a fresh refiner changes nothing.
+    """
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(x)))
