@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from causalvdm.diffusion import IDDPM, GaussianDiffusion, clean_prefix_loss, make_sampler, prefix_lengths
+from causalvdm.diffusion.gaussian import SAMPLE_WEIGHT_FLOOR
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 
 T = 1000
@@ -78,17 +79,17 @@ def test_respacing_keeps_alphas_cumprod():
 
 # ------------------------------------------------------------------------------ reverse step
 @pytest.mark.numerics
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_pred_xstart_from_true_target(prediction_type):
     d = IDDPM(prediction_type=prediction_type)
     x0, noise = _rand(4, 2, 2, 2, 2, seed=5), _rand(4, 2, 2, 2, 2, seed=6)
     t = torch.tensor([0, 10, 500, 999])
     xt = d.q_sample(x0, t, noise)
     a, s = _abar(t).sqrt().float(), (1 - _abar(t)).sqrt().float()
-    target = noise if prediction_type == "epsilon" else a * noise - s * x0
+    target = dict(epsilon=noise, v_prediction=a * noise - s * x0, sample=x0)[prediction_type]
     out = d.p_mean_variance(torch.cat([target, _rand(4, 2, 2, 2, 2, seed=7).tanh()], 1), xt, t)
     # At t = 999 eps-prediction divides by sqrt(abar) ~ 0.006, amplifying float32 rounding.
-    tol = 1e-5 if prediction_type == "v_prediction" else 3e-3
+    tol = 3e-3 if prediction_type == "epsilon" else 1e-5
     torch.testing.assert_close(out["pred_xstart"], x0, rtol=0, atol=tol)
 
 
@@ -183,6 +184,28 @@ def test_v_prediction_mse_target():
     v = (_abar(t).sqrt() * noise.double() - (1 - _abar(t)).sqrt() * x0.double()).float()
     losses = d.training_losses(v, x0, d.q_sample(x0, t, noise), t, noise)
     assert losses["mse"].abs().max() < 1e-12 and losses["vb"].abs().max() == 0
+
+
+@pytest.mark.numerics
+def test_sample_prediction_loss_is_the_v_loss_of_its_x0():
+    # x-prediction trains with the v-prediction loss of the same x_0 estimate: |x0 - pred|^2 / (1 - abar), the
+    # weight floored at SAMPLE_WEIGHT_FLOOR where the step is nearly clean.
+    d = IDDPM(prediction_type="sample", learn_sigma=False)
+    x0, noise = _rand(3, 2, 1, 2, 2, seed=24), _rand(3, 2, 1, 2, 2, seed=25)
+    pred = x0 + 0.1 * _rand(3, 2, 1, 2, 2, seed=26)
+    t = torch.tensor([5, 300, 900])
+    xt = d.q_sample(x0, t, noise)
+    losses = d.training_losses(pred, x0, xt, t, noise)
+    abar = _abar(t)
+
+    def v_of(x):  # v from an x_0 estimate
+        return (abar.sqrt() * xt.double() - x.double()) / (1 - abar).sqrt()
+
+    v_mse = ((v_of(x0) - v_of(pred)) ** 2).mean(dim=(1, 2, 3, 4))
+    floored = v_mse * (1 - abar.flatten()) / (1 - abar.flatten()).clamp(min=SAMPLE_WEIGHT_FLOOR)
+    assert abar[0].item() > 1 - SAMPLE_WEIGHT_FLOOR and abar[1].item() < 1 - SAMPLE_WEIGHT_FLOOR
+    torch.testing.assert_close(losses["mse"].double(), floored, rtol=1e-5, atol=0)
+    assert d.training_losses(x0, x0, xt, t, noise)["mse"].abs().max() == 0
 
 
 # --------------------------------------------------------------------------- clean prefix
@@ -366,7 +389,7 @@ def test_sampler_deterministic_and_finite(make_model, name):
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("name", ["iddpm", "ddim", "dpm-solver++"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_oracle_model_recovers_x0(name, prediction_type):
     d = IDDPM(prediction_type=prediction_type)
     x0 = _rand(2, 3, 2, 4, 4, seed=40).clamp(-2, 2)
@@ -375,7 +398,8 @@ def test_oracle_model_recovers_x0(name, prediction_type):
         """The exact eps (or v) for this x0, as a learned-sigma output (variance values 0)."""
         abar = torch.tensor(ABAR[t], dtype=torch.float64)
         eps = (x_t.double() - abar.sqrt() * x0.double()) / (1 - abar).sqrt()
-        pred = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0.double()
+        pred = dict(epsilon=eps, v_prediction=abar.sqrt() * eps - (1 - abar).sqrt() * x0.double(),
+                    sample=x0.double())[prediction_type]
         return torch.cat([pred.float(), torch.zeros_like(x_t)], 1)
 
     sampler = make_sampler(name, d, num_steps=50)
@@ -419,3 +443,22 @@ def test_frame_sink_training_layout(make_model):
                                 txt_dropout_prob=0.0, generators=gens, sink_frames=sink)
         losses.append(out["loss"].item())
     assert losses[0] != losses[1]
+
+
+def test_clean_prefix_counts_only_chunks_after_a_caption_switch(make_model):
+    # A sample whose chunk starts before its switch frame adds nothing (loss and gradient); the others keep their
+    # own loss, as if their batch held them alone (the mean stays over the whole batch).
+    model = Recorder(make_model().train())
+    x0, y, mask = _batch(model)
+    kwargs = dict(y=y, mask=mask, chunk_size=8, prefix_len=9, prefix_perturb_t=0, txt_dropout_prob=0.0)
+    whole = clean_prefix_loss(model, IDDPM(), x0, generators=_gens([0, 1]), **kwargs)
+    alone = [clean_prefix_loss(model, IDDPM(), x0[i:i + 1], generators=_gens([i]),
+                               **{**kwargs, "y": y[i:i + 1], "mask": mask[i:i + 1]})["loss"].item() for i in (0, 1)]
+    assert math.isclose(whole["loss"].item(), sum(alone) / 2, rel_tol=1e-5)
+    switched = clean_prefix_loss(model, IDDPM(), x0, generators=_gens([0, 1]), switch_at=torch.tensor([9, 17]),
+                                 **kwargs)
+    assert math.isclose(switched["loss"].item(), alone[0] / 2, rel_tol=1e-5)
+    assert math.isclose(switched["mse"] + switched["vb"], switched["loss"].item(), rel_tol=1e-5)
+    switched["loss"].backward()
+    grad = model.calls[-1]["out"].grad
+    assert grad[1].abs().max() == 0 and grad[0, :, 9:].abs().amin() > 0

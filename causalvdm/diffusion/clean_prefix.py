@@ -45,6 +45,7 @@ def clean_prefix_loss(
     generators: list[torch.Generator],
     tpe_offsets: str = "always",
     sink_frames: int = 0,
+    switch_at: torch.Tensor | None = None,
 ) -> dict:
     """Diffusion loss on the chunk frames [p, p + k) of clean latents x0 (B, C, L, H, W) given the clean prefix [0, p).
 
@@ -53,7 +54,9 @@ def clean_prefix_loss(
     probability `txt_dropout_prob`. generators: B CPU generators, one per sample. tpe_offsets (cyclic TPE):
     'always' draws a random table offset for every sample, 'full_window' only when p + k >= max_tpe_len.
     sink_frames: the first frames of the prefix are a frame sink, laid out as at inference (fixed TPE rows; the
-    offsets roll the other frames only). Returns dict(loss=scalar tensor with grad, mse, vb: detached scalar tensors),
+    offsets roll the other frames only). switch_at (B,) long: the frame where a sample's own frames and caption begin
+    after another caption's frames (0: none; data.CaptionSwitchDataset); a sample whose chunk starts before it is not
+    counted (it would teach the old content under the new caption). Returns dict(loss=scalar tensor with grad, mse, vb: detached scalar tensors),
     batch means, all on x0's device.
     """
     b, c, clip_len, h, w = x0.shape
@@ -95,5 +98,9 @@ def clean_prefix_loss(
     out = model(x_in, t_in, y=y, mask=mask, chunk=(p, p + k), tpe_offset=tpe_offset, text_drop=text_drop,
                 sink_frames=sink_frames)  # (B, 2C, p + k, H, W)
     losses = diffusion.training_losses(out[:, :, p:p + k], chunk_x0, chunk_xt, t, noise)
+    if switch_at is not None:
+        # Zeroed, not dropped from the mean: a sample's share of the loss stays independent of its batch.
+        counted = (switch_at.to(x0.device) <= p).float()  # (B,)
+        losses = {name: value * counted for name, value in losses.items()}
     # The logged terms stay on the device: reading them here would stall every step on the GPU.
     return dict(loss=losses["loss"].mean(), mse=losses["mse"].mean().detach(), vb=losses["vb"].mean().detach())
