@@ -13,7 +13,7 @@ from PIL import Image
 
 from causalvdm.cli import eval_video
 from causalvdm.eval import (EvalSettings, FeatureExtractor, chunk_windows, evaluate, feature_stats, frame_stats,
-                            frechet_distance, fvd, fvd_clip, list_videos, load_i3d, psnr, ssim)
+                            frechet_distance, fvd, fvd_clip, list_videos, load_i3d, nearest_psnr, psnr, ssim)
 from causalvdm.sampling.writer import StreamingVideoWriter
 from causalvdm.utils.weights import CheckpointError
 from conftest import run_entrypoint, run_in_parallel
@@ -267,3 +267,15 @@ def test_eval_video_measures_token_grid_artifacts(tmp_path, capsys):
     assert res["real"]["token_grid"] == pytest.approx(1.0, abs=0.15) and res["fake"]["token_grid"] > 1.5
     assert all(v["token_grid"] > 1.5 for v in res["videos"]["fake"])
     assert "token-grid ratio (8 px; about 1 for real)" in capsys.readouterr().out
+
+
+def test_nearest_psnr_picks_the_closest_reference_frame():
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.randint(0, 256, (5, 8, 8, 3), generator=gen, dtype=torch.uint8)
+    noisy = (reference[[3, 0]].int() + torch.randint(-9, 10, (2, 8, 8, 3), generator=gen)).clamp(0, 255).to(torch.uint8)
+    frames = torch.cat([reference[2:3], noisy])
+    got = nearest_psnr(frames, reference)
+    assert got[0] == 100.0  # identical to reference frame 2
+    assert torch.equal(got[1:], psnr(noisy, reference[[3, 0]]))  # each noisy copy is nearest its own source
+    with pytest.raises(ValueError, match=r"differ in shape: \(8, 8, 3\) vs \(4, 8, 3\)"):
+        nearest_psnr(frames, reference[:, :4])

@@ -88,6 +88,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return psnr_pixels(x, y)
 
 
+def nearest_psnr(frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Frames (T, H, W, 3) against a clip (R, H, W, 3) -> (T,): each frame's PSNR against the reference frame it is
+    closest to. How much a frame looks like the clip at all, when its place in the clip is unknown (after a
+    caption switch the video turns towards the new clip, from no particular frame of it)."""
+    if frames.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"frames to compare differ in shape: {tuple(frames.shape[1:])} vs {tuple(reference.shape[1:])}")
+    rows = [psnr(frame[None].expand_as(reference), reference).max() for frame in frames]
+    return torch.stack(rows) if rows else torch.zeros(0)
+
+
 def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """The normalised 1-D Gaussian (size,) whose outer product is the SSIM window."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2

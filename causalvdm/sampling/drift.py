@@ -159,7 +159,8 @@ class DriftMonitor:
         """The JSON-ready record (pipe.info["drift"], the sidecar's "drift"): rule, band, per-chunk records.
 
         band: statistic -> [[low, high]] * 3 for mean and std (r, g, b), [low, high] for the others (None while the
-        video is shorter than the reference); left_band: statistic -> {chunk, start} where it first left the band.
+        video is shorter than the reference); left_band: statistic -> {chunk, start} where it first left the band;
+        token: the token size [th, tw] in pixels behind token_grid (None without it).
         """
         band = None
         if self.band is not None:
@@ -168,7 +169,7 @@ class DriftMonitor:
             rule=f"per-chunk mean of per-frame values; band = mean +/- max({self.k:g} * std, floor) of the first "
                  f"{self.reference_count} frames' values",
             k=self.k, floors=dict(self.floors), reference_frames=self.reference_count, band=band,
-            left_band=dict(self.left_band), chunks=self.chunks,
+            left_band=dict(self.left_band), token=list(self.token) if self.token else None, chunks=self.chunks,
         )
 
 
