@@ -37,7 +37,9 @@ def test_shipped_config_builds(path):
     if model.tpe_mode == "cyclic":
         assert ar.max_cond_frames + ar.chunk_size <= model.max_tpe_len, "frames in view would share a TPE index"
     if "dataset" in cfg and "vae" in cfg:
-        inner = cfg.dataset.get("dataset", cfg.dataset)
+        inner = cfg.dataset
+        while "dataset" in inner:  # through the wrappers (RepeatDataset, CaptionSwitchDataset)
+            inner = inner["dataset"]
         assert inner["num_frames"] <= model.max_tpe_len
 
 

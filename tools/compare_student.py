@@ -70,6 +70,8 @@ def main(argv=None) -> int:
                         "exposure-bias gap is measured on the chunks within it (default 17)")
     parser.add_argument("--long-frames", type=non_negative_int, default=0, help="also roll each one out this many "
                         "frames and report the drift of its last chunk (default 0: not run)")
+    parser.add_argument("--prompt", default="", help="the caption every rollout is made under (default: none, the "
+                        "null caption; a caption-conditioned model wants its clip's caption)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling noise (default 0)")
     parser.add_argument("--out", required=True, type=output_dir, help="folder for compare.json and compare.png")
     args = parser.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
                     Variant(f"teacher {student.defaults.sampler}-{steps}", teacher, student.defaults.sampler, steps),
                     Variant(f"student {student.defaults.sampler}-{steps}", student, student.defaults.sampler, steps)]
         result = compare(variants, args.video, args.num_frames, args.train_frames, args.seed,
-                         args.long_frames)
+                         args.long_frames, args.prompt)
     print_tables(result, args.train_frames, args.num_frames)
     (out / "compare.json").write_text(json.dumps(dict(video=args.video, teacher=args.teacher, student=args.student,
                                                       variants=result), indent=2))

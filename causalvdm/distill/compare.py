@@ -36,7 +36,7 @@ def beyond_band(drift: dict) -> dict:
 
 
 def compare(variants: list[Variant], video, num_frames: int, train_frames: int, seed: int = 0,
-            long_frames: int = 0) -> dict:
+            long_frames: int = 0, prompt: str = "") -> dict:
     """Sample each variant from the clip's first frame (num_frames frames) and once per chunk of the training length
     from the real frames before it -> {variant: {psnr, psnr_repeat_last, frames, chunks, chunk_ms, frames_per_s,
     beyond_band, beyond_band_long}}.
@@ -44,10 +44,12 @@ def compare(variants: list[Variant], video, num_frames: int, train_frames: int, 
     video: the clip (a path or float (3, T, H, W) in [-1, 1]); chunks: [{frames, rollout_db, given_db, gap_db}].
     chunk_ms: the median time of a rollout chunk (its denoising steps plus the commit). beyond_band: the drift of the
     rollout's last chunk (see `beyond_band`); beyond_band_long: the same for a `long_frames` rollout (0: not run).
+    prompt: the caption of every rollout ("" : the null caption).
     """
     result = {}
     for v in variants:
-        common = dict(first_video=video, seed=seed, sampler=v.sampler, num_steps=v.num_steps, output_type=None)
+        common = dict(first_video=video, prompt=prompt, seed=seed, sampler=v.sampler, num_steps=v.num_steps,
+                      output_type=None)
         v.pipe(first_frames=1, num_frames=num_frames, **common)
         metrics, chunk_seconds = v.pipe.info["metrics"], v.pipe.info["chunk_seconds"]
         drift = beyond_band(v.pipe.info["drift"])

@@ -1,9 +1,9 @@
-# Few-step student of the overfit demo's model (causalvdm/distill; scripts/demo.sh with DISTILL=1 runs it): the
+# Few-step student of the caption demo's model (causalvdm/distill; scripts/demo.sh with DISTILL=1 runs it): the
 # student starts from the teacher's weights and learns to make a chunk in 3 DDIM steps, regressing the end points of
 # the teacher's 24-step DDIM ODE; half of its training contexts are its own rollouts through the KV cache. About 5
 # minutes on 2 CPU cores (each step runs the teacher's 24 steps and the student's rollout).
-#   bash scripts/train.sh configs/demo/distill.py distill 29517 --cfg-options distill.teacher=outputs/overfit_demo/checkpoints/step_00002000
-_base_ = ["overfit.py"]
+#   bash scripts/train.sh configs/demo/distill.py distill 29517 --cfg-options distill.teacher=outputs/caption_demo/checkpoints/step_00001000
+_base_ = ["captions.py"]
 
 distill = dict(
     teacher="",  # the teacher's checkpoint directory: given on the command line (see above)

@@ -1,0 +1,65 @@
+# Caption demo: a small causal ST-DiT learns three real 51-frame shots at 32x32 on a 2-core CPU, each with its
+# caption, then continues each one from its first frame with the shared KV cache and turns towards another shot
+# when the caption is switched (scripts/demo.sh runs it all; docs/demo.md shows what to expect).
+# Pixels go through the lossless space-to-depth PixelVAE (factor 4) and 2x2 patches: a token is 8x8 pixels. The
+# model predicts the clean frame (x-prediction), so it never has to carry the noise of a token's 192 values, and a
+# residual conv pair over each output frame sees across token borders, so the tokens do not show as tiles.
+# The captions are encoded by WordHashEncoder (a fixed vector per word), so nothing is downloaded.
+data_root = "data/demo_long"
+chunk_size = 4
+
+model = dict(
+    type="CausalSTDiT",
+    in_channels=48,  # PixelVAE factor 4: 3 * 4 * 4 channels at 8x8, so 4x4 = 16 tokens per frame
+    patch_size=(1, 2, 2),
+    hidden_size=256,
+    depth=4,
+    num_heads=4,
+    mlp_ratio=4.0,
+    caption_channels=64,
+    model_max_length=24,
+    tpe_mode="cyclic",
+    max_tpe_len=9,
+    output_refine=64,
+)
+vae = dict(type="PixelVAE", factor=4)
+text_encoder = dict(type="WordHashEncoder", output_dim=64, model_max_length=24)
+diffusion = dict(type="IDDPM", prediction_type="sample")  # x-prediction: a clean frame, not the noise, per token
+dataset = dict(
+    type="CaptionSwitchDataset",
+    prob=0.25,  # a quarter of the clips start with another shot's frames: the caption, not the past, decides
+    chunk_size=chunk_size,
+    dataset=dict(
+        type="RepeatDataset",
+        times=16,  # few copies per epoch: each epoch draws new 9-frame windows of the 51-frame shots
+        dataset=dict(
+            type="VideoManifestDataset",
+            root=data_root,
+            manifest="captions.jsonl",  # the shots to learn; scripts/demo.sh writes it
+            num_frames=9,  # a frame and two chunks: the model sees at most 5 frames before a chunk
+            image_size=(32, 32),
+            sample_interval=1,
+            random_crop=False,
+        ),
+    ),
+)
+autoregressive = dict(chunk_size=chunk_size, max_cond_frames=5, prefix_perturb_t=0)
+train = dict(
+    seed=0,
+    max_steps=1800,
+    batch_size=8,
+    num_workers=None,
+    lr=6e-4,
+    warmup_steps=50,
+    lr_schedule="cosine",
+    grad_clip=1.0,
+    ema_decay=0.99,
+    txt_dropout_prob=0.05,
+    log_every=25,
+    ckpt_every=500,
+    keep_last=2,
+)
+# At a caption switch the cached frames are re-encoded under the new caption, as the switched training clips saw
+# their first frames (without it the model keeps more of the old shot).
+sample = dict(sampler="ddim", num_steps=25, cfg_scale=1.0, num_frames=51, fps=12, image_size=(32, 32),
+              recache_on_switch=True)
