@@ -155,6 +155,9 @@ class FewStepDistillation:
              mask=None) -> torch.Tensor:
         """Per-sample squared error (B,) of the student's x0 prediction from x_in (B, C, k, h, w) at t_in (B,),
         reading `cache`, against `target` (B, C, k, h, w); `student` may be the DDP/FSDP-wrapped model."""
-        out = student(x_in, t_in[:, None].expand(-1, x_in.shape[2]), y=y, mask=mask, cache=cache)
+        # No caption is dropped, but passing text_drop keeps the null caption in the graph, so DDP finds every
+        # parameter of a caption-conditioned student used (as in clean_prefix_loss).
+        keep = None if y is None else torch.zeros(x_in.shape[0], dtype=torch.bool, device=x_in.device)
+        out = student(x_in, t_in[:, None].expand(-1, x_in.shape[2]), y=y, mask=mask, cache=cache, text_drop=keep)
         pred = self.diffusion.p_mean_variance(out, x_in, t_in)["pred_xstart"]
         return ((pred - target.float()) ** 2).mean(dim=(1, 2, 3, 4))
