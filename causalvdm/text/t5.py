@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from causalvdm.registry import TEXT_ENCODERS, ConfigError
+from causalvdm.text.prompts import prompt_list
 from causalvdm.utils.dtypes import resolve_dtype
 from causalvdm.utils.weights import check_model_dir
 
@@ -56,10 +57,7 @@ class T5Encoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (B strings) -> y (B, model_max_length, d_model) float32, mask (B, model_max_length) bool."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("encode needs at least one prompt")
+        prompts = prompt_list(prompts)
         new = list(dict.fromkeys(p for p in prompts if p not in self._cache))  # distinct, in order
         fresh = {}
         if new:

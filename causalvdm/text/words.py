@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from causalvdm.registry import TEXT_ENCODERS
+from causalvdm.text.prompts import prompt_list
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,7 @@ class WordHashEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (B strings) -> y (B, model_max_length, output_dim) float32, mask (B, model_max_length) bool."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("encode needs at least one prompt")
+        prompts = prompt_list(prompts)
         y = torch.zeros(len(prompts), self.model_max_length, self.output_dim)
         mask = torch.zeros(len(prompts), self.model_max_length, dtype=torch.bool)
         cut = []
