@@ -53,12 +53,13 @@ class CaptionSwitchDataset(Dataset):
         return self.dataset.source(index)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index % len(self), SWITCH_STREAM))
+        item = self.dataset[index]  # checks the index
+        index %= len(self)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index, SWITCH_STREAM))
         item["switch_at"] = 0
         if float(torch.rand((), generator=gen)) >= self.prob:
             return item
-        groups = [g for g in range(len(self.by_caption)) if g != self.caption_of[index % len(self)]]
+        groups = [g for g in range(len(self.by_caption)) if g != self.caption_of[index]]
         group = self.by_caption[groups[int(torch.randint(len(groups), (1,), generator=gen))]]
         other = self.dataset[group[int(torch.randint(len(group), (1,), generator=gen))]]
         key = "latents" if "latents" in item else "video"

@@ -56,8 +56,8 @@ def clean_prefix_loss(
     sink_frames: the first frames of the prefix are a frame sink, laid out as at inference (fixed TPE rows; the
     offsets roll the other frames only). switch_at (B,) long: the frame where a sample's own frames and caption begin
     after another caption's frames (0: none; data.CaptionSwitchDataset); a sample whose chunk starts before it is not
-    counted (it would teach the old content under the new caption). Returns dict(loss=scalar tensor with grad, mse, vb: detached scalar tensors),
-    batch means, all on x0's device.
+    counted (it would teach the old content under the new caption). Returns dict(loss=scalar tensor with grad, mse,
+    vb: detached scalar tensors), batch means, all on x0's device.
     """
     b, c, clip_len, h, w = x0.shape
     p, k = prefix_len, chunk_size

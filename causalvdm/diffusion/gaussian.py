@@ -53,8 +53,8 @@ class GaussianDiffusion:
     """Forward process, posterior and learned reverse step for a given beta schedule.
 
     betas: (N,) float64; prediction_type: 'epsilon' | 'v_prediction' | 'sample' (the model predicts x_0 itself: a
-    narrow model cannot carry the noise through each token, which eps and v ask of it); learn_sigma: the model also predicts
-    the variance (IDDPM learned range). timestep_map: (N,) original timesteps the model is given for each
+    narrow model cannot carry the noise through each token, which eps and v ask of it); learn_sigma: the model also
+    predicts the variance (IDDPM learned range). timestep_map: (N,) original timesteps the model is given for each
     step of this diffusion (identity unless it was made by `respaced`).
     """
 

@@ -93,7 +93,8 @@ def nearest_psnr(frames: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     closest to. How much a frame looks like the clip at all, when its place in the clip is unknown (after a
     caption switch the video turns towards the new clip, from no particular frame of it)."""
     if frames.shape[1:] != reference.shape[1:]:
-        raise ValueError(f"frames to compare differ in shape: {tuple(frames.shape[1:])} vs {tuple(reference.shape[1:])}")
+        raise ValueError(f"frames to compare differ in shape: {tuple(frames.shape[1:])} vs "
+                         f"{tuple(reference.shape[1:])}")
     rows = [psnr(frame[None].expand_as(reference), reference).max() for frame in frames]
     return torch.stack(rows) if rows else torch.zeros(0)
 
