@@ -33,6 +33,7 @@ from causalvdm.sampling.drift import DriftMonitor
 from causalvdm.sampling.recorder import VideoRecorder
 from causalvdm.sampling.settings import SampleSettings, image_size_of
 from causalvdm.sampling.writer import ContactSheetCollector, to_uint8
+from causalvdm.serving import StreamEngine
 from causalvdm.utils.dtypes import resolve_dtype
 from causalvdm.utils.weights import PIPELINE_CONFIG, load_checkpoint_weights, pretrained_config_path
 
@@ -190,9 +191,25 @@ class CausalVDMPipeline:
                 self.model, self.diffusion, sampler, num_steps, ar.chunk_size, ar.max_cond_frames, cfg_scale,
                 ar.prefix_perturb_t, mode=mode, progress=self.progress, dtype=self.dtype,
                 compile=self.defaults.compile or False, recompute_positions=self.defaults.recompute_positions,
-                sink_frames=ar.sink_frames)
+                sink_frames=ar.sink_frames, cache_dtype=self.defaults.cache_dtype)
             self._generator_key = key
         return self.generator
+
+    def stream_engine(self, max_rows: int = 8, sampler: str | None = None, num_steps: int | None = None,
+                      cfg_scale: float | None = None, cache_dtype: str | None = None,
+                      compile: bool = False) -> StreamEngine:
+        """A StreamEngine over this pipeline's model, diffusion and VAE, with its chunking, queue, sink and sampling
+        defaults (each overridable here), for streams of its image size."""
+        ar, s = self.autoregressive, self.defaults
+        h, w = self._size()
+        factor = self.vae.downsample
+        self.model.to(self.dtype)
+        return StreamEngine(self.model, self.diffusion, self.vae, latent_size=(h // factor, w // factor),
+                            max_rows=max_rows, sampler=sampler or s.sampler, num_steps=num_steps or s.num_steps,
+                            chunk_size=ar.chunk_size, max_cond_frames=ar.max_cond_frames,
+                            cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+                            prefix_perturb_t=ar.prefix_perturb_t, sink_frames=ar.sink_frames,
+                            cache_dtype=cache_dtype or s.cache_dtype, fps=s.fps, compile=compile)
 
     # ------------------------------------------------------------------------------ sampling
     def __call__(self, first_image=None, first_video=None, first_frames: int | None = None, first_latents=None,

@@ -1,5 +1,5 @@
-"""tools/benchmark_speedup.py, benchmark_steady_state.py and benchmark_step.py on the tiny config: the printed
-summary lines and the JSON figures (no timing targets); the table of GPU peaks behind the MFU."""
+"""tools/benchmark_speedup.py, benchmark_steady_state.py, benchmark_step.py and benchmark_streams.py on the tiny
+config: the printed summary lines and the JSON figures (no timing targets); the table of GPU peaks behind the MFU."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import re
 import pytest
 
 from causalvdm.utils.flops import peak_tflops
-from causalvdm.benchmarks import speedup, steady_state, step
+from causalvdm.benchmarks import speedup, steady_state, step, streams
 from causalvdm.benchmarks.ar import frame_passes
 
 TINY = "configs/debug/tiny.py"
@@ -84,3 +84,20 @@ def test_forward_mode_times_spatial_prefixes_side_by_side(tmp_path, capsys):
     assert all(v["cache_vs_recompute_rel_diff"] < 1e-4 for v in variants.values())  # the cache equals its baseline
     with pytest.raises(SystemExit):
         step.main(["--config", TINY, "--forward", "2", "--spatial-prefix", "prev_frames_0"])
+
+
+def test_streams_table_and_ratio_line(tmp_path, capsys):
+    """tools/benchmark_streams.py: a row per stream count and cache storage, the pool's bytes (8-bit below the
+    model's dtype), the work per frame equal at every count, and the 8-over-1 line."""
+    out = tmp_path / "streams.json"
+    argv = ["--config", TINY, "--text", "--streams", "1,8", "--chunks", "2", "--denoise-steps", "2",
+            "--cache-dtypes", "model,int8", "--json", str(out)]
+    assert streams.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"streams_8_over_1=\S+ p95_8_over_1=\S+", last), last
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["streams"], row["cache"]) for row in rows] == [(1, "model"), (8, "model"), (1, "int8"), (8, "int8")]
+    assert rows[2]["pool_mb"] < rows[0]["pool_mb"] and rows[1]["pool_mb"] == 8 * rows[0]["pool_mb"]
+    for row in rows:
+        assert row["fps"] > 0 and row["p95"] >= row["p50"] > 0 and row["seq_fps"] > 0
+        assert math.isclose(row["gflops"] / row["fps"], rows[0]["gflops"] / rows[0]["fps"])

@@ -22,12 +22,13 @@ def test_param_bytes_match_a_real_model(tiny_cfg, make_model):
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("spatial_prefix, spatial_frames", [(None, 0), ("first_frame", 1), ("prev_frames_3", 3)])
-def test_kv_cache_bytes_match_a_written_cache(make_model, batch, spatial_prefix, spatial_frames):
+@pytest.mark.parametrize("cache_dtype", [None, "int8", "float8_e4m3fn"])
+def test_kv_cache_bytes_match_a_written_cache(make_model, batch, spatial_prefix, spatial_frames, cache_dtype):
     model = make_model(spatial_prefix=spatial_prefix)
-    cache = model.new_cache(batch, max_cond_frames=5, chunk_size=3)
+    cache = model.new_cache(batch, max_cond_frames=5, chunk_size=3, cache_dtype=cache_dtype)
     model.write_cache(torch.randn(batch, 4, 3, 4, 4), cache)  # 4x4 latents: S = 4 tokens per frame
     assert cache.nbytes == kv_cache_bytes(len(model.blocks), batch, 4, model.hidden_size, 5 + 3, torch.float32,
-                                          spatial_frames)
+                                          spatial_frames, model.num_heads, cache_dtype)
 
 
 def test_estimate_line_names_the_parts(tiny_cfg):

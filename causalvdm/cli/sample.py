@@ -26,6 +26,7 @@ from causalvdm.cli.common import (ArgumentParser, debugging, error_line, non_neg
                                   one_line_errors, positive_int)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import VideoReadError
+from causalvdm.models.kv_quant import CACHE_DTYPES
 from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES
@@ -76,6 +77,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile the "
                         "per-step model call (mode default; reduce-overhead adds CUDA graphs); pays off on GPUs, "
                         "slower on CPUs")
+    parser.add_argument("--cache-dtype", choices=list(CACHE_DTYPES), help="store the KV cache in 8 bits (a bf16 "
+                        "scale per token and head: about half the bytes of bf16); default: the weights' dtype")
     parser.add_argument("--eval-len", type=positive_int, help="PSNR mean over the frames before this index (default: model.max_tpe_len, "
                         "the training clip length)")
     parser.add_argument("--out", help="output folder (default: outputs/<config stem, or the checkpoint's run>/samples)")
@@ -230,7 +233,8 @@ def main(argv=None) -> int:
                      first_video=args.first_video, first_frames=args.first_frames, num_frames=args.num_frames,
                      fps=args.fps, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
                      cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len, dtype=args.dtype,
-                     compile=args.compile, prompts=args.prompts, recache_on_switch=args.recache_on_switch)
+                     compile=args.compile, prompts=args.prompts, recache_on_switch=args.recache_on_switch,
+                     cache_dtype=args.cache_dtype)
     with one_line_errors():
         config_path = str(args.config or pretrained_config_path(args.ckpt))
         cfg = load_config(config_path, args.cfg_options)

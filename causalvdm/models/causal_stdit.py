@@ -39,6 +39,13 @@ PRESETS = {
 NULL_CAPTIONS = ("learned", "fixed")
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, channels: int) -> torch.Tensor:
+    """Classifier-free guidance of model outputs (B, 2C, ...) with and without the caption -> (B, 2C, ...): the
+    guided prediction in the first `channels`, the variance of the conditional output."""
+    guided = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
 class STDiTBlock(nn.Module):
     """Spatial attention -> causal temporal attention -> text cross-attention -> MLP, adaLN-single.
 
@@ -283,10 +290,7 @@ class CausalSTDiT(nn.Module):
         """Classifier-free guidance in one batch: x (B, C, T, H, W), t (B, T), ctx of 2B rows (conditional first)
         -> (B, 2C, T, H, W) float32: guided prediction, variance from the conditional half."""
         out = self.step(torch.cat([x, x]), torch.cat([t, t]), ctx)
-        cond, uncond = out.chunk(2)
-        c = self.in_channels
-        guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
-        return torch.cat([guided, cond[:, c:]], dim=1)
+        return guide(*out.chunk(2), cfg_scale, self.in_channels)
 
     def forward(self, x, t, y=None, mask=None, cache=None, chunk=None, tpe_offset=None, text_drop=None,
                 sink_frames: int = 0, write: bool = False) -> torch.Tensor | None:
@@ -324,11 +328,11 @@ class CausalSTDiT(nn.Module):
 
     # ---------------------------------------------------------------------------------- cache
     def new_cache(self, batch_size: int, max_cond_frames: int, chunk_size: int | None = None,
-                  sink_frames: int = 0) -> KVCache:
+                  sink_frames: int = 0, cache_dtype: str | None = None) -> KVCache:
         """An empty queue of `max_cond_frames` conditioning frames, plus a sink of the first `sink_frames` frames kept
-        for the whole video; calls stage up to `chunk_size` frames."""
+        for the whole video; calls stage up to `chunk_size` frames; cache_dtype: None (the model's) or 8-bit."""
         return KVCache(len(self.blocks), batch_size, max_cond_frames, chunk_size or max_cond_frames,
-                       self.spatial_prefix, sink_frames, rotate_sink=self.tpe_mode == "rope")
+                       self.spatial_prefix, sink_frames, rotate_sink=self.tpe_mode == "rope", cache_dtype=cache_dtype)
 
     @torch.no_grad()
     def write_cache(self, x_clean, cache, y=None, mask=None, text: TextContext | None = None) -> None:

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from causalvdm.models.kv_quant import CACHE_DTYPES, SCALE_DTYPE, as_bytes, check_cache_dtype, dequantize, quantize
 from causalvdm.models.positional import apply_rope, rope_cos_sin
 from causalvdm.models.spatial_prefix import SpatialPrefixRing
 
@@ -91,13 +92,22 @@ class KVCache:
     the ring, besides the `max_cond_frames` rolling frames. With RoPE (`rotate_sink`) the sink's keys are turned,
     once per call, to sit just before the oldest rolling frame, so every distance in view stays below
     s + max_cond_frames + chunk_size.
+
+    cache_dtype 'int8' or 'float8_e4m3fn' stores the temporal keys/values in 8 bits with a bf16 scale per token and
+    head (`kv_quant`; `k_scale`, `v_scale` (B*S, heads, slots, 1)); a call attends to them dequantized, its own
+    frames exact. The spatial prefix keeps the model's dtype.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_cond_frames: int, chunk_size: int,
-                 spatial_prefix: str | None = None, sink_frames: int = 0, rotate_sink: bool = False):
+                 spatial_prefix: str | None = None, sink_frames: int = 0, rotate_sink: bool = False,
+                 cache_dtype: str | None = None):
         if max_cond_frames < 1 or chunk_size < 1 or sink_frames < 0:
             raise ValueError(f"KV cache needs max_cond_frames >= 1, chunk_size >= 1 and sink_frames >= 0, got "
                              f"{max_cond_frames}, {chunk_size}, {sink_frames}")
+        self.cache_dtype = check_cache_dtype(cache_dtype)
+        if cache_dtype is not None and rotate_sink and sink_frames:
+            raise ValueError(f"an 8-bit cache ({cache_dtype}) cannot turn a RoPE model's sink keys: use sink_frames=0 "
+                             "or the model's dtype")
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.max_cond_frames = max_cond_frames
@@ -110,6 +120,9 @@ class KVCache:
         self.padded_slots = padded_slots(self.num_slots)  # the buffers' slot length
         self.k: list[torch.Tensor] = []  # per layer (B*S, H, padded_slots, Dh); empty until allocated
         self.v: list[torch.Tensor] = []
+        self.k_scale: list[torch.Tensor] = []  # 8-bit: per layer (B*S, H, padded_slots, 1) bf16; else empty
+        self.v_scale: list[torch.Tensor] = []
+        self.dtype: torch.dtype | None = None  # the model's dtype, in which calls attend (known once allocated)
         self.slot_pos = torch.full((self.num_slots,), -1, dtype=torch.long)  # absolute position per slot, -1 empty
         self.spatial_prefix = spatial_prefix
         self.spatial = SpatialPrefixRing(num_layers, batch_size, spatial_prefix)
@@ -129,7 +142,12 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the key and value buffers, spatial prefix and sink included (0 before the first write)."""
         sink = 0 if self.sink_k is None else self.sink_k.nbytes
-        return sink + sum(t.nbytes for t in (*self.k, *self.v, *self.spatial.buffers))
+        return sink + sum(t.nbytes for t in self.buffers)
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the cache keeps its frames in: keys, values, 8-bit scales and the spatial prefix's."""
+        return (*self.k, *self.v, *self.k_scale, *self.v_scale, *self.spatial.buffers)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -164,26 +182,54 @@ class KVCache:
         """An independent copy, to branch a generation."""
         other = copy.copy(self)
         other.k, other.v = [t.clone() for t in self.k], [t.clone() for t in self.v]
+        other.k_scale, other.v_scale = [t.clone() for t in self.k_scale], [t.clone() for t in self.v_scale]
         other.slot_pos = self.slot_pos.clone()
         other.sink_k = None if self.sink_k is None else self.sink_k.clone()
         other.spatial = self.spatial.clone()
         other._mark_static()
         return other
 
+    def rows(self, start: int, count: int) -> "KVCache":
+        """An empty cache of `count` rows whose buffers are rows start.. start + count of this one's (views: what it
+        writes lands here). The stream engine keeps one pool of rows and gives each stream such a cache."""
+        if not self.k:
+            raise ValueError("allocate the pool's buffers before taking rows of them")
+        if start < 0 or count < 1 or start + count > self.batch_size:
+            raise ValueError(f"rows {start}..{start + count - 1} are outside the cache's {self.batch_size} rows")
+        other = KVCache(self.num_layers, count, self.max_cond_frames, self.chunk_size, self.spatial_prefix,
+                        self.sink_frames, self.rotate_sink, self.cache_dtype)
+        tokens = self.k[0].shape[0] // self.batch_size
+        token_rows = slice(start * tokens, (start + count) * tokens)
+        other.k, other.v = [t[token_rows] for t in self.k], [t[token_rows] for t in self.v]
+        other.k_scale, other.v_scale = [t[token_rows] for t in self.k_scale], [t[token_rows] for t in self.v_scale]
+        other.dtype = self.dtype
+        other.spatial = self.spatial.rows(start, count)
+        return other
+
+    def clear(self) -> None:
+        """`reset()`, and zero every buffer, so nothing of the frames held is left in memory."""
+        self.reset()
+        for buffer in self.buffers:
+            as_bytes(buffer).zero_()
+
     def state_dict(self) -> dict:
-        """The queue's keys/values (L, B*S, H, len, Dh), oldest first, and its positions; with a spatial prefix
-        also its buffers (L, B, H, slots, S, Dh) and the position held in each slot."""
-        k = v = None
+        """The queue's keys/values (L, B*S, H, len, Dh), oldest first, as stored (8-bit: with their scales k_scale,
+        v_scale (L, B*S, H, len, 1)), and its positions; with a spatial prefix also its buffers (L, B, H, slots, S, Dh)
+        and the position held in each slot."""
+        k = v = k_scale = v_scale = None
         if self.k:
             slots = self.slots_of(self.positions).to(self.k[0].device)
-            k = torch.stack([buffer[:, :, slots] for buffer in self.k])
-            v = torch.stack([buffer[:, :, slots] for buffer in self.v])
+            k, v, k_scale, v_scale = (
+                torch.stack([as_bytes(t)[:, :, slots] for t in buffers]).view(buffers[0].dtype) if buffers else None
+                for buffers in (self.k, self.v, self.k_scale, self.v_scale))
             sink = min(self.next_position, self.sink_frames)
             if self.sink_k is not None and sink:  # the sink as written, not as turned for the current call
                 k[:, :, :, :sink] = self.sink_k[:, :, :, :sink]
         return {
             "k": k,
             "v": v,
+            "k_scale": k_scale,
+            "v_scale": v_scale,
             **self.spatial.state_dict(),
             "next_position": self.next_position,
             "max_cond_frames": self.max_cond_frames,
@@ -198,7 +244,8 @@ class KVCache:
         """Restore a `state_dict()`; the cache must have the same queue length, chunk size, batch size and depth.
 
         Buffers already allocated keep their device and dtype; otherwise they take the state's, and the next
-        `allocate()` moves every tensor of the cache to the model's."""
+        `allocate()` moves every tensor of the cache to the model's. An 8-bit state loads into a cache of the same
+        8-bit dtype as stored, into any other dequantized (and quantized again if this cache is 8-bit)."""
         for name in STATE_FIELDS:
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"cache state has {name}={state.get(name)}, this cache has {getattr(self, name)} "
@@ -210,12 +257,21 @@ class KVCache:
         self.slot_pos[slots] = positions
         self.sink_k, self._sink_shift = None, 0
         if state["k"] is not None:
+            k, v, saved_8bit = state["k"], state["v"], state.get("k_scale") is not None
             if not self.k:
-                self._allocate(state["k"])
+                self._allocate(k[..., :1, :].float() if saved_8bit else k)  # 8-bit: float32 until the model's
             index = slots.to(self.k[0].device)
-            for layer in range(self.num_layers):
-                self.k[layer][:, :, index] = state["k"][layer].to(self.k[layer])
-                self.v[layer][:, :, index] = state["v"][layer].to(self.v[layer])
+            if saved_8bit and k.dtype == self.k[0].dtype:  # as stored: bit for bit
+                for layer in range(self.num_layers):
+                    for buffer, saved in ((self.k, k), (self.v, v), (self.k_scale, state["k_scale"]),
+                                          (self.v_scale, state["v_scale"])):
+                        as_bytes(buffer[layer])[:, :, index] = as_bytes(saved[layer].to(buffer[layer].device))
+            else:
+                if saved_8bit:
+                    k, v = dequantize(k, state["k_scale"], self.dtype), dequantize(v, state["v_scale"], self.dtype)
+                for layer in range(self.num_layers):
+                    self._store(layer, index, k[layer].to(self.k[0].device, self.dtype),
+                                v[layer].to(self.k[0].device, self.dtype))
             self._keep_sink(torch.arange(min(self.next_position, self.sink_frames)))
         self.spatial.load_state_dict(state)
 
@@ -236,20 +292,33 @@ class KVCache:
         device = torch.device(device)
         shape = (self.batch_size * tokens_per_frame, heads, self.padded_slots, head_dim)
         if not self.k:
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
+            self.dtype = dtype
+            storage = dtype if self.cache_dtype is None else self._storage_dtype
+            self.k = [torch.zeros(shape, dtype=storage, device=device) for _ in range(self.num_layers)]
             self.v = [torch.zeros_like(buffer) for buffer in self.k]
+            if self.cache_dtype is not None:
+                self.k_scale = [torch.zeros(*shape[:3], 1, dtype=SCALE_DTYPE, device=device) for _ in self.k]
+                self.v_scale = [torch.zeros_like(buffer) for buffer in self.k_scale]
             self.spatial.allocate(tokens_per_frame, heads, head_dim, dtype, device)
         elif self.k[0].shape != shape:
             raise ValueError(f"cache holds buffers of shape {tuple(self.k[0].shape)}, this call needs {shape}")
-        elif self.k[0].dtype != dtype or self.k[0].device != device:
+        elif self.dtype != dtype or self.k[0].device != device:
             self._move(device, dtype)
         else:
             return
         self._mark_static()
 
+    @property
+    def _storage_dtype(self) -> torch.dtype:
+        return CACHE_DTYPES[self.cache_dtype][0]
+
     def _move(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move the buffers, the sink's keys and the current call's slot indices to `device` (buffers in `dtype`)."""
-        self.k, self.v = [t.to(device, dtype) for t in self.k], [t.to(device, dtype) for t in self.v]
+        """Move the buffers, the sink's keys and the current call's slot indices to `device` (buffers in `dtype`, or
+        8-bit as they are)."""
+        storage = dtype if self.cache_dtype is None else self._storage_dtype
+        self.k, self.v = [t.to(device, storage) for t in self.k], [t.to(device, storage) for t in self.v]
+        self.k_scale, self.v_scale = [t.to(device) for t in self.k_scale], [t.to(device) for t in self.v_scale]
+        self.dtype = dtype
         self.spatial.move(device, dtype)
         if self.sink_k is not None:
             self.sink_k = self.sink_k.to(device, dtype)
@@ -258,7 +327,7 @@ class KVCache:
 
     def _mark_static(self) -> None:
         """Tell dynamo every buffer keeps its address, so a compiled step takes them as fixed inputs."""
-        for buffer in (*self.k, *self.v, *self.spatial.buffers):
+        for buffer in self.buffers:
             torch._dynamo.mark_static_address(buffer)
 
     def begin(self, num_frames: int) -> torch.Tensor:
@@ -327,8 +396,18 @@ class KVCache:
             self._allocate(k)
         if k.shape[0] != self.k[layer].shape[0]:
             raise ValueError(f"cache holds {self.k[layer].shape[0]} token rows per frame, got {k.shape[0]}")
-        self.k[layer].index_copy_(2, self._slots, k.detach())
-        self.v[layer].index_copy_(2, self._slots, v.detach())
+        self._store(layer, self._slots, k.detach(), v.detach())
+
+    def _store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys/values (B*S, H, T, Dh) into `slots` (T,) of `layer`, quantized if the cache is 8-bit."""
+        if self.cache_dtype is None:
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return
+        for buffer, scales, x in ((self.k[layer], self.k_scale[layer], k), (self.v[layer], self.v_scale[layer], v)):
+            q, scale = quantize(x, self.cache_dtype)
+            as_bytes(buffer).index_copy_(2, slots, as_bytes(q))
+            scales.index_copy_(2, slots, scale)
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage this call's keys/values (B*S, H, T, Dh) -> (B*S, H, padded_slots, Dh) to attend to.
@@ -338,6 +417,10 @@ class KVCache:
         gradient reaches them and the buffers never hold a graph.
         """
         self.stage(layer, k, v)
+        if self.cache_dtype is not None:  # the cached frames as stored, this call's own exact
+            keys = dequantize(self.k[layer], self.k_scale[layer], k.dtype).index_copy_(2, self._slots, k)
+            values = dequantize(self.v[layer], self.v_scale[layer], v.dtype).index_copy_(2, self._slots, v)
+            return keys, values
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             return self.k[layer].index_copy(2, self._slots, k), self.v[layer].index_copy(2, self._slots, v)
         return self.k[layer], self.v[layer]

@@ -74,6 +74,12 @@ class SpatialPrefixRing:
         other.pos = self.pos.clone()
         return other
 
+    def rows(self, start: int, count: int) -> "SpatialPrefixRing":
+        """An empty ring of `count` rows whose buffers are rows start.. start + count of this one's (views)."""
+        other = SpatialPrefixRing(self.num_layers, count, self.spatial_prefix)
+        other.k, other.v = [t[start:start + count] for t in self.k], [t[start:start + count] for t in self.v]
+        return other
+
     def state_dict(self) -> dict:
         """The buffers (L, B, H, slots, S, Dh), None before allocation or without a prefix, and the position held
         in each slot; the keys are those of the cache's own state."""

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from causalvdm.diffusion import make_sampler
+from causalvdm.models.kv_quant import check_cache_dtype
 from causalvdm.models.layout import check_layout
 from causalvdm.sampling.cached import CachedChunk
 from causalvdm.sampling.recompute import RECOMPUTE_POSITIONS, RecomputedChunk, WrittenFrames
@@ -35,6 +36,32 @@ def chunk_generator(seed: int, chunk: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def video_text(model, y, mask, batch_size: int, guided: bool):
+    """Caption y (B, L, C_text), mask (B, L) (None: the null caption) -> the TextContext a video's calls read: B rows,
+    or 2B when guided (conditional, then null), every block's keys/values projected once; None for an
+    unconditional model."""
+    if not model.caption_channels:
+        return None
+    if y is not None:
+        y = y.to(model.x_embedder.proj.weight.device)
+        mask = None if mask is None else mask.to(y.device)
+    if not guided:
+        return model.encode_text(y, mask, batch_size, per_block_kv=True)
+    if y is None:  # a guided video without a caption yet: null on both halves
+        y, mask = model.null_text(batch_size)
+    return model.guided_text(y, mask, per_block_kv=True)
+
+
+def perturb(diffusion, frames: torch.Tensor, level: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Forward-noise clean frames (B, C, T, h, w) to timestep `level`, as the training prefix was (noise drawn on the
+    CPU from `generator`); `level` 0 leaves them as they are."""
+    if level == 0 or frames.shape[2] == 0:
+        return frames
+    noise = torch.randn(frames.shape, generator=generator, dtype=frames.dtype).to(frames.device)
+    t = torch.full((frames.shape[0],), level, dtype=torch.long, device=frames.device)
+    return diffusion.q_sample(frames, t, noise)
+
+
 class AutoregressiveGenerator:
     """Generate video latents chunk by chunk from n0 given frames.
 
@@ -47,13 +74,14 @@ class AutoregressiveGenerator:
     stored in it (latents, sampler arithmetic and model outputs stay float32); compile: False, True or a
     torch.compile mode ('reduce-overhead': CUDA graphs) for the per-step model call; recompute_positions:
     'absolute' | 'window', the positions of the recompute window's frames (see the module docstring);
-    sink_frames: the first frames of the video stay in view for its whole length, besides the rolling queue.
+    sink_frames: the first frames of the video stay in view for its whole length, besides the rolling queue;
+    cache_dtype: None (the model's dtype) or 'int8' / 'float8_e4m3fn', the KV cache in 8 bits (`models.kv_quant`).
     """
 
     def __init__(self, model, diffusion, sampler: str = "iddpm", num_steps: int = 100, chunk_size: int = 8,
                  max_cond_frames: int = 25, cfg_scale: float = 1.0, prefix_perturb_t: int = 0, mode: str = "cache",
                  progress: bool = False, dtype: torch.dtype | str | None = None, compile: bool | str = False,
-                 recompute_positions: str = "absolute", sink_frames: int = 0):
+                 recompute_positions: str = "absolute", sink_frames: int = 0, cache_dtype: str | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if recompute_positions not in RECOMPUTE_POSITIONS:
@@ -79,6 +107,7 @@ class AutoregressiveGenerator:
         self.mode = mode
         self.recompute_positions = recompute_positions
         self.sink_frames = sink_frames
+        self.cache_dtype = check_cache_dtype(cache_dtype)
         self.progress = progress
         self.cache = None  # KVCache of the current video (cache mode)
         self.chunk_times: list[float] = []  # wall seconds per chunk: denoising plus commit
@@ -112,7 +141,8 @@ class AutoregressiveGenerator:
     @torch.inference_mode()
     def prefill(self, first_latents: torch.Tensor, y=None, mask=None, generator: torch.Generator | None = None,
                 guided: bool | None = None) -> None:
-        """Start a video: set its text and write the n0 given clean frames (B, C, n0, h, w) once (n0 may be 0).
+        """Start a video: set its text and write the n0 given clean frames (B, C, n0, h, w) once (n0 may be 0), in
+        calls of at most chunk_size frames.
 
         y (B, L, C_text), mask (B, L): the caption (None: the null caption); with guidance the cache holds
         2B rows, conditional then null text. generator draws the perturbation noise of the given frames.
@@ -126,8 +156,9 @@ class AutoregressiveGenerator:
         keep_first = self.model.spatial_prefix == "first_frame" and self.mode == "cache"
         self._written = WrittenFrames(frames, self.sink_frames, self.max_cond_frames, keep_first)
         self._written.keep(frames)
-        if self.mode == "cache" and n0:
-            self._write(frames)
+        if self.mode == "cache":  # in calls of at most chunk_size frames, as the stream engine writes them
+            for start in range(0, n0, self.chunk_size):
+                self._write(frames[:, :, start:start + self.chunk_size])
 
     @torch.inference_mode()
     def denoise_chunk(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -201,29 +232,14 @@ class AutoregressiveGenerator:
         self.cache = None
         if self.mode == "cache":
             rows = 2 * batch_size if self._guided else batch_size
-            self.cache = self.model.new_cache(rows, self.max_cond_frames, max(self.chunk_size, n0), self.sink_frames)
+            self.cache = self.model.new_cache(rows, self.max_cond_frames, self.chunk_size, self.sink_frames,
+                                              self.cache_dtype)
 
     def _encode_text(self, y, mask):
-        """Caption y (B, L, C_text), mask (B, L) (None: the null caption) -> the TextContext this video's calls read:
-        B rows, or 2B when guided (conditional, then null); None for an unconditional model."""
-        if not self.model.caption_channels:
-            return None
-        if y is not None:
-            y = y.to(self.device)
-            mask = None if mask is None else mask.to(self.device)
-        if not self._guided:
-            return self.model.encode_text(y, mask, self._batch_size, per_block_kv=True)
-        if y is None:  # a guided video without a caption yet: null on both halves
-            y, mask = self.model.null_text(self._batch_size)
-        return self.model.guided_text(y, mask, per_block_kv=True)
+        return video_text(self.model, y, mask, self._batch_size, self._guided)
 
     def _perturb(self, frames: torch.Tensor, generator) -> torch.Tensor:
-        """Forward-noise clean frames to level prefix_perturb_t, as the training prefix was (noise drawn on CPU)."""
-        if self.prefix_perturb_t == 0 or frames.shape[2] == 0:
-            return frames
-        noise = torch.randn(frames.shape, generator=generator, dtype=frames.dtype).to(frames.device)
-        t = torch.full((frames.shape[0],), self.prefix_perturb_t, dtype=torch.long, device=frames.device)
-        return self.diffusion.q_sample(frames, t, noise)
+        return perturb(self.diffusion, frames, self.prefix_perturb_t, generator)
 
     def _write(self, frames: torch.Tensor) -> None:
         if self._guided:

@@ -11,6 +11,7 @@ from causalvdm.data.transforms import to_size
 from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES, RECOMPUTE_POSITIONS
+from causalvdm.models.kv_quant import CACHE_DTYPES
 from causalvdm.utils.dtypes import DTYPES
 from causalvdm.utils.weights import CheckpointError, pretrained_config_path
 
@@ -41,6 +42,7 @@ class SampleSettings:
     weights: str = "ema"  # ema | model: which weights of a training checkpoint directory
     dtype: str = "auto"  # weights and KV cache: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     compile: str | None = None  # torch.compile mode of the per-step model call (None: eager)
+    cache_dtype: str | None = None  # KV cache storage: None (the weights' dtype) | int8 | float8_e4m3fn
 
     @classmethod
     def from_cfg(cls, sample_cfg, overrides: dict | None = None) -> "SampleSettings":
@@ -70,6 +72,9 @@ class SampleSettings:
             raise ConfigError(f"sample.dtype must be auto or one of {', '.join(DTYPES)}, got {settings.dtype!r}")
         if settings.compile is not None and settings.compile not in COMPILE_MODES:
             raise ConfigError(f"sample.compile must be one of {', '.join(COMPILE_MODES)}, got {settings.compile!r}")
+        if settings.cache_dtype is not None and settings.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"sample.cache_dtype must be None or one of {', '.join(CACHE_DTYPES)}, "
+                              f"got {settings.cache_dtype!r}")
         return settings
 
 

@@ -33,16 +33,16 @@ def check_switches(n0: int, num_frames: int, frames: list[int], chunk_size: int)
 
 def reencode(cache, written, given: int, chunk_size: int, write: Callable[[torch.Tensor], None]) -> None:
     """Reset the cache and write the frames in view (`written`, a WrittenFrames) again through `write`, each at its
-    own position in the call that first wrote it (the `given` frames, then chunks), so each is encoded as it first
-    was but for the caption and the frames that have left the view."""
+    own position in the call that first wrote it (the `given` frames in calls of chunk_size, then chunks), so each is
+    encoded as it first was but for the caption and the frames that have left the view."""
     positions = cache.positions.tolist()  # the sink, then the queue: the frames of written.sink, then written.window
     frames = written.frames
     if written.first is not None and positions[0] != 0:  # frame 0 has left the queue, its spatial keys are still read
         positions, frames = [0] + positions, torch.cat([written.first, frames], dim=2)
 
-    def run(i: int) -> tuple[int, int]:  # frames i, i + 1 are in one run: the same call, consecutive positions
+    def run(i: int) -> tuple[tuple[int, int], int]:  # frames i, i + 1 are in one run: the same call, consecutive positions
         p = positions[i]
-        return -1 if p < given else (p - given) // chunk_size, p - i
+        return (0, p // chunk_size) if p < given else (1, (p - given) // chunk_size), p - i
 
     cache.reset()
     for _, run_indices in itertools.groupby(range(len(positions)), key=run):

@@ -13,6 +13,7 @@ import torch
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.diffusion import prefix_lengths
 from causalvdm.models.kv_cache import padded_slots
+from causalvdm.models.kv_quant import stored_bytes_per_vector
 from causalvdm.models.pretrained import split_init_fields
 from causalvdm.models.spatial_prefix import spatial_prefix_frames
 from causalvdm.registry import MODELS, build
@@ -77,14 +78,17 @@ def param_bytes(model, dtype: torch.dtype | None = None) -> int:
 
 
 def kv_cache_bytes(depth: int, rows: int, tokens_per_frame: int, hidden: int, slots: int, dtype: torch.dtype,
-                   spatial_frames: int = 0) -> int:
+                   spatial_frames: int = 0, heads: int = 1, cache_dtype: str | None = None) -> int:
     """Keys and values of a KVCache: 2 x layers x rows (B, or 2B with guidance) x S x hidden x slots x dtype bytes.
 
     slots = sink_frames + max_cond_frames + chunk_size (the ring also holds the frames of the current call), which
     the cache pads up to a multiple of 8; spatial_frames: the frames whose spatial keys/values a spatial prefix keeps
-    (1 for 'first_frame', N for 'prev_frames_N').
+    (1 for 'first_frame', N for 'prev_frames_N'), in `dtype`; cache_dtype: an 8-bit cache stores each of the `heads`
+    heads' vectors in 8 bits plus a bf16 scale.
     """
-    return 2 * depth * rows * tokens_per_frame * hidden * (padded_slots(slots) + spatial_frames) * dtype.itemsize
+    vectors = 2 * depth * rows * tokens_per_frame * heads
+    temporal = vectors * padded_slots(slots) * stored_bytes_per_vector(hidden // heads, cache_dtype, dtype)
+    return temporal + vectors * spatial_frames * hidden // heads * dtype.itemsize
 
 
 def saved_activation_bytes(model, batch: int, frames: int, height: int, width: int, dtype: torch.dtype,
@@ -211,8 +215,10 @@ def train_plan(cfg, batch_size: int | None = None, num_gpus: int = 1, device: st
 def sample_plan(cfg, batch_size: int = 1, device: str = "cuda", max_cond_frames: int | None = None,
                 cfg_scale: float | None = None) -> dict:
     """Peak sampling memory in MiB, by part: weights and KV cache in the sampling dtype (bf16 on CUDA, fp32 on the
-    CPU), one chunk's call with and without guidance, the VAE decode micro-batch."""
+    CPU; the cache in 8 bits with sample.cache_dtype), one chunk's call with and without guidance, the VAE decode
+    micro-batch."""
     ar = AutoregressiveSettings.from_cfg(cfg.get("autoregressive"))
+    cache_dtype = dict(cfg.get("sample") or {}).get("cache_dtype")
     cond = max_cond_frames or ar.max_cond_frames
     scale = cfg_scale if cfg_scale is not None else dict(cfg.get("sample") or {}).get("cfg_scale", 1.0)
     model = meta_model(cfg)
@@ -225,7 +231,7 @@ def sample_plan(cfg, batch_size: int = 1, device: str = "cuda", max_cond_frames:
     plans = {}
     for name, rows in (("no guidance", batch_size), ("guidance", 2 * batch_size)):
         cache = kv_cache_bytes(dims.depth, rows, tokens, dims.hidden, ar.sink_frames + cond + ar.chunk_size, dtype,
-                               spatial_prefix_frames(model.spatial_prefix))
+                               spatial_prefix_frames(model.spatial_prefix), dims.heads, cache_dtype)
         text_kv = dims.depth * rows * dims.text_tokens * 2 * dims.hidden * dtype.itemsize  # projected once per video
         call = INFERENCE_WORK * rows * ar.chunk_size * tokens * (2 * dims.mlp_hidden + 2 * dims.hidden) * dtype.itemsize
         weights = param_bytes(model, dtype)
