@@ -132,17 +132,18 @@ class CausalVDMPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, dtype: str | None = None, weights: str = "ema",
-                        compile: bool | str = False) -> "CausalVDMPipeline":
+                        compile: bool | str = False, cache_dtype: str | None = None) -> "CausalVDMPipeline":
         """Load a training checkpoint directory (outputs/EXP/checkpoints/step_N) or a save_pretrained folder.
 
         The config saved beside the weights is used; offline, safetensors only. weights: 'ema' | 'model' of a
         training checkpoint; dtype: None = the config's sample.dtype (default auto); compile: True or a
-        torch.compile mode (False: the config's sample.compile, eager by default).
+        torch.compile mode (False: the config's sample.compile, eager by default); cache_dtype: 'int8' or
+        'float8_e4m3fn' stores the KV cache in 8 bits (None: the config's sample.cache_dtype).
         """
         cfg = load_config(pretrained_config_path(path))
         compile = "default" if compile is True else compile or None
         sample = SampleSettings.from_cfg(cfg.get("sample"), dict(ckpt=str(path), weights=weights, dtype=dtype,
-                                                                 compile=compile))
+                                                                 compile=compile, cache_dtype=cache_dtype))
         return cls.from_config(cfg, sample, device)
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> None:
