@@ -3,8 +3,9 @@
 Like CUDA, the meta device refuses an op that mixes its tensors with CPU tensors (0-dim CPU scalars aside) and
 any read of a value on the host (`.item()`, `int(t)`, `bool(t)`, `.tolist()`, `.cpu()`): each test below fails
 on the first such line of a training step, a distillation step, sampling (every TPE mode, the sink, the spatial
-prefixes, guidance, prompt switches with re-encode, resume from a saved cache state) and the benchmark presets,
-where the CPU suite, whose tensors all live on the CPU, cannot see it. Nothing is computed, so XL/2 runs here too.
+prefixes, guidance, prompt switches with re-encode, resume from a saved cache state), the stream engine and the
+benchmark presets, where the CPU suite, whose tensors all live on the CPU, cannot see it. Nothing is computed, so
+XL/2 runs here too.
 """
 
 from pathlib import Path
@@ -24,6 +25,7 @@ from causalvdm.models.utils import randomize_weights
 from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.registry import TEXT_ENCODERS, VAES, build
 from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.serving import StreamEngine
 from causalvdm.training import Trainer
 from causalvdm.training.distributed import DistInfo
 from causalvdm.training.settings import TrainSettings
@@ -185,6 +187,38 @@ def test_sampling_on_device(tpe_mode, sink, spatial_prefix, cfg_scale, mode):
         chunks = list(resumed.iter_chunks(first, num_frames, y, mask, seed=3, cache_state=state, switches=switches))
         assert all(c.device == META for c in chunks) and len(chunks) == resumed.num_chunks(1, num_frames) - 1
         assert all(t.device == META for t in _cache_tensors(resumed.cache))
+
+
+@pytest.mark.parametrize("tpe_mode,sink,spatial_prefix,cache_dtype", [
+    ("cyclic", 1, "prev_frames_2", None),
+    ("rope", 0, "first_frame", "int8"),
+])
+def test_stream_engine_on_device(tpe_mode, sink, spatial_prefix, cache_dtype):
+    """The stream engine with its pool on the device: guided and plain streams with and without given frames, a
+    switch with re-encode, a branch from a saved state, a close and a reopened row, decoded by the VAE there."""
+    model_cfg = dict(load_config(ROOT / "configs" / "debug" / "tiny.py").model, tpe_mode=tpe_mode, max_tpe_len=9,
+                     spatial_prefix=spatial_prefix, in_channels=12)
+    model = causalvdm.build_model(model_cfg).to(META).eval()
+    vae = build(VAES, dict(type="PixelVAE", factor=2), "vae").to(META)
+    engine = StreamEngine(model, IDDPM(), vae, latent_size=(4, 4), max_rows=6, sampler="ddim", num_steps=2,
+                          chunk_size=2, max_cond_frames=4, cfg_scale=2.0, prefix_perturb_t=20, sink_frames=sink,
+                          cache_dtype=cache_dtype)
+    y = torch.randn(1, 6, 16)  # captions and given frames on the CPU, as a user's may be
+    a = engine.open(torch.randn(1, 12, 3, 4, 4), y=y, seed=0)
+    b = engine.open(seed=1)
+    chunks = []
+    for tick in range(12):
+        if tick == 3:
+            engine.switch(a, torch.randn(1, 6, 16), recache=True)
+        if tick == 5:
+            engine.open(state=engine.save(a), seed=2)
+            engine.close(b)
+            engine.open(torch.randn(1, 12, 1, 4, 4), seed=3)
+        chunks += engine.step()
+    assert {chunk.stream for chunk in chunks} == {0, 1, 2, 3}
+    assert all(c.latents.device == META and c.frames.device == META and c.frames.shape == (1, 3, 2, 8, 8)
+               for c in chunks)
+    assert all(t.device == META for t in _cache_tensors(engine.pool))
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

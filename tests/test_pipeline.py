@@ -133,3 +133,21 @@ def test_built_from_parts_matches_the_generator(sample_setup):
                                         prefix_perturb_t=ar.prefix_perturb_t).generate(first, 13, seed=7)
     pipe = CausalVDMPipeline(model, vae, diffusion, autoregressive=ar, sample=SampleSettings(sampler="ddim", num_steps=3))
     np.testing.assert_array_equal(pipe(first_latents=first, num_frames=13, seed=7), to_uint8(vae.decode(reference)[0]))
+
+
+def test_stream_engine_of_a_pipeline_gives_its_frames(run_dir, sample_setup):
+    """pipe.stream_engine(): a stream opened from the first image's latents, beside another stream, decodes to the
+    frames pipe() makes from that image with the same seed."""
+    from causalvdm.data.video_io import read_image
+
+    pipe = CausalVDMPipeline.from_pretrained(run_dir / "checkpoints" / "step_00000010")
+    expected = pipe(first_image=sample_setup / "first.png", seed=3, output_type="pt")  # (3, T, H, W)
+    engine = pipe.stream_engine(max_rows=4)
+    pixels = video_transform(torch.from_numpy(read_image(sample_setup / "first.png"))[None], pipe.image_size)
+    sid = engine.open(pipe.vae.encode(pixels[None].to(pipe.device)), seed=3)
+    engine.open(seed=4)
+    frames = []
+    while sum(f.shape[2] for f in frames) < expected.shape[1] - 1:
+        frames += [chunk.frames for chunk in engine.step() if chunk.stream == sid]
+    video = torch.cat(frames, dim=2)[0, :, :expected.shape[1] - 1]
+    assert (video - expected[:, 1:]).abs().max() <= 1e-5 * expected.abs().max()  # random weights: values in hundreds

@@ -11,11 +11,12 @@ rounding level: float32 within 1e-5 of the largest value, bf16 within the suite'
 import pytest
 import torch
 
+from torch._dynamo.utils import counters
+
 from causalvdm.diffusion import IDDPM
+from causalvdm.models.utils import randomize_weights
 from causalvdm.sampling import AutoregressiveGenerator
 from causalvdm.serving import EngineFull, StreamEngine
-
-pytestmark = pytest.mark.numerics
 
 C, H, W, L, TEXT = 4, 4, 4, 6, 16  # the tiny config's latent channels and size, caption length and width
 BF16_TOL = 2**-6
@@ -99,6 +100,7 @@ CASES = {
 }
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", list(CASES))
 def test_streams_equal_generator_alone_float64(make_model, case):
     """Joins, leaves, switches with and without re-encoding, a branch and a reopened row, in float64: exact."""
@@ -107,17 +109,14 @@ def test_streams_equal_generator_alone_float64(make_model, case):
     assert run_streams(model, settings(**kw)) <= 1e-12
 
 
+@pytest.mark.numerics
 def test_streams_equal_generator_alone_float32(make_model):
-    model = make_model(tpe_mode="cyclic", max_tpe_len=9)
-    from causalvdm.models.utils import randomize_weights
-
-    randomize_weights(model, seed=0, scale=0.3)
+    model = randomize_weights(make_model(tpe_mode="cyclic", max_tpe_len=9), seed=0, scale=0.3)
     assert run_streams(model, settings()) <= 1e-5
 
 
+@pytest.mark.numerics
 def test_streams_equal_generator_alone_bf16(make_model):
-    from causalvdm.models.utils import randomize_weights
-
     model = randomize_weights(make_model(tpe_mode="rope"), seed=0, scale=0.3).to(torch.bfloat16)
     assert run_streams(model, settings(sink_frames=1)) <= BF16_TOL
 
@@ -159,3 +158,28 @@ def test_engine_reports_stream_figures(make_model):
     figures = engine.stats()[sid]
     assert figures["frames"] == 4 and figures["keeps_up"] and figures["latency_p95"] >= figures["latency_p50"] > 0
     assert 0 < figures["first_chunk"] and figures["frames_per_s"] > 0
+
+
+def test_compiled_tick_compiles_once(make_model):
+    """compile=True: one graph serves every tick while streams join, switch and leave (static shapes), and the
+    frames are the eager engine's (float32, 1e-5 of the largest value)."""
+    model = randomize_weights(make_model(tpe_mode="cyclic", max_tpe_len=9), seed=0, scale=0.3)
+    (y,) = captions(1)
+    videos = {}
+    for compile in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        engine = StreamEngine(model, IDDPM(), latent_size=(H, W), max_rows=4, compile=compile, **settings())
+        a = engine.open(latents(1, 0), y=y, seed=0)
+        chunks = []
+        for tick in range(16):
+            if tick == 3:
+                b = engine.open(seed=1)
+            if tick == 6:
+                engine.switch(a, None)
+            if tick == 9:
+                engine.close(b)
+            chunks += [chunk.latents for chunk in engine.step() if chunk.stream == a]
+        videos[compile] = torch.cat(chunks, dim=2)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert (videos[True] - videos[False]).abs().max() <= 1e-5 * videos[False].abs().max()
