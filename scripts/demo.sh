@@ -42,6 +42,7 @@ sampled=$(date +%s)
 "$PY" tools/demo_videos.py report --clips data/demo_long/captions.jsonl --samples "$samples"
 echo "training $((trained - start)) s, sampling $((sampled - trained)) s"
 echo "contact sheets: $samples/*.png"
+echo "watch it live: bash scripts/serve.sh --ckpt $ckpt --clips data/demo_long/captions.jsonl   (then open http://127.0.0.1:8765/)"
 
 if [[ "${DISTILL:-0}" == 1 ]]; then
   first=${shots%% *}

@@ -38,6 +38,7 @@ class FinishedChunk:
 
     stream: int
     index: int  # the chunk's index in its video (0: the first after the given frames)
+    start: int  # the video frame its first frame is (given frames count)
     latents: torch.Tensor
     frames: torch.Tensor | None
     latency: float  # seconds from the chunk's first denoising step to its end
@@ -87,6 +88,7 @@ class Stream:
     noises: torch.Tensor | None = None
     started: float = 0.0
     pending: tuple | None = None  # (y, mask, recache): a caption switch at the next chunk boundary
+    paused: bool = False  # a paused stream keeps its rows and state but takes no step
     stats: StreamStats = field(default_factory=StreamStats)
 
 
@@ -96,7 +98,8 @@ class StreamEngine:
     model, diffusion, vae (None: latents only): as the pipeline's; latent_size (h, w) of every stream; sampler,
     num_steps, chunk_size, max_cond_frames, cfg_scale, prefix_perturb_t, sink_frames, cache_dtype: as
     `AutoregressiveGenerator`'s, for every stream; fps: the playback rate a stream must keep up with;
-    compile: torch.compile the tick's model call (shapes never change, so it compiles once).
+    compile: torch.compile the tick's model call over every row of the pool (shapes never change, so it compiles
+    once); eager calls run on the rows up to the last one in use.
     """
 
     def __init__(self, model, diffusion, vae=None, *, latent_size: tuple[int, int], max_rows: int = 8,
@@ -122,6 +125,7 @@ class StreamEngine:
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count()
         self.tick_times: deque = deque(maxlen=LATENCY_WINDOW)
+        self.compiled = compile
         self._step_call = torch.compile(model.step, dynamic=False) if compile else model.step
 
     # ------------------------------------------------------------------------------ streams
@@ -236,6 +240,10 @@ class StreamEngine:
         self._begin_chunk(stream)
         return stream.id
 
+    def pause(self, stream_id: int, paused: bool = True) -> None:
+        """Hold a stream where it is (paused=False: let it go on); its rows stay taken."""
+        self._stream(stream_id).paused = paused
+
     @torch.inference_mode()
     def close(self, stream_id: int) -> None:
         """Close a stream: its rows are zeroed and free for the next one."""
@@ -261,7 +269,7 @@ class StreamEngine:
         """One tick: a denoising step of every denoising stream in one batched call, then one batched write of the
         chunks it finished and of newly opened streams' first frames -> the chunks finished, decoded in one call."""
         started = time.perf_counter()
-        denoising = [s for s in self.streams.values() if s.given is None]
+        denoising = [s for s in self.streams.values() if s.given is None and not s.paused]
         finished = self._denoise(denoising) if denoising else []
         writes = [(s, s.x) for s in finished] + [(s, s.given) for s in self.streams.values() if s.given is not None]
         self._write(writes)
@@ -272,6 +280,16 @@ class StreamEngine:
         self.tick_times.append(time.perf_counter() - started)
         return out
 
+    def _call_rows(self) -> tuple[int, object, object]:
+        """Rows a call runs on -> (count, the pool's cache over them, their text). Compiled: every row (one graph);
+        eager: up to the last row in use, so a pool with few streams does not pay for its empty rows."""
+        rows = self.max_rows
+        if not self.compiled:
+            rows = max((s.start + s.rows for s in self.streams.values()), default=1)
+        if rows == self.max_rows:
+            return rows, self.pool, self.text.context
+        return rows, self.pool.rows(0, rows), self.text.first(rows)
+
     def _blocks(self, active: list[Stream]) -> list[RowBlock]:
         ids = {s.id for s in active}
         return [RowBlock(s.start, s.rows, s.cache, s.id in ids) for s in self.streams.values()]
@@ -279,15 +297,15 @@ class StreamEngine:
     def _denoise(self, streams: list[Stream]) -> list[Stream]:
         """One denoising step of `streams` in one call -> those whose chunk is now denoised (x holds its latents)."""
         c, k = self.model.in_channels, self.chunk_size
-        x = torch.zeros(self.max_rows, c, k, self.height, self.width, device=self.device)
-        t = torch.zeros(self.max_rows, k, dtype=torch.long, device=self.device)
+        rows, pool, text = self._call_rows()
+        x = torch.zeros(rows, c, k, self.height, self.width, device=self.device)
+        t = torch.zeros(rows, k, dtype=torch.long, device=self.device)
         for s in streams:
             rows = slice(s.start, s.start + s.rows)
             x[rows] = s.x
             t[rows] = s.sampler.timesteps[s.step]
-        call = PooledCall(self.pool, self._blocks(streams), k, self.tokens_per_frame,
-                          self.model.chunk_bidirectional)
-        ctx = pooled_context(self.model, call, self.text.context, self.height, self.width, write=False)
+        call = PooledCall(pool, self._blocks(streams), k, self.tokens_per_frame, self.model.chunk_bidirectional)
+        ctx = pooled_context(self.model, call, text, self.height, self.width, write=False)
         out = self._step_call(x, t, ctx)  # (R, 2C, k, h, w)
         done = []
         for s in streams:
@@ -322,13 +340,14 @@ class StreamEngine:
 
     def _write_call(self, writes: list[tuple[Stream, torch.Tensor]], num_frames: int) -> None:
         c = self.model.in_channels
-        x = torch.zeros(self.max_rows, c, num_frames, self.height, self.width, device=self.device)
+        rows, pool, text = self._call_rows()
+        x = torch.zeros(rows, c, num_frames, self.height, self.width, device=self.device)
         for stream, frames in writes:
             self.model.begin_call(stream.cache, num_frames, self.height, self.width)
             x[stream.start:stream.start + stream.rows] = frames
-        call = PooledCall(self.pool, self._blocks([s for s, _ in writes]), num_frames, self.tokens_per_frame, False)
-        ctx = pooled_context(self.model, call, self.text.context, self.height, self.width, write=True)
-        t = torch.zeros(self.max_rows, num_frames, dtype=torch.long, device=self.device)
+        call = PooledCall(pool, self._blocks([s for s, _ in writes]), num_frames, self.tokens_per_frame, False)
+        ctx = pooled_context(self.model, call, text, self.height, self.width, write=True)
+        t = torch.zeros(rows, num_frames, dtype=torch.long, device=self.device)
         self.model._trunk(x, t, ctx, kv_only_last=True)
         for stream, _ in writes:
             stream.cache.commit()
@@ -347,7 +366,8 @@ class StreamEngine:
             s.stats.latencies.append(latency)
             if s.stats.first_chunk is None:
                 s.stats.first_chunk = now - s.stats.opened
-            out.append(FinishedChunk(s.id, s.chunk, s.x, None if frames is None else frames[i:i + 1], latency))
+            start = s.n0 + s.chunk * self.chunk_size
+            out.append(FinishedChunk(s.id, s.chunk, start, s.x, None if frames is None else frames[i:i + 1], latency))
             s.chunk += 1
         return out
 
