@@ -24,6 +24,7 @@ from PIL import Image
 import causalvdm
 from causalvdm import CausalVDMPipeline
 from causalvdm.config import AutoregressiveSettings, load_config
+from causalvdm.data.video_io import iter_video_frames
 from causalvdm.diffusion import IDDPM
 from causalvdm.models.utils import randomize_weights
 from causalvdm.registry import TEXT_ENCODERS, VAES, build
@@ -84,7 +85,7 @@ class Viewer:
         return next(m for m in reversed(self.messages) if m["type"] == kind)
 
 
-def test_viewer_gets_the_models_frames_switch_pause_branch():
+def test_viewer_gets_the_models_frames_switch_pause_branch(tmp_path):
     """The frames a viewer receives are those pipe() makes alone from the same frame, caption, seed and switch (to
     one uint8 step: the engine batches streams, so its floats differ from a lone run's by round-off), the switch
     lands at the frame the server announced, a paused stream takes no tick, a branch makes what its source makes."""
@@ -111,11 +112,18 @@ def test_viewer_gets_the_models_frames_switch_pause_branch():
             await viewer.until(lambda v: len(v.frames.get(1, {})) >= 4, "the branch's frames")
             branch = viewer.last("started")
             status = await (await client.get("/status")).json()
+            download = await client.get("/download/0")
+            video = (tmp_path / "so_far.mp4")
+            video.write_bytes(await download.read())
+            missing = (await client.get("/download/7")).status
             await viewer.ws.close()
-            return viewer.frames, at, branch, status
+            return viewer.frames, at, branch, status, viewer.last("chunk"), download.content_type, missing
 
-    frames, at, branch, status = run(scenario())
+    frames, at, branch, status, chunk, content_type, missing = run(scenario())
     assert status["streams"] == 2 and branch["branch_of"] == 0
+    assert set(chunk["drift"]) == {"mean", "std", "sharpness", "change", "token_grid", "out_of_band"}
+    assert content_type == "video/mp4" and missing == 404
+    assert len(list(iter_video_frames(tmp_path / "so_far.mp4"))) >= len(frames[0])  # every frame made so far
     assert sorted(frames[0]) == list(range(1, len(frames[0]) + 1))  # frame 0 is the given one
     got = np.stack([frames[0][i] for i in sorted(frames[0])]).astype(int)
     expected = pipe(first_image=CLIP[0], prompt=CAPTIONS[0], num_frames=len(got) + 1, seed=5,
@@ -355,6 +363,7 @@ def test_browser_watches_a_stream_and_switches_the_caption(saved_pipe, tmp_path)
         shot = tmp_path / "page.png"
         driver.save_screenshot(str(shot))
         assert Image.open(shot).size[0] > 0 and not driver.find_element(By.ID, "log").text
+        assert "token_grid" in driver.find_element(By.ID, "legend").text  # the drift plot's legend
     finally:
         driver.quit()
         proc.terminate()

@@ -32,6 +32,7 @@ from aiohttp import WSMsgType, web
 from PIL import Image
 
 from causalvdm.data.transforms import video_transform
+from causalvdm.sampling.drift import DriftMonitor
 from causalvdm.sampling.writer import StreamingVideoWriter, to_uint8
 from causalvdm.serving.engine import EngineFull
 
@@ -39,6 +40,7 @@ log = logging.getLogger("causalvdm.serve")
 
 PAGE = Path(__file__).with_name("page.html")
 IMAGE_TYPES = ("PNG", "JPEG", "WEBP")
+DRIFT_KEPT = 64  # chunk records a stream's drift monitor keeps: a live stream has no end
 
 
 @dataclass
@@ -54,11 +56,13 @@ class Limits:
 
 @dataclass(eq=False)  # a viewer is itself, not its fields: kept in a set
 class Viewer:
-    """One websocket: its streams (engine id -> the frames kept for the download), send queue and drop count."""
+    """One websocket: its streams (engine id -> the frames kept for the download), their drift monitors, send queue
+    and drop count."""
 
     ws: web.WebSocketResponse
     queue: asyncio.Queue
     streams: dict = field(default_factory=dict)
+    drift: dict = field(default_factory=dict)
     dropped: int = 0
 
 
@@ -284,11 +288,14 @@ class LiveServer:
             self.refusals += 1
             raise BadMessage(str(err)) from err
         viewer.streams[sid] = []
+        token = tuple(self.pipe.vae.downsample * p for p in self.pipe.model.patch_size[1:])  # one token in pixels
+        viewer.drift[sid] = DriftMonitor(token=token)
         self._owners[sid] = viewer
         return sid
 
     def _close(self, viewer: Viewer, sid: int) -> None:
         viewer.streams.pop(sid, None)
+        viewer.drift.pop(sid, None)
         self._owners.pop(sid, None)
         if sid in self.engine.streams:
             self.engine.close(sid)
@@ -326,6 +333,7 @@ class LiveServer:
                     self._push(viewer, struct.pack(">II", chunk.stream, chunk.start + i) + raw)
                 self._push(viewer, dict(type="chunk", stream=chunk.stream, index=chunk.index, start=chunk.start,
                                         latency=round(chunk.latency, 4), dropped=viewer.dropped,
+                                        drift=self._drift(viewer, chunk.stream, pictures),
                                         **self._figures(chunk.stream)))
 
     async def _tick(self) -> list:
@@ -344,6 +352,17 @@ class LiveServer:
             pictures = list(to_uint8(chunk.frames[0]))
             out.append((chunk, pictures, [png(picture) for picture in pictures]))
         return out
+
+    @staticmethod
+    def _drift(viewer: Viewer, sid: int, pictures) -> dict:
+        """The drift monitor's statistics of a stream's new chunk (luma mean and std, sharpness, change, token grid)
+        and which left their band."""
+        monitor = viewer.drift[sid]
+        record = monitor.add(np.stack(pictures))
+        del monitor.chunks[:-DRIFT_KEPT]
+        values = {name: record[name] for name in monitor.statistics}
+        values = {name: round(float(np.mean(value)), 3) if value is not None else None for name, value in values.items()}
+        return dict(values, out_of_band=record["out_of_band"])
 
     def _figures(self, sid: int) -> dict:
         stats = self.engine.stats().get(sid, {})
