@@ -247,7 +247,7 @@ class StreamEngine:
     @torch.inference_mode()
     def close(self, stream_id: int) -> None:
         """Close a stream: its rows are zeroed and free for the next one."""
-        stream = self.streams.pop(stream_id)
+        stream = self.streams.pop(self._stream(stream_id).id)
         stream.cache.clear()
         self.text.clear(stream.start, stream.rows)
 

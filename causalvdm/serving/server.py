@@ -155,8 +155,9 @@ class LiveServer:
 
     async def _download(self, request):
         """The frames of a stream so far, as an mp4 (`stream` is the id the page was given)."""
-        frames = next((v.streams[int(sid)] for v in self.viewers for sid in [request.match_info["stream"]]
-                       if sid.isdigit() and int(sid) in v.streams), None)
+        sid = request.match_info["stream"]
+        owner = self._owners.get(int(sid)) if sid.isdigit() else None
+        frames = owner.streams.get(int(sid)) if owner is not None else None
         if not frames:
             raise web.HTTPNotFound(text="no such stream, or no frames yet")
         path = Path(await asyncio.to_thread(self._write_mp4, list(frames)))
@@ -189,6 +190,9 @@ class LiveServer:
                     await self._handle(viewer, msg.data)
                 except (BadMessage, ValueError) as err:  # the engine's checks raise ValueError in one line
                     await self._error(viewer, str(err))
+                except Exception:  # a fault of ours: logged in full, the viewer told, everyone else served
+                    log.exception("message %.200s", msg.data)
+                    await self._error(viewer, "internal error (logged on the server)")
         finally:
             sender.cancel()
             self.viewers.discard(viewer)
