@@ -278,8 +278,8 @@ class CausalVDMPipeline:
                 f = self.vae.downsample
                 first = torch.zeros(1, self.model.in_channels, 0, h // f, w // f, device=self.device)
             generator.check_switches(first.shape[2], settings.num_frames, [e["frame"] for e in settings.prompts])
-            y, mask = self._encode_prompt(settings.prompt)
-            switches = [(e["frame"], *self._encode_prompt(e["prompt"])) for e in settings.prompts]
+            y, mask = self.encode_prompt(settings.prompt)
+            switches = [(e["frame"], *self.encode_prompt(e["prompt"])) for e in settings.prompts]
             if switches and self.text_encoder is None:  # no text to change; a re-encode would only drop old context
                 log.warning("an unconditional model ignores the prompt switches")
                 switches = []
@@ -289,7 +289,7 @@ class CausalVDMPipeline:
         stream = self._decode(first, chunks, pixels, reference, settings, generator, start, self.recorder)
         return stream if output_type == "pt" else (to_uint8(video) for video in stream)
 
-    def _encode_prompt(self, prompt: str):
+    def encode_prompt(self, prompt: str):
         """A prompt -> text tokens y (1, L, C_text), mask (1, L); (None, None), the null caption, for an empty prompt
         or an unconditional model."""
         if self.text_encoder is None or not prompt:

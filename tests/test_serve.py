@@ -349,9 +349,10 @@ def test_browser_watches_a_stream_and_switches_the_caption(saved_pipe, tmp_path)
         driver.find_element(By.ID, "start").click()
         canvas = driver.find_element(By.ID, "video")
         pixels = "return Array.from(arguments[0].getContext('2d').getImageData(0, 0, 8, 8).data).join(',')"
+        frame = "return [Number(arguments[0].dataset.frame || 0), " + pixels.removeprefix("return ") + "]"
         wait.until(lambda d: int(canvas.get_attribute("data-frame") or 0) >= 3)
-        early = driver.execute_script(pixels, canvas)
-        wait.until(lambda d: int(canvas.get_attribute("data-frame") or 0) >= 9)
+        early_frame, early = driver.execute_script(frame, canvas)
+        wait.until(lambda d: int(canvas.get_attribute("data-frame") or 0) >= early_frame + 6)  # three chunks on
         assert driver.execute_script(pixels, canvas) != early  # the picture moves over the chunks
         caption = driver.find_element(By.ID, "caption")
         caption.clear()

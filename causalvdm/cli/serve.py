@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 
-from causalvdm.cli.common import ArgumentParser, one_line_errors, positive_int
+from causalvdm.cli.common import ArgumentParser, non_negative_float, one_line_errors, positive_int
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import iter_video_frames
+from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.models.kv_quant import CACHE_DTYPES
 from causalvdm.pipeline import CausalVDMPipeline, SampleSettings
 from causalvdm.serving.server import Limits, LiveServer
@@ -43,6 +44,12 @@ def parse_args(argv=None):
     parser.add_argument("--streams-per-client", type=positive_int, default=2, help="streams one viewer may hold at "
                         "once (default 2)")
     parser.add_argument("--cache-dtype", choices=list(CACHE_DTYPES), help="store the KV cache in 8 bits")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), help="sampler of every stream (default: sample.sampler, "
+                        "or a few-step student's own)")
+    parser.add_argument("--num-steps", type=positive_int, help="denoising steps per chunk (default: sample.num_steps, "
+                        "or a few-step student's own)")
+    parser.add_argument("--cfg-scale", type=non_negative_float, help="classifier-free guidance scale; 1 = none, one "
+                        "pool row per stream (default: sample.cfg_scale)")
     parser.add_argument("--clips", help="a .jsonl manifest of {\"path\", \"caption\"} rows: their frames can start a "
                             "stream and their captions are the page's suggestions (scripts/demo.sh writes one)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine's tick")
@@ -72,7 +79,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with one_line_errors():
         cfg = load_config(str(args.config or pretrained_config_path(args.ckpt)), args.cfg_options)
-        sample = SampleSettings.from_cfg(cfg.get("sample"), dict(ckpt=args.ckpt, cache_dtype=args.cache_dtype))
+        sample = SampleSettings.from_cfg(cfg.get("sample"), dict(ckpt=args.ckpt, cache_dtype=args.cache_dtype,
+                                                                 sampler=args.sampler, num_steps=args.num_steps,
+                                                                 cfg_scale=args.cfg_scale))
         pipe = CausalVDMPipeline.from_config(cfg, sample)
         engine = pipe.stream_engine(max_rows=args.max_rows, compile=args.compile)
         clips, captions = read_clips(args.clips) if args.clips else ([], [])

@@ -258,7 +258,7 @@ class LiveServer:
     def _caption(self, caption):
         if not isinstance(caption, str) or len(caption) > 2000:
             raise BadMessage("caption must be a string of at most 2000 characters")
-        return self.pipe._encode_prompt(caption)
+        return self.pipe.encode_prompt(caption)
 
     def _first_frame(self, msg: dict) -> np.ndarray | None:
         """The start's first frame: an uploaded image, a frame of one of the server's clips, or none."""
