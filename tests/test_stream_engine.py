@@ -68,6 +68,10 @@ def run_streams(model, kw: dict, dtype=torch.float64):
         if tick == 12:  # c re-encodes its frames under the new caption
             videos[c]["switches"].append((engine.switch(c, y1, recache=True), y1, None))
             videos[c]["recache"] = True
+        if tick == 15:  # d holds for three ticks after a step of its chunk while the others go on
+            engine.pause(d)
+        if tick == 18:
+            engine.pause(d, False)
         if tick == 25:
             engine.close(a)
         for chunk in engine.step():
@@ -103,7 +107,8 @@ CASES = {
 @pytest.mark.numerics
 @pytest.mark.parametrize("case", list(CASES))
 def test_streams_equal_generator_alone_float64(make_model, case):
-    """Joins, leaves, switches with and without re-encoding, a branch and a reopened row, in float64: exact."""
+    """Joins, leaves, switches with and without re-encoding, a branch, a pause and a reopened row, in float64:
+    exact."""
     model_kw, kw = CASES[case]
     model = make_model(**model_kw).double()
     assert run_streams(model, settings(**kw)) <= 1e-12
