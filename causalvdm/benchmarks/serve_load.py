@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8765", help="the server (default http://127.0.0.1:8765)")
     parser.add_argument("--token", help="the server's --token, if it has one")
-    parser.add_argument("--viewers", type=lambda text: [positive_int(n) for n in text.split(",")], default=[1, 4, 8, 16],
+    parser.add_argument("--viewers", type=lambda text: [positive_int(n) for n in text.split(",")],
+                        default=[1, 4, 8, 16],
                         help="comma-separated viewer counts (default 1,4,8,16)")
     parser.add_argument("--seconds", type=positive_float, default=20.0, help="seconds each viewer counts frames "
                         "after its first (default 20)")

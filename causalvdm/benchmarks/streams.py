@@ -146,9 +146,11 @@ def main(argv=None) -> int:
                         seq = run_sequential(args, model, diffusion, ar, n, args.chunks, first, text)
                         row.update(seq_fps=seq["fps"], seq_p95=seq["p95"])
                     results.append(row)
-                    seq_fps = f"{row['seq_fps']:8.2f} {row['seq_p95']:8.3f}" if "seq_fps" in row else f"{'-':>8} {'-':>8}"
+                    baseline = f"{'-':>8} {'-':>8}"
+                    if "seq_fps" in row:
+                        baseline = f"{row['seq_fps']:8.2f} {row['seq_p95']:8.3f}"
                     print(f"{n:7d} {storage:>13} {mode:>8} {row['fps']:9.2f} {row['p50']:7.3f} {row['p95']:7.3f} "
-                          f"{row['first_chunk']:8.3f} {seq_fps} {row['pool_mb']:8.1f} {row['peak_mb']:8.0f} "
+                          f"{row['first_chunk']:8.3f} {baseline} {row['pool_mb']:8.1f} {row['peak_mb']:8.0f} "
                           f"{row['gflops']:8.1f} {row['bound_fps']:9.1f}", flush=True)
         print_load(args)
     base = {r["streams"]: r for r in results if r["mode"] == "eager" and r["cache"] == args.cache_dtypes[0]}

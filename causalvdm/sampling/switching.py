@@ -40,7 +40,7 @@ def reencode(cache, written, given: int, chunk_size: int, write: Callable[[torch
     if written.first is not None and positions[0] != 0:  # frame 0 has left the queue, its spatial keys are still read
         positions, frames = [0] + positions, torch.cat([written.first, frames], dim=2)
 
-    def run(i: int) -> tuple[tuple[int, int], int]:  # frames i, i + 1 are in one run: the same call, consecutive positions
+    def run(i: int) -> tuple[tuple[int, int], int]:  # frames i, i + 1 in one run: the same call, consecutive positions
         p = positions[i]
         return (0, p // chunk_size) if p < given else (1, (p - given) // chunk_size), p - i
 
