@@ -364,8 +364,8 @@ class LiveServer:
         monitor = viewer.drift[sid]
         record = monitor.add(np.stack(pictures))
         del monitor.chunks[:-DRIFT_KEPT]
-        values = {name: record[name] for name in monitor.statistics}
-        values = {name: round(float(np.mean(value)), 3) if value is not None else None for name, value in values.items()}
+        values = {name: None if record[name] is None else round(float(np.mean(record[name])), 3)
+                  for name in monitor.statistics}
         return dict(values, out_of_band=record["out_of_band"])
 
     def _figures(self, sid: int) -> dict:
