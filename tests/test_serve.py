@@ -112,17 +112,19 @@ def test_viewer_gets_the_models_frames_switch_pause_branch(tmp_path):
             await viewer.until(lambda v: len(v.frames.get(1, {})) >= 4, "the branch's frames")
             branch = viewer.last("started")
             status = await (await client.get("/status")).json()
-            download = await client.get("/download/0")
+            url = next(m["download"] for m in viewer.messages if m["type"] == "started" and m["stream"] == 0)
+            download = await client.get(url)
             video = (tmp_path / "so_far.mp4")
             video.write_bytes(await download.read())
-            missing = (await client.get("/download/7")).status
+            refused = [(await client.get(path)).status for path in ("/download/7", "/download/0",
+                                                                    "/download/0?key=guess", url.replace("/0?", "/1?"))]
             await viewer.ws.close()
-            return viewer.frames, at, branch, status, viewer.last("chunk"), download.content_type, missing
+            return viewer.frames, at, branch, status, viewer.last("chunk"), download.content_type, refused
 
-    frames, at, branch, status, chunk, content_type, missing = run(scenario())
+    frames, at, branch, status, chunk, content_type, refused = run(scenario())
     assert status["streams"] == 2 and branch["branch_of"] == 0
     assert set(chunk["drift"]) == {"mean", "std", "sharpness", "change", "token_grid", "out_of_band"}
-    assert content_type == "video/mp4" and missing == 404
+    assert content_type == "video/mp4" and refused == [404] * 4  # only with the stream's own key
     assert len(list(iter_video_frames(tmp_path / "so_far.mp4"))) >= len(frames[0])  # every frame made so far
     assert sorted(frames[0]) == list(range(1, len(frames[0]) + 1))  # frame 0 is the given one
     got = np.stack([frames[0][i] for i in sorted(frames[0])]).astype(int)

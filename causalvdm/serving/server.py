@@ -56,12 +56,13 @@ class Limits:
 
 @dataclass(eq=False)  # a viewer is itself, not its fields: kept in a set
 class Viewer:
-    """One websocket: its streams (engine id -> the frames kept for the download), their drift monitors, send queue
-    and drop count."""
+    """One websocket: its streams (engine id -> the frames kept for the download), their download keys and drift
+    monitors, send queue and drop count."""
 
     ws: web.WebSocketResponse
     queue: asyncio.Queue
     streams: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)  # engine id -> the secret its download URL carries
     drift: dict = field(default_factory=dict)
     dropped: int = 0
 
@@ -154,11 +155,12 @@ class LiveServer:
                     captions=self.captions, clips=[name for name, _ in self.clips])
 
     async def _download(self, request):
-        """The frames of a stream so far, as an mp4 (`stream` is the id the page was given)."""
+        """The frames of a stream so far, as an mp4: the URL of its "started" message (stream id and its key)."""
         sid = request.match_info["stream"]
         owner = self._owners.get(int(sid)) if sid.isdigit() else None
+        key = owner.keys.get(int(sid), "") if owner is not None else ""
         frames = owner.streams.get(int(sid)) if owner is not None else None
-        if not frames:
+        if not key or not secrets.compare_digest(request.query.get("key", ""), key) or not frames:
             raise web.HTTPNotFound(text="no such stream, or no frames yet")
         path = Path(await asyncio.to_thread(self._write_mp4, list(frames)))
         try:
@@ -232,7 +234,8 @@ class LiveServer:
                 self._check_room(viewer)
                 new = self._open(viewer, lambda: self.engine.open(state=self.engine.save(sid),
                                                                   seed=self._seed(msg.get("seed", 0))))
-                await viewer.ws.send_json(dict(type="started", stream=new, branch_of=sid))
+                await viewer.ws.send_json(dict(type="started", stream=new, branch_of=sid,
+                                               download=f"/download/{new}?key={viewer.keys[new]}"))
             else:
                 raise BadMessage(f"unknown message type {kind!r}")
 
@@ -248,7 +251,8 @@ class LiveServer:
                 latents = await asyncio.to_thread(self._encode, first)
             sid = self._open(viewer, lambda: self.engine.open(latents, y=y, mask=mask, seed=seed,
                                                               guided=self.engine.rows_needed(True) == 2))
-        await viewer.ws.send_json(dict(type="started", stream=sid, seed=seed, caption=caption))
+        await viewer.ws.send_json(dict(type="started", stream=sid, seed=seed, caption=caption,
+                                       download=f"/download/{sid}?key={viewer.keys[sid]}"))
 
     def _seed(self, value) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
@@ -292,6 +296,7 @@ class LiveServer:
             self.refusals += 1
             raise BadMessage(str(err)) from err
         viewer.streams[sid] = []
+        viewer.keys[sid] = secrets.token_urlsafe(16)
         token = tuple(self.pipe.vae.downsample * p for p in self.pipe.model.patch_size[1:])  # one token in pixels
         viewer.drift[sid] = DriftMonitor(token=token)
         self._owners[sid] = viewer
@@ -299,6 +304,7 @@ class LiveServer:
 
     def _close(self, viewer: Viewer, sid: int) -> None:
         viewer.streams.pop(sid, None)
+        viewer.keys.pop(sid, None)
         viewer.drift.pop(sid, None)
         self._owners.pop(sid, None)
         if sid in self.engine.streams:
