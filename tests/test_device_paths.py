@@ -254,8 +254,9 @@ def test_pipeline_on_device(tmp_path, t5_dir):
 @pytest.mark.parametrize("preset", ["paper"])
 def test_benchmark_preset_on_device(preset):
     """The benchmark preset's model (XL/2's width and heads on 32x32 latents, 120 text tokens, bf16, guidance, its
-    chunk and queue) through a prefill, two cached chunks and their commits, and the recompute baseline, on the
-    device. Two of its 28 blocks: every block runs the same code, and meta ops cost milliseconds each."""
+    chunk and queue) through a prefill, two cached chunks and their commits, and the recompute baseline, and four
+    streams through the stream engine with an int8 cache, on the device. Two of its 28 blocks: every block runs the
+    same code, and meta ops cost milliseconds each."""
     from causalvdm.benchmarks.ar import PRESETS
 
     cfg = load_config(ROOT / PRESETS[preset]["config"])
@@ -269,3 +270,11 @@ def test_benchmark_preset_on_device(preset):
                                       prefix_perturb_t=ar.prefix_perturb_t, sink_frames=ar.sink_frames, mode=mode)
         video = gen.generate(torch.randn(1, model.in_channels, 1, h, w), 1 + 2 * ar.chunk_size, y, seed=0)
         assert video.device == META and video.shape == (1, model.in_channels, 1 + 2 * ar.chunk_size, h, w)
+    # The streams benchmark's engine at the same preset: four guided streams, the cache in int8, a chunk each.
+    engine = StreamEngine(model, IDDPM(), latent_size=(h, w), max_rows=8, sampler="ddim", num_steps=1,
+                          chunk_size=ar.chunk_size, max_cond_frames=ar.max_cond_frames, cfg_scale=4.0,
+                          prefix_perturb_t=ar.prefix_perturb_t, sink_frames=ar.sink_frames, cache_dtype="int8")
+    for seed in range(4):
+        engine.open(torch.randn(1, model.in_channels, 1, h, w), y=y, seed=seed)
+    chunks = engine.step() + engine.step()
+    assert len(chunks) == 4 and all(c.latents.device == META for c in chunks)
