@@ -203,8 +203,7 @@ class CausalVDMPipeline:
         defaults (each overridable here), for streams of its image size."""
         ar, s = self.autoregressive, self.defaults
         h, w = self._size()
-        factor = self.vae.downsample
-        self.model.to(self.dtype)
+        factor = self.vae.downsample  # the model is in self.dtype already: the generator cast it
         return StreamEngine(self.model, self.diffusion, self.vae, latent_size=(h // factor, w // factor),
                             max_rows=max_rows, sampler=sampler or s.sampler, num_steps=num_steps or s.num_steps,
                             chunk_size=ar.chunk_size, max_cond_frames=ar.max_cond_frames,

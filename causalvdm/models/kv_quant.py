@@ -2,8 +2,8 @@
 
 A vector x (Dh values of one token, one head) is stored as q = round(x / s) in int8 (or x / s in float8_e4m3fn) with
 s = max|x| / qmax kept in bfloat16 (its range, not its precision, matters: a zero row must not divide by zero).
-Every value then comes back within s / 2 (int8) or within 2^-4 of its own magnitude plus s * 2^-9 (e4m3's three
-mantissa bits, subnormals near zero), which is what the cache tests bound.
+Every value then comes back within s / 2 (int8) or within 2^-4 of its own magnitude plus s * 2^-10 (e4m3's three
+mantissa bits; its subnormals near zero), which is what the cache tests bound.
 """
 
 import torch

@@ -9,9 +9,9 @@ from pathlib import Path
 from causalvdm.config import check_range, load_config, settings_from
 from causalvdm.data.transforms import to_size
 from causalvdm.diffusion.samplers import SAMPLERS
+from causalvdm.models.kv_quant import CACHE_DTYPES
 from causalvdm.registry import ConfigError, check_type
 from causalvdm.sampling.generator import COMPILE_MODES, RECOMPUTE_POSITIONS
-from causalvdm.models.kv_quant import CACHE_DTYPES
 from causalvdm.utils.dtypes import DTYPES
 from causalvdm.utils.weights import CheckpointError, pretrained_config_path
 

@@ -124,8 +124,8 @@ class StreamEngine:
         self.text = TextPool(model, max_rows)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count()
-        self.tick_times: deque = deque(maxlen=LATENCY_WINDOW)
         self.compiled = compile
+        self._denoise_context = None  # (what it was made for, the CallContext of the denoising call)
         self._step_call = torch.compile(model.step, dynamic=False) if compile else model.step
 
     # ------------------------------------------------------------------------------ streams
@@ -268,7 +268,6 @@ class StreamEngine:
     def step(self) -> list[FinishedChunk]:
         """One tick: a denoising step of every denoising stream in one batched call, then one batched write of the
         chunks it finished and of newly opened streams' first frames -> the chunks finished, decoded in one call."""
-        started = time.perf_counter()
         denoising = [s for s in self.streams.values() if s.given is None and not s.paused]
         finished = self._denoise(denoising) if denoising else []
         writes = [(s, s.x) for s in finished] + [(s, s.given) for s in self.streams.values() if s.given is not None]
@@ -277,7 +276,6 @@ class StreamEngine:
         for stream, _ in writes:
             stream.given = None
             self._begin_chunk(stream)
-        self.tick_times.append(time.perf_counter() - started)
         return out
 
     def _call_rows(self) -> tuple[int, object, object]:
@@ -301,12 +299,17 @@ class StreamEngine:
         x = torch.zeros(rows, c, k, self.height, self.width, device=self.device)
         t = torch.zeros(rows, k, dtype=torch.long, device=self.device)
         for s in streams:
-            rows = slice(s.start, s.start + s.rows)
-            x[rows] = s.x
-            t[rows] = s.sampler.timesteps[s.step]
-        call = PooledCall(pool, self._blocks(streams), k, self.tokens_per_frame, self.model.chunk_bidirectional)
-        ctx = pooled_context(self.model, call, text, self.height, self.width, write=False)
-        out = self._step_call(x, t, ctx)  # (R, 2C, k, h, w)
+            x[s.start:s.start + s.rows] = s.x
+            t[s.start:s.start + s.rows] = s.sampler.timesteps[s.step]
+        # The context changes when a stream joins, leaves, pauses or begins a chunk, not at every step: made once
+        # for the steps in between, as the generator makes it once per chunk.
+        active = {s.id for s in streams}
+        key = (rows, tuple((s.id, s.start, s.rows, s.id in active, s.cache.next_position, s.chunk)
+                           for s in self.streams.values()))
+        if self._denoise_context is None or self._denoise_context[0] != key:
+            call = PooledCall(pool, self._blocks(streams), k, self.tokens_per_frame, self.model.chunk_bidirectional)
+            self._denoise_context = (key, pooled_context(self.model, call, text, self.height, self.width, write=False))
+        out = self._step_call(x, t, self._denoise_context[1])  # (R, 2C, k, h, w)
         done = []
         for s in streams:
             rows = out[s.start:s.start + s.rows]
