@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import causalvdm
 from causalvdm.cli import demo_videos, sample
 from causalvdm.config import load_config
-from causalvdm.eval.metrics import nearest_psnr, token_grid_ratio
+from causalvdm.eval.metrics import nearest_psnr, psnr, token_grid_ratio
 from causalvdm.models.utils import randomize_weights
 from conftest import write_video
 
@@ -100,3 +100,23 @@ def test_report_errors_name_the_file(demo_run, tmp_path):
     with pytest.raises(SystemExit, match="sky.json"):
         demo_videos.main(["report", "--clips", str(demo_run / "clips" / "captions.jsonl"), "--samples",
                           str(tmp_path)])
+
+
+def test_forced_makes_each_chunk_from_the_real_past(demo_run, capsys):
+    clips, ckpt, out = demo_run / "clips", demo_run / "ckpt", demo_run / "forced.json"
+    (ckpt / "config.py").write_text((demo_run / "cfg.py").read_text())
+    assert demo_videos.main(["forced", "--clips", str(clips / "captions.jsonl"), "--ckpt", str(ckpt),
+                             "--out", str(out), "--seed", "3"]) == 0
+    sky = json.loads(out.read_text())["shots"][0]
+    assert sky["name"] == "sky" and [c["frames"] for c in sky["chunks"]] == [[1, 4], [5, 8], [9, 12]]
+    real = demo_videos.read_pixels(clips / "sky.mp4", (16, 16))
+    pipe = causalvdm.CausalVDMPipeline.from_pretrained(ckpt)
+    for chunk in sky["chunks"][:2]:  # past frames that all fit the cache: the sampler's own way in, from the file
+        start = chunk["frames"][0]
+        video = pipe(first_video=str(clips / "sky.mp4"), first_frames=start, num_frames=start + 4,
+                     prompt="a blue sky", seed=3)
+        truth = real[start:start + 4]
+        assert chunk["psnr"] == pytest.approx(float(psnr(torch.from_numpy(video[start:]), truth).mean()), abs=1e-4)
+        assert chunk["psnr_repeat_last"] == pytest.approx(float(psnr(real[start - 1:start].expand_as(truth),
+                                                                     truth).mean()))
+    assert "sky" in capsys.readouterr().out

@@ -10,6 +10,13 @@ wrote (NAME.mp4 and NAME.json) and prints, per shot, PSNR against its real frame
 and the token-grid ratio of every generated frame beside the real frames'; per switch, how close the frames come to
 the new caption's shot (PSNR against its nearest real frame) in the chunk before the switch and in the two after.
 It writes it all to SAMPLES/report.json.
+
+    python tools/demo_videos.py forced --clips data/demo_long/captions.jsonl --ckpt CKPT --out outputs/demo/forced.json
+
+`forced` tells a model that never learned the shots from one whose own frames lead it astray: it makes every chunk
+of every shot from that shot's real past frames (as many as the cache holds) under its caption, and prints each
+chunk's PSNR against its real frames beside repeating the last real frame before it. Below that copy, the model has
+not learned the shots; above it but with the continuation below, its own frames are what it goes wrong on.
 """
 
 import json
@@ -20,9 +27,11 @@ from pathlib import Path
 import torch
 
 from causalvdm.cli.common import USER_ERRORS, ArgumentParser, one_line_errors, output_file, positive_int
+from causalvdm.eval.metrics import psnr
 from causalvdm.data import read_manifest, video_transform
 from causalvdm.data.video_io import iter_video_frames
 from causalvdm.eval.metrics import nearest_psnr, token_grid_ratio
+from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.utils.io import write_json
 
 log = logging.getLogger("causalvdm.demo")
@@ -84,6 +93,30 @@ def switch_report(name: str, samples: Path, old: torch.Tensor, new: torch.Tensor
                 psnr_new=to_new.tolist(), psnr_old=to_old.tolist())
 
 
+def forced_report(pipe: CausalVDMPipeline, name: str, real: torch.Tensor, caption: str, seed: int) -> dict:
+    """Every chunk of the shot `real` (T, H, W, 3) uint8 made from its real past frames (at most the cache's
+    max_cond_frames) -> dict(name, chunks=[dict(frames=[first, last], psnr, psnr_repeat_last)]), mean PSNRs in dB."""
+    k, context = pipe.autoregressive.chunk_size, pipe.autoregressive.max_cond_frames
+    pixels = real.permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W) in [-1, 1], as the pipeline takes them
+    chunks = []
+    for start in range(1, real.shape[0] - k + 1, k):
+        first = max(0, start - context)
+        video = pipe(first_video=pixels[:, first:start + k], first_frames=start - first,
+                     num_frames=start - first + k, prompt=caption, seed=seed)
+        made, truth = torch.from_numpy(video[start - first:]), real[start:start + k]
+        chunks.append(dict(frames=[start, start + k - 1], psnr=float(psnr(made, truth).mean()),
+                           psnr_repeat_last=float(psnr(real[start - 1:start].expand_as(truth), truth).mean())))
+    return dict(name=name, chunks=chunks)
+
+
+def print_forced(shots: list[dict]) -> None:
+    """Per shot, each chunk's PSNR made from the real past / repeating the last real frame, and their means."""
+    for shot in shots:
+        cells = " ".join(f"{c['frames'][0]}:{c['psnr']:.1f}/{c['psnr_repeat_last']:.1f}" for c in shot["chunks"])
+        made, copy = (sum(c[key] for c in shot["chunks"]) / len(shot["chunks"]) for key in ("psnr", "psnr_repeat_last"))
+        print(f"{shot['name']:<24} mean {made:.2f}/{copy:.2f} dB   by first frame of the chunk: {cells}")
+
+
 def print_report(report: dict) -> None:
     """The report as short tables on stdout."""
     print(f"{'shot':<24} " + "  ".join(f"{f'frames {a}-{b}':>15}" for a, b, _ in SPANS) + "   token grid, max")
@@ -98,32 +131,48 @@ def print_report(report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    """`plan` or `report` for the caption demo (see the module docstring) -> exit status."""
+    """`plan`, `report` or `forced` for the caption demo (see the module docstring) -> exit status."""
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("plan", "write the sampler's --manifest of the demo's videos"),
-                       ("report", "compare the generated videos with the real shots")):
+                       ("report", "compare the generated videos with the real shots"),
+                       ("forced", "make each chunk of each shot from its real past frames and compare")):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--clips", required=True, help="the shots the model learned: a .jsonl manifest of "
                          "{\"path\", \"caption\"} rows, paths relative to it (data/demo_long/captions.jsonl)")
-        sub.add_argument("--switch-at", type=positive_int, default=17, help="the frame where a switch video takes the "
-                         "next shot's caption; it must start a chunk (default 17: chunk 4 after 1 given frame)")
+        if name != "forced":
+            sub.add_argument("--switch-at", type=positive_int, default=17, help="the frame where a switch video takes "
+                             "the next shot's caption; it must start a chunk (default 17: chunk 4 after 1 given frame)")
     commands.choices["plan"].add_argument("--out", type=output_file, required=True, help="the manifest to write")
     report_args = commands.choices["report"]
     report_args.add_argument("--samples", required=True, help="the sampler's --out folder")
     report_args.add_argument("--chunk-size", type=positive_int, default=4, help="frames per chunk (default 4)")
+    forced_args = commands.choices["forced"]
+    forced_args.add_argument("--ckpt", required=True, help="the model: a checkpoint or pretrained folder")
+    forced_args.add_argument("--out", type=output_file, required=True, help="the .json to write the figures to")
+    forced_args.add_argument("--seed", type=int, default=0, help="noise seed of every chunk (default 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     clips_file = Path(args.clips)
     with one_line_errors(ValueError, prefix="--clips: "):
         clips = read_manifest(clips_file)
-        if len(clips) < 2:
+        if len(clips) < 2 and args.command != "forced":
             raise ValueError(f"{clips_file}: a switch needs at least two shots, got {len(clips)}")
     root = clips_file.parent
     if args.command == "plan":
         with open(args.out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in plan(clips, root.resolve(), args.switch_at))
+        log.info("wrote %s", args.out)
+        return 0
+
+    if args.command == "forced":
+        with one_line_errors(*USER_ERRORS, ValueError, OSError):
+            pipe = CausalVDMPipeline.from_pretrained(args.ckpt)
+            shots = [forced_report(pipe, Path(c["path"]).stem, read_pixels(root / c["path"], pipe.image_size),
+                                   c["caption"], args.seed) for c in clips]
+        print_forced(shots)
+        write_json(Path(args.out), dict(shots=shots))
         log.info("wrote %s", args.out)
         return 0
 

@@ -88,7 +88,12 @@ def main(argv=None) -> int:
     keep_freed_memory()
     try:
         trainer = DistillTrainer if "distill" in cfg else Trainer
-        return trainer(cfg, settings, run_dir, info).fit(resume=args.resume)
+        code = trainer(cfg, settings, run_dir, info).fit(resume=args.resume)
+        if dist.is_initialized():
+            # Every rank ends here together: a rank that tears its process group down while another is still
+            # writing the last checkpoint can abort at exit (gloo: "terminate called without an active exception").
+            dist.barrier()
+        return code
     except KeyboardInterrupt:  # Ctrl-C while setting up, or twice: nothing to save yet, or asked not to
         log.error("interrupted: no checkpoint written (a single Ctrl-C while training saves one)")
         return 130
