@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from causalvdm.cli.common import USER_ERRORS, ArgumentParser, one_line_errors, output_file, positive_int
-from causalvdm.eval.metrics import psnr
 from causalvdm.data import read_manifest, video_transform
 from causalvdm.data.video_io import iter_video_frames
-from causalvdm.eval.metrics import nearest_psnr, token_grid_ratio
+from causalvdm.eval.metrics import nearest_psnr, psnr, token_grid_ratio
 from causalvdm.pipeline import CausalVDMPipeline
 from causalvdm.utils.io import write_json
 
