@@ -226,11 +226,11 @@ def test_reference_cache_attends_to_last_frames():
 
 
 @pytest.mark.numerics
-def test_output_refiner_keeps_cached_chunks_exact(make_model):
-    """The output refiner's convolutions work within each frame, so the cache stays exact: recompute before eviction,
-    the naive cache after it, every weight (the refiner's too) random."""
-    model = make_model(output_refine=8)
-    assert model.refiner.conv2.weight.abs().sum() > 0
+def test_output_convolutions_keep_cached_chunks_exact(make_model):
+    """The output refiner's and the head's convolutions work within each frame, so the cache stays exact: recompute
+    before eviction, the naive cache after it, every weight (theirs too) random."""
+    model = make_model(output_refine=8, head_kernel=3)
+    assert model.refiner.conv2.weight.abs().sum() > 0 and model.final_layer.neighbours.weight.abs().sum() > 0
     results = verify(model, ar_steps=6, chunk=8, max_cond=17, latent_size=(4, 4), first_frames=1, denoise_calls=2,
                      batch_size=2)
     assert {r["reference"] for r in results} == {"recompute", "naive"}

@@ -231,3 +231,28 @@ def test_output_refiner_is_a_residual_conv_per_frame(make_model):
     torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
     fresh = causalvdm.build_model(dict(load_config(ROOT / "configs/debug/tiny.py").model, output_refine=8))
     assert fresh.refiner.conv2.weight.abs().max() == 0  # a fresh refiner passes the output through unchanged
+
+
+def test_head_kernel_adds_each_tokens_neighbours(make_model):
+    # Against a per-token sum: a token's output is its own linear head plus the k x k window of its neighbours'
+    # normalised features (zero outside the grid).
+    model = make_model(head_kernel=3)
+    head = model.final_layer
+    tokens, t_emb = torch.randn(2, 3, 12, 32), torch.randn(2, 3, 32)  # (B, T, S, D) on a 3 x 4 grid
+    out = head(tokens, t_emb, (3, 4))
+    shift, scale = (head.scale_shift_table[None, None] + t_emb[:, :, None]).unbind(2)
+    normed = torch.nn.functional.layer_norm(tokens, (32,), eps=1e-6) * (1 + scale[:, :, None]) + shift[:, :, None]
+    grid = normed.view(2, 3, 3, 4, 32)
+    want = head.linear(normed).view(2, 3, 3, 4, -1) + head.neighbours.bias
+    for row in range(3):
+        for col in range(4):
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if 0 <= row + dr < 3 and 0 <= col + dc < 4:
+                        weight = head.neighbours.weight[:, :, dr + 1, dc + 1]  # (out, D)
+                        want[:, :, row, col] += grid[:, :, row + dr, col + dc] @ weight.T
+    torch.testing.assert_close(out, want.view(2, 3, 12, -1), rtol=1e-5, atol=1e-5)
+    fresh = causalvdm.build_model(dict(load_config(ROOT / "configs/debug/tiny.py").model, head_kernel=3))
+    assert fresh.final_layer.neighbours.weight.abs().max() == 0  # a fresh model still outputs exactly zero
+    with pytest.raises(ValueError, match="head_kernel"):
+        make_model(head_kernel=2)

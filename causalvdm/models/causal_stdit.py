@@ -102,6 +102,7 @@ class CausalSTDiT(nn.Module):
     attention); their spatial keys/values are cached like the temporal ones.
     output_refine: channels of a residual 3x3 conv pair over each output frame (layers.OutputRefiner), which sees
     across token borders so they do not show; 0 (the default): none, every token's output is its own.
+    head_kernel: the output head also convolves the token grid of features with this odd kernel (1: it does not).
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class CausalSTDiT(nn.Module):
         chunk_bidirectional: bool = False,
         spatial_prefix: str | None = None,
         output_refine: int = 0,
+        head_kernel: int = 1,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
@@ -157,7 +159,7 @@ class CausalSTDiT(nn.Module):
         self.blocks = nn.ModuleList(
             STDiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=caption_channels > 0) for _ in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size[1] * patch_size[2], self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size[1] * patch_size[2], self.out_channels, head_kernel)
         self.refiner = OutputRefiner(self.out_channels, output_refine) if output_refine else None
         self.initialize_weights()
 
@@ -177,6 +179,7 @@ class CausalSTDiT(nn.Module):
             nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
             nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
         zeroed = [self.t_block[1], self.final_layer.linear] + ([self.refiner.conv2] if self.refiner else [])
+        zeroed += [self.final_layer.neighbours] if self.final_layer.neighbours is not None else []
         for block in self.blocks:
             zeroed.append(block.attn_temp.proj)
             if block.cross_attn is not None:
@@ -277,8 +280,8 @@ class CausalSTDiT(nn.Module):
         """
         b, _, num_frames, height, width = x.shape
         h, t_emb = self._trunk(x, t, ctx)
-        h = self.final_layer(h, t_emb)  # (B, T, S, ph*pw*C_out)
         ph, pw = self.patch_size[1:]
+        h = self.final_layer(h, t_emb, (height // ph, width // pw))  # (B, T, S, ph*pw*C_out)
         h = h.view(b, num_frames, height // ph, width // pw, ph, pw, self.out_channels)
         if self.refiner is None:
             return h.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, num_frames, height, width).float()

@@ -193,19 +193,32 @@ class CrossAttention(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-single output head: tokens (B, T, S, D) -> (B, T, S, prod(patch) * out_channels)."""
+    """adaLN-single output head: tokens (B, T, S, D) -> (B, T, S, prod(patch) * out_channels).
 
-    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int):
+    neighbour_kernel > 1 adds a k x k convolution over the token grid of the normalised tokens, so each token's output
+    also reads its neighbours' features (its errors are then not its own alone and the token grid shows less).
+    """
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, neighbour_kernel: int = 1):
         super().__init__()
+        if neighbour_kernel < 1 or neighbour_kernel % 2 == 0:
+            raise ValueError(f"head_kernel must be an odd number >= 1, got {neighbour_kernel}")
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
+        self.neighbours = (nn.Conv2d(hidden_size, patch_volume * out_channels, neighbour_kernel,
+                                     padding=neighbour_kernel // 2) if neighbour_kernel > 1 else None)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        # t_emb: (B, T, D) per-frame timestep embedding
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        # t_emb: (B, T, D) per-frame timestep embedding; grid: the (rows, columns) of the S tokens
         shift, scale = (self.scale_shift_table[None, None] + t_emb[:, :, None]).unbind(2)  # (B, T, D) each
         x = modulate(self.norm_final(x), shift[:, :, None], scale[:, :, None])
-        return self.linear(x)
+        out = self.linear(x)
+        if self.neighbours is None:
+            return out
+        b, t, s, d = x.shape
+        planes = x.reshape(b * t, *grid, d).permute(0, 3, 1, 2)  # (B*T, D, rows, columns)
+        return out + self.neighbours(planes).flatten(2).transpose(1, 2).view(b, t, s, -1)
 
 
 class OutputRefiner(nn.Module):
