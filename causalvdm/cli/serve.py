@@ -1,6 +1,6 @@
 """Serve a model live: a web page and one websocket per viewer over the stream engine (`causalvdm-serve`).
 
-    bash scripts/serve.sh --ckpt outputs/caption_demo/checkpoints/step_00001800 --clips data/demo_long/captions.jsonl
+    bash scripts/serve.sh --ckpt outputs/caption_demo/checkpoints/step_00002000 --clips data/demo_long/captions.jsonl
     bash scripts/serve.sh CONFIG --ckpt CKPT --host 0.0.0.0 --token "$(openssl rand -hex 16)"
 
 Open the printed address: start a stream from one of the clips' frames (or an uploaded image, or nothing) with a

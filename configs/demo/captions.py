@@ -2,8 +2,9 @@
 # caption, then continues each one from its first frame with the shared KV cache and turns towards another shot
 # when the caption is switched (scripts/demo.sh runs it all; docs/demo.md shows what to expect).
 # Pixels go through the lossless space-to-depth PixelVAE (factor 4) and 2x2 patches: a token is 8x8 pixels. The
-# model predicts the clean frame (x-prediction), so it never has to carry the noise of a token's 192 values, and a
-# residual conv pair over each output frame sees across token borders, so the tokens do not show as tiles.
+# model predicts the clean frame (x-prediction), so it never has to carry the noise of a token's 192 values; its
+# output head reads each token's neighbours and a residual conv pair over each output frame sees across token
+# borders, so the tokens do not show as tiles. docs/demo.md says what else was tried and what each measured.
 # The captions are encoded by WordHashEncoder (a fixed vector per word), so nothing is downloaded.
 data_root = "data/demo_long"
 chunk_size = 4
@@ -20,14 +21,18 @@ model = dict(
     model_max_length=24,
     tpe_mode="cyclic",
     max_tpe_len=9,
+    learn_sigma=False,  # no variance head: the whole loss goes to the clean frame (DDIM does not use a variance)
+    spatial_prefix="prev_frames_1",  # a chunk's spatial attention also reads the frame before it: motion across tokens
+    head_kernel=3,  # the output head convolves the 4x4 token grid: a token's output sees its neighbours' features
     output_refine=64,
 )
 vae = dict(type="PixelVAE", factor=4)
 text_encoder = dict(type="WordHashEncoder", output_dim=64, model_max_length=24)
-diffusion = dict(type="IDDPM", prediction_type="sample")  # x-prediction: a clean frame, not the noise, per token
+# x-prediction: a clean frame, not the noise, per token
+diffusion = dict(type="IDDPM", prediction_type="sample", learn_sigma=False)
 dataset = dict(
     type="CaptionSwitchDataset",
-    prob=0.25,  # a quarter of the clips start with another shot's frames: the caption, not the past, decides
+    prob=0.15,  # some clips start with another shot's frames: the caption, not the past, decides what comes next
     chunk_size=chunk_size,
     dataset=dict(
         type="RepeatDataset",
@@ -46,10 +51,10 @@ dataset = dict(
 autoregressive = dict(chunk_size=chunk_size, max_cond_frames=5, prefix_perturb_t=0)
 train = dict(
     seed=0,
-    max_steps=1800,
+    max_steps=2000,
     batch_size=8,
     num_workers=None,
-    lr=6e-4,
+    lr=1e-3,
     warmup_steps=50,
     lr_schedule="cosine",
     grad_clip=1.0,

@@ -3,7 +3,7 @@
 # the teacher's 24-step DDIM ODE; half of its training contexts are its own rollouts through the KV cache. About 5
 # minutes on 2 CPU cores (each step runs the teacher's 24 steps and the student's rollout).
 #   bash scripts/train.sh configs/demo/distill.py distill 29517 \
-#       --cfg-options distill.teacher=outputs/caption_demo/checkpoints/step_00001800
+#       --cfg-options distill.teacher=outputs/caption_demo/checkpoints/step_00002000
 _base_ = ["captions.py"]
 
 distill = dict(
