@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from causalvdm.diffusion import IDDPM, GaussianDiffusion, clean_prefix_loss, make_sampler, prefix_lengths
+from causalvdm.diffusion.clean_prefix import timestep_from_uniform
 from causalvdm.diffusion.gaussian import SAMPLE_WEIGHT_FLOOR
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 
@@ -273,6 +274,26 @@ def test_clean_prefix_inputs_and_gradients(make_model):
     assert torch.equal(again["loss"], res["loss"].detach())
     with pytest.raises(ValueError, match=r"prefix_len=10 is not one of \[1, 9, 17, 25\]"):
         clean_prefix_loss(model, d, x0, generators=_gens([0, 1]), **{**kwargs, "prefix_len": 10})
+
+
+def test_timestep_power_draws_low_noise_more_often(make_model):
+    n = 1000
+    uniform = torch.arange(n)
+    assert torch.equal(timestep_from_uniform(uniform, n, 1.0), uniform)
+    squared = timestep_from_uniform(uniform, n, 2.0)
+    assert squared.min() == 0 and squared.max() == n - 1 and (squared.diff() >= 0).all()
+    # t < N / 4 needs (t + 0.5) / N < 1 / 2: half the draws instead of a quarter.
+    assert (squared < n // 4).sum() == n // 2
+
+    model = Recorder(make_model())
+    x0, y, mask = _batch(model)
+    kwargs = dict(y=y, mask=mask, chunk_size=8, prefix_len=9, prefix_perturb_t=0, txt_dropout_prob=0.0)
+    clean_prefix_loss(model, IDDPM(), x0, generators=_gens([0, 1]), **kwargs)
+    clean_prefix_loss(model, IDDPM(), x0, generators=_gens([0, 1]), timestep_power=2.0, **kwargs)
+    plain, leaning = model.calls
+    assert torch.equal(leaning["t"][:, 9:], timestep_from_uniform(plain["t"][:, 9:], n, 2.0))
+    assert (leaning["t"][:, 9] < plain["t"][:, 9]).all()  # the same draws, moved towards t = 0
+    assert torch.equal(leaning["tpe_offset"], plain["tpe_offset"])
 
 
 @pytest.mark.numerics

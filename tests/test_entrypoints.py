@@ -108,6 +108,7 @@ TRAIN_CASES = [
     Case("ema decay above 1", TRAIN + _options("train.ema_decay=1.5"), r"train\.ema_decay must be in \[0, 1\]"),
     Case("text dropout 2", TRAIN + _options("train.txt_dropout_prob=2"), r"train\.txt_dropout_prob must be in"),
     Case("grad clip 0", TRAIN + _options("train.grad_clip=0"), r"train\.grad_clip must be > 0"),
+    Case("timestep power 0", TRAIN + _options("train.timestep_power=0"), r"train\.timestep_power must be > 0"),
     Case("adam beta 1.5", TRAIN + _options("train.adam_betas=(0.9,1.5)"), r"train\.adam_betas must be two numbers"),
     Case("adam betas not a pair", TRAIN + _options("train.adam_betas=0.9"), r"train\.adam_betas must be"),
     Case("parallel not a string", TRAIN + _options("train.parallel=1"), r"train\.parallel must be a string"),

@@ -20,11 +20,22 @@ def prefix_lengths(clip_len: int, chunk_size: int) -> list[int]:
     return list(range(1, clip_len - chunk_size + 1, chunk_size))
 
 
-def _draw(model, diffusion, sample_shape, prefix_len, prefix_perturb_t, drop_text, txt_dropout_prob, shift, gen):
+def timestep_from_uniform(t: torch.Tensor, num_timesteps: int, power: float) -> torch.Tensor:
+    """Uniform timesteps t (B,) in [0, N) -> floor(N * ((t + 0.5) / N) ** power): power > 1 draws the low noise
+    levels, where a frame's fine detail is decided, more often (power 1: t itself)."""
+    if power == 1:
+        return t
+    u = (t.double() + 0.5) / num_timesteps
+    return (num_timesteps * u**power).floor().long().clamp(0, num_timesteps - 1)
+
+
+def _draw(model, diffusion, sample_shape, prefix_len, prefix_perturb_t, drop_text, txt_dropout_prob, shift,
+          timestep_power, gen):
     """One sample's random draws, always in the same order: t, chunk noise, prefix noise, text drop, TPE offset
     (drawn last, so whether it is drawn changes none of the others)."""
     c, k, h, w = sample_shape
     t = torch.randint(0, diffusion.num_timesteps, (1,), generator=gen)
+    t = timestep_from_uniform(t, diffusion.num_timesteps, timestep_power)
     noise = torch.randn(c, k, h, w, generator=gen)
     prefix_noise = torch.randn(c, prefix_len, h, w, generator=gen) if prefix_perturb_t > 0 else None
     drop = bool(torch.rand((), generator=gen) < txt_dropout_prob) if drop_text else False
@@ -46,6 +57,7 @@ def clean_prefix_loss(
     tpe_offsets: str = "always",
     sink_frames: int = 0,
     switch_at: torch.Tensor | None = None,
+    timestep_power: float = 1.0,
 ) -> dict:
     """Diffusion loss on the chunk frames [p, p + k) of clean latents x0 (B, C, L, H, W) given the clean prefix [0, p).
 
@@ -56,8 +68,9 @@ def clean_prefix_loss(
     sink_frames: the first frames of the prefix are a frame sink, laid out as at inference (fixed TPE rows; the
     offsets roll the other frames only). switch_at (B,) long: the frame where a sample's own frames and caption begin
     after another caption's frames (0: none; data.CaptionSwitchDataset); a sample whose chunk starts before it is not
-    counted (it would teach the old content under the new caption). Returns dict(loss=scalar tensor with grad, mse,
-    vb: detached scalar tensors), batch means, all on x0's device.
+    counted (it would teach the old content under the new caption). timestep_power: the chunk's t is drawn as
+    `timestep_from_uniform` makes it (1: uniform). Returns dict(loss=scalar tensor with grad, mse, vb: detached
+    scalar tensors), batch means, all on x0's device.
     """
     b, c, clip_len, h, w = x0.shape
     p, k = prefix_len, chunk_size
@@ -74,8 +87,8 @@ def clean_prefix_loss(
     # The reference code draws one offset per batch, for full windows only; each sample's own draw has the same
     # distribution and keeps its loss independent of the batch.
     shift = tpe_offsets == "always" or p + k >= model.max_tpe_len
-    draws = [_draw(model, diffusion, (c, k, h, w), p, prefix_perturb_t, drop_text, txt_dropout_prob, shift, g)
-             for g in generators]
+    draws = [_draw(model, diffusion, (c, k, h, w), p, prefix_perturb_t, drop_text, txt_dropout_prob, shift,
+                   timestep_power, g) for g in generators]
     t, noise, prefix_noise, drop, tpe_offset = zip(*draws)
     t = torch.cat(t).to(x0.device)  # (B,)
     noise = torch.stack(noise).to(x0)  # (B, C, k, H, W)

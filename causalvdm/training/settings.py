@@ -41,6 +41,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     txt_dropout_prob: float = 0.1
+    timestep_power: float = 1.0  # > 1: the chunk's training timesteps lean to low noise (clean_prefix_loss)
     tpe_offsets: str = "always"  # random cyclic-TPE offsets: "always" | "full_window" (p + k = max_tpe_len only)
     parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard per block)
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
@@ -79,6 +80,8 @@ class TrainSettings:
         check_range("train", settings, 0, 1, "ema_decay", "txt_dropout_prob")
         if settings.grad_clip <= 0:  # clipping to a norm of 0 would zero every gradient
             raise ConfigError(f"train.grad_clip must be > 0, got {settings.grad_clip}")
+        if settings.timestep_power <= 0:  # a power of 0 would draw only the noisiest timestep
+            raise ConfigError(f"train.timestep_power must be > 0, got {settings.timestep_power}")
         if not all(0 <= b < 1 for b in settings.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {settings.adam_betas}")
         return settings

@@ -173,7 +173,8 @@ class Trainer:
             out = clean_prefix_loss(self.model, self.diffusion, x0, y=y, mask=mask, chunk_size=self.ar.chunk_size,
                                     prefix_len=prefix_len, prefix_perturb_t=self.ar.prefix_perturb_t,
                                     txt_dropout_prob=s.txt_dropout_prob, generators=gens, tpe_offsets=s.tpe_offsets,
-                                    sink_frames=self.ar.sink_frames, switch_at=batch.get("switch_at"))
+                                    sink_frames=self.ar.sink_frames, switch_at=batch.get("switch_at"),
+                                    timestep_power=s.timestep_power)
         return dict(out, prefix_len=prefix_len)
 
     def train_step(self) -> tuple[dict, torch.Tensor]:
