@@ -189,6 +189,8 @@ SAMPLE_CASES = [
     Case("guidance infinite", SAMPLE + ("--cfg-scale", "inf"), r"argument --cfg-scale: must be finite"),
     Case("guidance negative", SAMPLE + ("--cfg-scale", "-1"), r"argument --cfg-scale: must be >= 0"),
     Case("fps 0", SAMPLE + ("--fps", "0"), r"argument --fps: must be >= 1"),
+    Case("crf 0", SAMPLE + ("--crf", "0"), r"argument --crf: must be in \[1, 51\], got 0"),
+    Case("config crf 52", SAMPLE + _options("sample.crf=52"), r"sample\.crf must be in \[1, 51\], got 52"),
     Case("steps 0", SAMPLE + ("--num-steps", "0"), r"argument --num-steps: must be >= 1"),
     Case("given frames 0", SAMPLE + ("--first-frames", "0"), r"argument --first-frames: must be >= 1"),
     Case("seed negative", SAMPLE + ("--seed", "-1"), r"argument --seed: must be >= 0"),

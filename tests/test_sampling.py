@@ -303,6 +303,13 @@ def test_sample_script_end_to_end(sample_setup, tmp_path, monkeypatch):
     sidecar = json.loads((tmp_path / "first.json").read_text())
     assert sidecar["seed"] == 3 and sidecar["frames"] == 14 and len(sidecar["chunk_seconds"]) == 4
     assert sidecar["settings"]["sampler"] == "ddim" and sidecar["autoregressive"]["max_cond_frames"] == 9
+    # the same frames at a lower crf: the flag reaches the encoder, which spends more bits on them
+    assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-image", str(root / "first.png"),
+                        "--out", str(tmp_path), "--seed", "3", "--crf", "1", "--name", "fine"]) == 0
+    assert sidecar["settings"]["crf"] == 18 and json.loads((tmp_path / "fine.json").read_text())["settings"]["crf"] == 1
+    assert (tmp_path / "fine.mp4").stat().st_size > (tmp_path / "first.mp4").stat().st_size
+    fine, _ = _read_mp4(tmp_path / "fine.mp4")
+    assert len(fine) == 14
 
     # first frames from a video: PSNR against the real frames and the repeat-the-last-frame baseline
     assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2" / "model.safetensors"),

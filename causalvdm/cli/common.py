@@ -91,6 +91,7 @@ non_negative_int = _number(int, 0, None)
 finite_float = _number(float, None, None)
 positive_float = _number(float, 0, None, inclusive_low=False)
 non_negative_float = _number(float, 0, None)
+x264_crf = _number(int, 1, 51)  # 0 would be lossless H.264, which browsers do not play
 
 
 def device_arg(text: str) -> torch.device:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from causalvdm.cli.common import (ArgumentParser, debugging, error_line, non_negative_float, non_negative_int,
-                                  one_line_errors, positive_int)
+                                  one_line_errors, positive_int, x264_crf)
 from causalvdm.config import add_config_args, load_config
 from causalvdm.data.video_io import VideoReadError
 from causalvdm.models.kv_quant import CACHE_DTYPES
@@ -66,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--first-frames", type=positive_int, help="frames taken from --first-video (default 1)")
     parser.add_argument("--num-frames", type=positive_int, help="frames of the video, given ones included (default: sample.num_frames)")
     parser.add_argument("--fps", type=positive_int, help="frame rate of the mp4 (default: sample.fps)")
+    parser.add_argument("--crf", type=x264_crf,
+                        help="H.264 quality of the mp4, x264 CRF 1-51, lower is closer to the frames; small frames "
+                             "need a low one (default: sample.crf, 18)")
     parser.add_argument("--seed", type=non_negative_int, help="seed of all sampling noise (default: sample.seed)")
     parser.add_argument("--sampler", help="iddpm | ddim | dpm-solver++ (default: sample.sampler)")
     parser.add_argument("--num-steps", type=positive_int, help="denoising steps per chunk (default: sample.num_steps)")
@@ -138,7 +141,7 @@ def run_job(job: Job, pipe: CausalVDMPipeline, out_dir: Path, config_path: str) 
     recorder = VideoRecorder()
     chunks = pipe.iter_chunks(first_image=job.first_image, first_video=job.first_video, first_frames=job.first_frames,
                               prompt=job.prompt, prompts=job.prompts, seed=job.seed, recorder=recorder)
-    with StreamingVideoWriter(mp4, pipe.defaults.fps, w, h) as writer:
+    with StreamingVideoWriter(mp4, pipe.defaults.fps, w, h, crf=pipe.defaults.crf) as writer:
         for frames in chunks:  # (t, H, W, 3) uint8
             writer.write(frames)
         recorder.contact_sheet.save(out_dir / f"{job.name}.png")  # before the mp4 is complete: a rerun redoes both
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
 
     overrides = dict(ckpt=args.ckpt, weights=args.weights, prompt=args.prompt, first_image=args.first_image,
                      first_video=args.first_video, first_frames=args.first_frames, num_frames=args.num_frames,
-                     fps=args.fps, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
+                     fps=args.fps, crf=args.crf, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
                      cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len, dtype=args.dtype,
                      compile=args.compile, prompts=args.prompts, recache_on_switch=args.recache_on_switch,
                      cache_dtype=args.cache_dtype)

@@ -27,6 +27,9 @@ class SampleSettings:
     cfg_scale: float = 1.0
     num_frames: int | None = None  # frames of each video, given ones included (default: model.max_tpe_len)
     fps: int = 8
+    # x264 CRF of the mp4, 1-51, lower is closer to the frames (0, lossless, makes a file browsers do not play). At
+    # 32x32 the codec's 4x4 / 8x8 blocks are token-sized, and 18 adds block edges of its own on top of the model's.
+    crf: int = 18
     image_size: int | tuple[int, int] | None = None  # (H, W) of the frames (default: dataset.image_size)
     seed: int = 0
     mode: str = "cache"  # cache | recompute (the baseline without a cache)
@@ -57,6 +60,7 @@ class SampleSettings:
         settings.prompts = check_prompts(settings.prompts, "sample.prompts")
         check_range("sample", settings, 1, None, "num_steps", "num_frames", "fps", "first_frames", "eval_len")
         check_range("sample", settings, 0, None, "seed", "cfg_scale")
+        check_range("sample", settings, 1, 51, "crf")
         if settings.mode not in ("cache", "recompute"):
             raise ConfigError(f"sample.mode must be 'cache' or 'recompute', got {settings.mode!r}")
         if settings.recompute_positions not in RECOMPUTE_POSITIONS:

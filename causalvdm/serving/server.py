@@ -172,7 +172,7 @@ class LiveServer:
         handle, path = tempfile.mkstemp(suffix=".mp4")
         os.close(handle)
         height, width = frames[0].shape[:2]
-        with StreamingVideoWriter(path, round(self.engine.fps), width, height) as writer:
+        with StreamingVideoWriter(path, round(self.engine.fps), width, height, crf=self.pipe.defaults.crf) as writer:
             writer.write(np.stack(frames))
         return path
 
