@@ -209,6 +209,39 @@ def test_sample_prediction_loss_is_the_v_loss_of_its_x0():
     assert d.training_losses(x0, x0, xt, t, noise)["mse"].abs().max() == 0
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("prediction_type, token", [("sample", (2, 3)), ("epsilon", (1, 1))])
+def test_border_weight_adds_the_steps_across_token_borders(prediction_type, token):
+    # loss = mse + w * (mean square step of the weighted error across each token border along H, + the same along
+    # W), against a loop over the pairs of positions on either side of a border, in float64
+    w, (th, tw) = 0.5, token
+    d = IDDPM(prediction_type=prediction_type, learn_sigma=False, border_weight=w)
+    x0, noise = _rand(2, 2, 2, 5, 6, seed=40), _rand(2, 2, 2, 5, 6, seed=41)
+    pred = _rand(2, 2, 2, 5, 6, seed=42)
+    t = torch.tensor([5, 600])
+    losses = d.training_losses(pred, x0, d.q_sample(x0, t, noise), t, noise, token=token)
+    err = (x0 if prediction_type == "sample" else noise).double() - pred.double()
+    weight = 1 / (1 - _abar(t).flatten()).clamp(min=SAMPLE_WEIGHT_FLOOR) if prediction_type == "sample" else [1, 1]
+    for b in range(2):
+        e = err[b]
+        rows = [(e[:, :, i, j] - e[:, :, i - 1, j]) ** 2 for i in range(1, 5) if i % th == 0 for j in range(6)]
+        cols = [(e[:, :, i, j] - e[:, :, i, j - 1]) ** 2 for i in range(5) for j in range(1, 6) if j % tw == 0]
+        assert len(rows) == (24 if th == 1 else 12) and len(cols) == (25 if tw == 1 else 5)
+        mse, borders = (e**2).mean(), torch.stack(rows).mean() + torch.stack(cols).mean()
+        assert math.isclose(losses["mse"][b].item(), weight[b] * mse, rel_tol=1e-5)
+        assert math.isclose(losses["loss"][b].item(), weight[b] * (mse + w * borders), rel_tol=1e-5)
+    # an error that is the same at every position has no steps: the loss is the plain MSE, to the bit
+    x0 = torch.arange(2 * 2 * 2 * 5 * 6, dtype=torch.float32).reshape(2, 2, 2, 5, 6) / 64  # exact in float32
+    flat = d.training_losses(x0 - 0.25, x0, x0, t, x0, token=token)  # x0 is the noise too: eps's error is 0.25
+    assert torch.equal(flat["loss"], flat["mse"]) and flat["mse"].min() > 0
+    # a grid one token high has no border along H (not NaN); a respaced diffusion keeps the weight
+    thin = d.training_losses(pred[..., :th, :], x0[..., :th, :], x0[..., :th, :], t, noise[..., :th, :], token=token)
+    assert torch.isfinite(thin["loss"]).all() and (thin["loss"] > thin["mse"]).all()
+    assert d.respaced(10).border_weight == w
+    with pytest.raises(ValueError, match="border_weight must be a finite number >= 0"):
+        IDDPM(border_weight=-1)
+
+
 # --------------------------------------------------------------------------- clean prefix
 class Recorder:
     """Wraps a model, keeping each call's inputs and output (with retained grad)."""
@@ -274,6 +307,20 @@ def test_clean_prefix_inputs_and_gradients(make_model):
     assert torch.equal(again["loss"], res["loss"].detach())
     with pytest.raises(ValueError, match=r"prefix_len=10 is not one of \[1, 9, 17, 25\]"):
         clean_prefix_loss(model, d, x0, generators=_gens([0, 1]), **{**kwargs, "prefix_len": 10})
+
+
+def test_clean_prefix_loss_charges_the_models_token_borders(make_model):
+    model = Recorder(make_model(learn_sigma=False))  # patch (1, 2, 2): a token is 2x2 latent positions
+    x0, y, mask = _batch(model)
+    kwargs = dict(y=y, mask=mask, chunk_size=8, prefix_len=9, prefix_perturb_t=0, txt_dropout_prob=0.0)
+    d = IDDPM(prediction_type="sample", learn_sigma=False, border_weight=0.5)
+    res = clean_prefix_loss(model, d, x0, generators=_gens([0, 1]), **kwargs)
+    call = model.calls[0]
+    chunk_xt = call["x"][:, :, 9:]  # x-prediction without a variance: the loss reads neither x_t nor the noise
+    args = (call["out"][:, :, 9:].detach(), x0[:, :, 9:17], chunk_xt, call["t"][:, 9], torch.zeros_like(chunk_xt))
+    tokens, steps = (d.training_losses(*args, token=token)["loss"].mean() for token in ((2, 2), (1, 1)))
+    torch.testing.assert_close(res["loss"].detach(), tokens)
+    assert not math.isclose(tokens.item(), steps.item(), rel_tol=1e-3)  # the borders are not every step
 
 
 def test_timestep_power_draws_low_noise_more_often(make_model):

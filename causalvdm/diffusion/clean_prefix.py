@@ -110,7 +110,7 @@ def clean_prefix_loss(
 
     out = model(x_in, t_in, y=y, mask=mask, chunk=(p, p + k), tpe_offset=tpe_offset, text_drop=text_drop,
                 sink_frames=sink_frames)  # (B, 2C, p + k, H, W)
-    losses = diffusion.training_losses(out[:, :, p:p + k], chunk_x0, chunk_xt, t, noise)
+    losses = diffusion.training_losses(out[:, :, p:p + k], chunk_x0, chunk_xt, t, noise, token=model.patch_size[1:])
     if switch_at is not None:
         # Zeroed, not dropped from the mean: a sample's share of the loss stays independent of its batch.
         counted = (switch_at.to(x0.device) <= p).float()  # (B,)

@@ -49,18 +49,32 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.dim())))
 
 
+def _border_mse(err: torch.Tensor, weight, dim: int, every: int) -> torch.Tensor:
+    """Weighted mean square of the steps of `err` (B, ...) along `dim` from position i to i + 1 where i + 1 is a
+    multiple of `every` (a token border) -> (B,); 0 where there is no border."""
+    borders = torch.arange(every - 1, err.shape[dim] - 1, every, device=err.device)
+    if len(borders) == 0:
+        return torch.zeros(err.shape[0], device=err.device)
+    return _mean_flat(weight * err.diff(dim=dim).index_select(dim, borders) ** 2)
+
+
 class GaussianDiffusion:
     """Forward process, posterior and learned reverse step for a given beta schedule.
 
     betas: (N,) float64; prediction_type: 'epsilon' | 'v_prediction' | 'sample' (the model predicts x_0 itself: a
     narrow model cannot carry the noise through each token, which eps and v ask of it); learn_sigma: the model also
     predicts the variance (IDDPM learned range). timestep_map: (N,) original timesteps the model is given for each
-    step of this diffusion (identity unless it was made by `respaced`).
+    step of this diffusion (identity unless it was made by `respaced`). border_weight: the loss also weighs the
+    steps of the prediction error across token borders, so that an error which jumps from one token to the next
+    costs more than the same error shared by both (0: the plain MSE).
     """
 
-    def __init__(self, betas, prediction_type: str = "epsilon", learn_sigma: bool = True, timestep_map=None):
+    def __init__(self, betas, prediction_type: str = "epsilon", learn_sigma: bool = True, timestep_map=None,
+                 border_weight: float = 0.0):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r} (known: {', '.join(PREDICTION_TYPES)})")
+        if not (math.isfinite(border_weight) and border_weight >= 0):
+            raise ValueError(f"border_weight must be a finite number >= 0, got {border_weight}")
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
@@ -68,6 +82,7 @@ class GaussianDiffusion:
         self.num_timesteps = len(betas)
         self.prediction_type = prediction_type
         self.learn_sigma = learn_sigma
+        self.border_weight = float(border_weight)
         self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
         self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -170,26 +185,33 @@ class GaussianDiffusion:
         return x_prev.to(x_t.dtype)
 
     # ------------------------------------------------------------------------------ training
-    def training_losses(self, model_output, x0, x_t, t, noise) -> dict:
-        """IDDPM hybrid loss per sample: MSE on the prediction target plus the VLB term for the variance.
+    def training_losses(self, model_output, x0, x_t, t, noise, token: tuple[int, int] = (1, 1)) -> dict:
+        """IDDPM hybrid loss per sample: MSE on the prediction target plus the VLB term for the variance, plus
+        border_weight times the same weighted MSE of the error's steps across token borders, every `token` = (th, tw)
+        latent positions along H and W (the last two axes; (1, 1): between every two neighbours).
 
-        model_output (B, 2C or C, ...), x0 / x_t / noise (B, C, ...), t (B,) -> dict(loss, mse, vb), each (B,).
+        model_output (B, 2C or C, ...), x0 / x_t / noise (B, C, ..., H, W), t (B,) -> dict(loss, mse, vb), each (B,).
         """
         pred, var_values = self._split(model_output, x0.shape[1])
         if self.prediction_type == "sample":
             one_minus_abar = self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) ** 2
             weight = 1 / one_minus_abar.clamp(min=SAMPLE_WEIGHT_FLOOR)
-            mse = _mean_flat(weight * (x0.float() - pred.float()) ** 2)
+            err = x0.float() - pred.float()
         else:
             target = noise if self.prediction_type == "epsilon" else self.v_target(x0, noise, t)
-            mse = _mean_flat((target.float() - pred.float()) ** 2)
+            weight, err = 1.0, target.float() - pred.float()
+        mse = _mean_flat(weight * err**2)
+        loss = mse
+        if self.border_weight > 0:
+            borders = _border_mse(err, weight, -2, token[0]) + _border_mse(err, weight, -1, token[1])
+            loss = loss + self.border_weight * borders
         if var_values is None:
             vb = torch.zeros_like(mse)
         else:
             # The VLB only trains the variance: the mean is frozen so the MSE alone drives the prediction.
             frozen = torch.cat([pred.detach(), var_values], dim=1)
             vb = self._vb_bits(frozen, x0, x_t, t) * (self.num_timesteps / 1000.0)
-        return dict(loss=mse + vb, mse=mse, vb=vb)
+        return dict(loss=loss + vb, mse=mse, vb=vb)
 
     def _vb_bits(self, model_output, x0, x_t, t) -> torch.Tensor:
         """One VLB term per sample (B,) in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), decoder NLL at t == 0."""
@@ -213,13 +235,15 @@ class GaussianDiffusion:
         kept = np.round(np.linspace(self.num_timesteps - 1, 0, num_steps))[::-1].astype(np.int64)
         abar = self.alphas_cumprod[kept]
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
-        return GaussianDiffusion(betas, self.prediction_type, self.learn_sigma, self.timestep_map[kept])
+        return GaussianDiffusion(betas, self.prediction_type, self.learn_sigma, self.timestep_map[kept],
+                                 self.border_weight)
 
 
 @SCHEDULERS.register_module()
 def IDDPM(diffusion_steps: int = 1000, noise_schedule: str = "linear", prediction_type: str = "epsilon",
-          learn_sigma: bool = True) -> GaussianDiffusion:
-    """The training diffusion: `diffusion_steps` steps of linear betas, eps, v or x_0 target, learned-range variance."""
+          learn_sigma: bool = True, border_weight: float = 0.0) -> GaussianDiffusion:
+    """The training diffusion: `diffusion_steps` steps of linear betas, eps, v or x_0 target, learned-range variance;
+    border_weight > 0 adds the error's steps across token borders to the loss (`GaussianDiffusion`)."""
     if noise_schedule != "linear":
         raise ValueError(f"unknown noise_schedule {noise_schedule!r} (known: linear)")
-    return GaussianDiffusion(linear_betas(diffusion_steps), prediction_type, learn_sigma)
+    return GaussianDiffusion(linear_betas(diffusion_steps), prediction_type, learn_sigma, border_weight=border_weight)

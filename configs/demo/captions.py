@@ -3,8 +3,9 @@
 # when the caption is switched (scripts/demo.sh runs it all; docs/demo.md shows what to expect).
 # Pixels go through the lossless space-to-depth PixelVAE (factor 4) and 2x2 patches: a token is 8x8 pixels. The
 # model predicts the clean frame (x-prediction), so it never has to carry the noise of a token's 192 values; its
-# output head reads each token's neighbours and a residual conv pair over each output frame sees across token
-# borders, so the tokens do not show as tiles. docs/demo.md says what else was tried and what each measured.
+# output head reads each token's neighbours, a residual conv pair over each output frame sees across token borders and
+# the loss charges errors that jump at a border, so the tokens do not show as tiles. docs/demo.md says what else was
+# tried and what each measured.
 # The captions are encoded by WordHashEncoder (a fixed vector per word), so nothing is downloaded.
 data_root = "data/demo_long"
 chunk_size = 4
@@ -28,8 +29,9 @@ model = dict(
 )
 vae = dict(type="PixelVAE", factor=4)
 text_encoder = dict(type="WordHashEncoder", output_dim=64, model_max_length=24)
-# x-prediction: a clean frame, not the noise, per token
-diffusion = dict(type="IDDPM", prediction_type="sample", learn_sigma=False)
+# x-prediction: a clean frame, not the noise, per token; border_weight: an error that jumps from one token to the next
+# costs more than the same error shared by both, so the tokens' borders do not show (docs/diffusion.md)
+diffusion = dict(type="IDDPM", prediction_type="sample", learn_sigma=False, border_weight=1.0)
 dataset = dict(
     type="CaptionSwitchDataset",
     prob=0.15,  # some clips start with another shot's frames: the caption, not the past, decides what comes next
