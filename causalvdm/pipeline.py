@@ -350,7 +350,7 @@ class CausalVDMPipeline:
         self.info = dict(
             prompt=settings.prompt, seed=settings.seed, first_image=settings.first_image,
             first_video=settings.first_video, given_frames=n0, frames=written, fps=settings.fps, size=[h, w],
-            settings=asdict(settings),
+            settings=asdict(settings), timesteps=generator.sampler.timesteps.tolist(),
             autoregressive=dict(chunk_size=generator.chunk_size, max_cond_frames=generator.max_cond_frames,
                                 prefix_perturb_t=generator.prefix_perturb_t),
             device=str(self.device), prefill_seconds=generator.prefill_time, chunk_seconds=generator.chunk_times,

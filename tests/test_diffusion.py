@@ -7,6 +7,7 @@ import torch
 from causalvdm.diffusion import IDDPM, GaussianDiffusion, clean_prefix_loss, make_sampler, prefix_lengths
 from causalvdm.diffusion.clean_prefix import timestep_from_uniform
 from causalvdm.diffusion.gaussian import SAMPLE_WEIGHT_FLOOR
+from causalvdm.diffusion.samplers import SAMPLERS
 from causalvdm.registry import SCHEDULERS, ConfigError, build
 
 T = 1000
@@ -458,8 +459,9 @@ def test_sampler_deterministic_and_finite(make_model, name):
 @pytest.mark.numerics
 @pytest.mark.parametrize("name", ["iddpm", "ddim", "dpm-solver++"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_oracle_model_recovers_x0(name, prediction_type):
-    d = IDDPM(prediction_type=prediction_type)
+@pytest.mark.parametrize("spacing_power", [1.0, 1.5])
+def test_oracle_model_recovers_x0(name, prediction_type, spacing_power):
+    d = IDDPM(prediction_type=prediction_type, spacing_power=spacing_power)
     x0 = _rand(2, 3, 2, 4, 4, seed=40).clamp(-2, 2)
 
     def oracle(x_t, t):
@@ -486,6 +488,75 @@ def test_sampler_errors():
     sampler.step(torch.zeros(1, 4, 1, 2, 2), 0, x)
     with pytest.raises(ValueError, match="call reset"):
         sampler.step(torch.zeros(1, 4, 1, 2, 2), 0, x)
+
+
+def test_even_spacing_is_the_samplers_own():
+    """spacing_power 1 keeps each sampler's even steps: IDDPM's linspace from T - 1 to 0, diffusers' "trailing"
+    DDIM steps (T k / S - 1, without the extra step at -1 its float arange makes for some S, e.g. 61) and its
+    DPM-Solver++ steps, with the same sigmas."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    d = IDDPM()
+    for s in (*range(1, 48), 61, 100, 999):
+        assert d.respaced(s).timestep_map.tolist() == np.round(np.linspace(T - 1, 0, s)).astype(int)[::-1].tolist()
+        ddim, dpm = make_sampler("ddim", d, s), make_sampler("dpm-solver++", d, s)
+        assert ddim.timesteps.tolist() == [round(T * k / s) - 1 for k in range(s, 0, -1)]
+        reference = DDIMScheduler(num_train_timesteps=T, trained_betas=BETAS.tolist(), timestep_spacing="trailing")
+        reference.set_timesteps(s)
+        assert ddim.timesteps.tolist() == reference.timesteps.tolist()[:s]
+        reference = DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=BETAS.tolist())
+        reference.set_timesteps(s)
+        assert dpm.timesteps.tolist() == reference.timesteps.tolist()
+        assert torch.equal(dpm.scheduler.sigmas, reference.sigmas)
+
+
+def test_spacing_power_moves_the_steps_to_low_noise():
+    """Each sampler's even positions t in [0, top] go to top (t / top) ** p: with p = 2 the 20 steps are the
+    formula's, about twice as many of them lie under T / 4, and a respaced diffusion keeps p."""
+    p, s = 2.0, 20
+    d = IDDPM(spacing_power=p)
+    k = np.arange(s, 0, -1)
+    assert make_sampler("ddim", d, s).timesteps.tolist() == (np.round(T * (k / s) ** p) - 1).astype(int).tolist()
+    assert make_sampler("dpm-solver++", d, s).timesteps.tolist() == np.round((T - 1) * (k / s) ** p).astype(int).tolist()
+    kept = np.round((T - 1) * np.linspace(1, 0, s) ** p).astype(int)[::-1]
+    assert make_sampler("iddpm", d, s).timesteps.tolist() == kept[::-1].tolist()
+    assert d.respaced(s).timestep_map.tolist() == kept.tolist() and d.respaced(s).spacing_power == p
+    for name in SAMPLERS:  # under T / 4: (k / s) ** 2 < 1 / 4 for 9 or 10 of the 20 steps, against 5 evenly spaced
+        assert (make_sampler(name, d, s).timesteps < T / 4).sum() >= 9
+        assert (make_sampler(name, IDDPM(), s).timesteps < T / 4).sum() <= 5
+
+
+@pytest.mark.numerics
+def test_ddim_step_against_float64():
+    """One DDIM step x' = sqrt(abar') x_0 + sqrt(1 - abar') eps from each prediction type, evenly and unevenly
+    spaced, against float64; the last step lands on x_0. float32 arithmetic: within 8 float32 epsilons."""
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        for power in (1.0, 1.25):
+            sampler = make_sampler("ddim", IDDPM(prediction_type=prediction_type, spacing_power=power), 25)
+            steps = sampler.timesteps.tolist()
+            for i, t in enumerate(steps):
+                x, out = _rand(2, 3, 2, 4, 4, seed=2 * i), _rand(2, 6, 2, 4, 4, seed=2 * i + 1)
+                a, a_next = ABAR[t], ABAR[steps[i + 1]] if i + 1 < len(steps) else 1.0
+                xd, pred = x.double(), out[:, :3].double()
+                x0 = dict(epsilon=(xd - math.sqrt(1 - a) * pred) / math.sqrt(a), sample=pred,
+                          v_prediction=math.sqrt(a) * xd - math.sqrt(1 - a) * pred)[prediction_type]
+                eps = (xd - math.sqrt(a) * x0) / math.sqrt(1 - a)
+                expected = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+                got = sampler.step(out, i, x).double()
+                assert ((got - expected).abs() / (expected.abs() + 1)).max() < 8 * torch.finfo(torch.float32).eps
+            assert a_next == 1.0 and torch.allclose(got, x0, rtol=0, atol=1e-5)
+
+
+def test_spacing_power_errors():
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="spacing_power must be a finite number > 0"):
+            IDDPM(spacing_power=bad)
+    d = IDDPM(spacing_power=3.0)  # 200 steps: (1 / 200) ** 3 T rounds to 0 and so do the next ones
+    for name in SAMPLERS:
+        with pytest.raises(ValueError, match="num_steps=200 with spacing_power=3 puts two steps on the same timestep"):
+            make_sampler(name, d, 200)
+    with pytest.raises(ValueError, match="num_steps=1000 with spacing_power=1 puts two steps"):
+        make_sampler("dpm-solver++", IDDPM(), T)  # (T - 1) k / T: two of them round to the same step
 
 
 def test_gaussian_diffusion_rejects_bad_betas():

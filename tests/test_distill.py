@@ -51,6 +51,8 @@ def test_settings_and_schedules():
     assert [teacher.timesteps[i] for i in matched_steps(student, teacher)] == student.timesteps.tolist()
     for s, t in ((3, 24), (1, 5), (4, 28)):
         matched_steps(make_sampler("ddim", diffusion, s), make_sampler("ddim", diffusion, t))
+        spaced = IDDPM(spacing_power=1.25)  # a multiple still holds every student step, however the steps are spaced
+        matched_steps(make_sampler("ddim", spaced, s), make_sampler("ddim", spaced, t))
     with pytest.raises(ConfigError, match="make teacher_steps a multiple of distill.num_steps"):
         matched_steps(student, make_sampler("ddim", diffusion, 25))
     assert context_spans(1, 1, 4) == [(0, 1)]

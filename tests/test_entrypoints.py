@@ -126,6 +126,8 @@ TRAIN_CASES = [
          r"dataset\.image_size must be an integer or tuple\[int, int\]"),
     Case("border weight negative", TRAIN + _options("diffusion.border_weight=-1"),
          r"border_weight must be a finite number >= 0, got -1"),
+    Case("spacing power 0", TRAIN + _options("diffusion.spacing_power=0"),
+         r"spacing_power must be a finite number > 0, got 0"),
     Case("prediction type a number", TRAIN + _options("diffusion.prediction_type=5"),
          r"diffusion\.prediction_type must be a string"),
     Case("chunk size 0", TRAIN + _options("autoregressive.chunk_size=0"), r"autoregressive\.chunk_size must be >= 1"),

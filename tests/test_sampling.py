@@ -303,6 +303,13 @@ def test_sample_script_end_to_end(sample_setup, tmp_path, monkeypatch):
     sidecar = json.loads((tmp_path / "first.json").read_text())
     assert sidecar["seed"] == 3 and sidecar["frames"] == 14 and len(sidecar["chunk_seconds"]) == 4
     assert sidecar["settings"]["sampler"] == "ddim" and sidecar["autoregressive"]["max_cond_frames"] == 9
+    assert sidecar["timesteps"] == [999, 499]  # 2 trailing DDIM steps, evenly spaced
+    # the diffusion's spacing_power, changed for this run on the command line, moves the steps (and so the frames)
+    assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-image", str(root / "first.png"),
+                        "--out", str(tmp_path), "--seed", "3", "--name", "spaced",
+                        "--cfg-options", "diffusion.spacing_power=2"]) == 0
+    assert json.loads((tmp_path / "spaced.json").read_text())["timesteps"] == [999, 249]  # 1000 (1 / 2) ** 2 - 1
+    assert not np.array_equal(_read_mp4(tmp_path / "spaced.mp4")[0], frames)
     # the same frames at a lower crf: the flag reaches the encoder, which spends more bits on them
     assert sample.main([str(root / "cfg2.py"), "--ckpt", str(root / "ckpt2"), "--first-image", str(root / "first.png"),
                         "--out", str(tmp_path), "--seed", "3", "--crf", "1", "--name", "fine"]) == 0

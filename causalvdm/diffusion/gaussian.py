@@ -66,15 +66,19 @@ class GaussianDiffusion:
     predicts the variance (IDDPM learned range). timestep_map: (N,) original timesteps the model is given for each
     step of this diffusion (identity unless it was made by `respaced`). border_weight: the loss also weighs the
     steps of the prediction error across token borders, so that an error which jumps from one token to the next
-    costs more than the same error shared by both (0: the plain MSE).
+    costs more than the same error shared by both (0: the plain MSE). spacing_power: where a sampler of few steps
+    puts them: the even positions t are moved to T (t / T) ** spacing_power, so above 1 more of the steps fall at
+    low noise, where the fine detail is decided (1: evenly spaced).
     """
 
     def __init__(self, betas, prediction_type: str = "epsilon", learn_sigma: bool = True, timestep_map=None,
-                 border_weight: float = 0.0):
+                 border_weight: float = 0.0, spacing_power: float = 1.0):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r} (known: {', '.join(PREDICTION_TYPES)})")
         if not (math.isfinite(border_weight) and border_weight >= 0):
             raise ValueError(f"border_weight must be a finite number >= 0, got {border_weight}")
+        if not (math.isfinite(spacing_power) and spacing_power > 0):
+            raise ValueError(f"spacing_power must be a finite number > 0, got {spacing_power}")
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
@@ -83,6 +87,7 @@ class GaussianDiffusion:
         self.prediction_type = prediction_type
         self.learn_sigma = learn_sigma
         self.border_weight = float(border_weight)
+        self.spacing_power = float(spacing_power)
         self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
         self._device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -166,16 +171,35 @@ class GaussianDiffusion:
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
 
-        if self.prediction_type == "epsilon":
-            pred_xstart = (self._extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
-                           - self._extract(self.sqrt_recipm1_alphas_cumprod, t, n) * pred)
-        elif self.prediction_type == "sample":
-            pred_xstart = pred
-        else:  # v: x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
-            pred_xstart = (self._extract(self.sqrt_alphas_cumprod, t, n) * x_t
-                           - self._extract(self.sqrt_one_minus_alphas_cumprod, t, n) * pred)
+        pred_xstart = self.predict_xstart(pred, x_t, t)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart)
+
+    def predict_xstart(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_0 implied by a prediction of this diffusion's type (B, C, ...) at x_t, t -> (B, C, ...) float32."""
+        n = x_t.dim()
+        pred, x_t = pred.float(), x_t.float()
+        if self.prediction_type == "epsilon":
+            return (self._extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
+                    - self._extract(self.sqrt_recipm1_alphas_cumprod, t, n) * pred)
+        if self.prediction_type == "sample":
+            return pred
+        # v: x_0 = sqrt(abar) x_t - sqrt(1 - abar) v
+        return (self._extract(self.sqrt_alphas_cumprod, t, n) * x_t
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, n) * pred)
+
+    def predict_eps(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise implied by a prediction of this diffusion's type (B, C, ...) at x_t, t -> (B, C, ...) float32."""
+        n = x_t.dim()
+        pred, x_t = pred.float(), x_t.float()
+        if self.prediction_type == "epsilon":
+            return pred
+        if self.prediction_type == "sample":  # x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps
+            return ((x_t - self._extract(self.sqrt_alphas_cumprod, t, n) * pred)
+                    / self._extract(self.sqrt_one_minus_alphas_cumprod, t, n))
+        # v: eps = sqrt(abar) v + sqrt(1 - abar) x_t
+        return (self._extract(self.sqrt_alphas_cumprod, t, n) * pred
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, n) * x_t)
 
     def p_sample(self, model_output, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1} = mean + sigma * noise; no noise is added where t == 0. Shapes of x_t."""
@@ -224,7 +248,7 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------------- respacing
     def respaced(self, num_steps: int) -> "GaussianDiffusion":
-        """The diffusion over `num_steps` evenly spaced steps of this one (first and last kept).
+        """The diffusion over `num_steps` steps of this one, first and last kept, spaced by `spacing_power`.
 
         New betas are re-derived from the kept alphas_cumprod, so q(x_t | x_0) is unchanged at those steps;
         `timestep_map` gives the original timestep the model expects for each new step.
@@ -232,18 +256,33 @@ class GaussianDiffusion:
         if not 1 <= num_steps <= self.num_timesteps:
             raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
         # Spaced from the last step down so that a single step sits at the pure-noise end.
-        kept = np.round(np.linspace(self.num_timesteps - 1, 0, num_steps))[::-1].astype(np.int64)
+        even = np.linspace(self.num_timesteps - 1, 0, num_steps)
+        kept = self.spaced(even, self.num_timesteps - 1)[::-1]
         abar = self.alphas_cumprod[kept]
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
         return GaussianDiffusion(betas, self.prediction_type, self.learn_sigma, self.timestep_map[kept],
-                                 self.border_weight)
+                                 self.border_weight, self.spacing_power)
+
+    def spaced(self, even: np.ndarray, top: float, offset: int = 0) -> np.ndarray:
+        """A sampler's evenly spaced timestep positions (S,) in [0, top], high -> low, moved to
+        top (t / top) ** spacing_power, rounded and shifted by `offset` -> (S,) int64 steps of this diffusion; a
+        one-line error where two of them would be the same step or one would fall below 0."""
+        # Power 1 leaves the positions as they are, so the even spacing stays bit for bit what it was.
+        moved = even if self.spacing_power == 1 else top * (even / top) ** self.spacing_power
+        steps = np.round(moved).astype(np.int64) + offset
+        if (np.diff(steps) >= 0).any() or steps[-1] < 0:
+            raise ValueError(f"num_steps={len(even)} with spacing_power={self.spacing_power:g} puts two steps on "
+                             f"the same timestep; take fewer steps or a power closer to 1")
+        return steps
 
 
 @SCHEDULERS.register_module()
 def IDDPM(diffusion_steps: int = 1000, noise_schedule: str = "linear", prediction_type: str = "epsilon",
-          learn_sigma: bool = True, border_weight: float = 0.0) -> GaussianDiffusion:
+          learn_sigma: bool = True, border_weight: float = 0.0, spacing_power: float = 1.0) -> GaussianDiffusion:
     """The training diffusion: `diffusion_steps` steps of linear betas, eps, v or x_0 target, learned-range variance;
-    border_weight > 0 adds the error's steps across token borders to the loss (`GaussianDiffusion`)."""
+    border_weight > 0 adds the error's steps across token borders to the loss, spacing_power > 1 puts more of a
+    sampler's steps at low noise (`GaussianDiffusion`)."""
     if noise_schedule != "linear":
         raise ValueError(f"unknown noise_schedule {noise_schedule!r} (known: linear)")
-    return GaussianDiffusion(linear_betas(diffusion_steps), prediction_type, learn_sigma, border_weight=border_weight)
+    return GaussianDiffusion(linear_betas(diffusion_steps), prediction_type, learn_sigma, border_weight=border_weight,
+                             spacing_power=spacing_power)

@@ -19,7 +19,7 @@ STUDENT_SAMPLER = "ddim"
 
 
 class IDDPMSampler:
-    """Ancestral sampling with the learned variance over `num_steps` evenly respaced steps (IDDPM)."""
+    """Ancestral sampling with the learned variance over `num_steps` respaced steps (IDDPM)."""
 
     def __init__(self, diffusion: GaussianDiffusion, num_steps: int):
         self.diffusion = diffusion.respaced(num_steps)
@@ -51,20 +51,66 @@ class IDDPMSampler:
         return self.diffusion.p_sample(model_output, x_t, t, noise)
 
 
-class DiffusersSampler:
-    """A diffusers scheduler driven by our betas; uses only the prediction half of a learned-sigma output."""
+class DDIMSampler:
+    """Deterministic DDIM (eta 0) over `num_steps` "trailing" steps, spaced by the diffusion's spacing_power.
 
-    def __init__(self, scheduler, diffusion: GaussianDiffusion, num_steps: int):
-        self.scheduler = scheduler
-        self.num_steps = num_steps
-        scheduler.set_timesteps(num_steps)
+    Trailing: the first step is the last training step, where pure noise matches the schedule, and the last one
+    lands on x_0 (alpha-bar 1).
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int):
+        self.diffusion = diffusion
+        total = diffusion.num_timesteps
+        # T k / S for k = S .. 1, minus 1 (diffusers' float `arange` of the same positions gives S + 1 of them for
+        # some S, the last at -1)
+        steps = diffusion.spaced(total * np.arange(num_steps, 0, -1) / num_steps, total, offset=-1)  # (S,) high -> low
+        self._steps = steps.tolist()
+        self.timesteps = torch.from_numpy(diffusion.timestep_map[steps]).long()  # (S,) what the model is given
+        self._abar_next = np.append(diffusion.alphas_cumprod[steps[1:]], 1.0)  # (S,) alpha-bar after each step
+
+    def reset(self) -> None:
+        """Nothing to reset: each step depends on the current x only."""
+
+    def step_noise(self, shape, generator=None, device=None) -> None:
+        """Deterministic steps draw no noise."""
+        return None
+
+    def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """x at step i (B, C, ...) and the model output (B, C or 2C, ...) there -> x at step i + 1 (deterministic)."""
+        pred = model_output[:, : x_t.shape[1]]
+        # made on the device, not copied there: a host-to-device copy at every step would make the host wait
+        t = torch.full((x_t.shape[0],), self._steps[i], dtype=torch.long, device=x_t.device)
+        x_start, eps = self.diffusion.predict_xstart(pred, x_t, t), self.diffusion.predict_eps(pred, x_t, t)
+        abar_next = float(self._abar_next[i])
+        return (abar_next**0.5 * x_start + (1 - abar_next) ** 0.5 * eps).to(x_t.dtype)
+
+
+class DPMSolverSampler:
+    """diffusers' DPM-Solver++ (2nd order multistep) driven by our betas over steps spaced by the diffusion's
+    spacing_power; uses only the prediction half of a learned-sigma output."""
+
+    def __init__(self, diffusion: GaussianDiffusion, num_steps: int):
+        # Imported here: diffusers takes seconds to import and training never needs it.
+        from diffusers import DPMSolverMultistepScheduler
+
+        self.scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=diffusion.num_timesteps,
+            trained_betas=np.asarray(diffusion.betas).tolist(),
+            prediction_type=diffusion.prediction_type,
+            thresholding=False,  # latents are not bounded like pixels
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+        )
+        top = diffusion.num_timesteps - 1
+        even = np.linspace(0, top, num_steps + 1)[::-1][:-1]  # diffusers' own "linspace" spacing
+        self._steps = diffusion.spaced(even, top).tolist()
+        self.reset()
         # Scheduler indices are steps of `diffusion`; the model expects the original timesteps.
-        self.timesteps = torch.from_numpy(diffusion.timestep_map)[scheduler.timesteps].long()  # (S,)
-        self._next = 0
+        self.timesteps = torch.from_numpy(diffusion.timestep_map)[self.scheduler.timesteps].long()  # (S,)
 
     def reset(self) -> None:
         """Start a new chunk: drop the multistep history of the previous one."""
-        self.scheduler.set_timesteps(self.num_steps)
+        self.scheduler.set_timesteps(timesteps=self._steps)
         self._next = 0
 
     def step_noise(self, shape, generator=None, device=None) -> None:
@@ -81,7 +127,7 @@ class DiffusersSampler:
 
 
 def make_sampler(name: str, diffusion: GaussianDiffusion, num_steps: int):
-    """A sampler over `num_steps` steps of `diffusion`: 'iddpm', 'ddim' or 'dpm-solver++'.
+    """A sampler over `num_steps` steps of `diffusion`, spaced by its spacing_power: 'iddpm', 'ddim' or 'dpm-solver++'.
 
     The result has .timesteps (S,) long model-input timesteps (high -> low), .reset(),
     .step_noise(shape, generator, device) -> (S, *shape) or None and
@@ -93,18 +139,6 @@ def make_sampler(name: str, diffusion: GaussianDiffusion, num_steps: int):
         raise ValueError(f"num_steps must be in [1, {diffusion.num_timesteps}], got {num_steps}")
     if name == "iddpm":
         return IDDPMSampler(diffusion, num_steps)
-    # Imported here: diffusers takes seconds to import and training never needs it.
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    common = dict(
-        num_train_timesteps=diffusion.num_timesteps,
-        trained_betas=np.asarray(diffusion.betas).tolist(),
-        prediction_type=diffusion.prediction_type,
-        thresholding=False,  # latents are not bounded like pixels
-    )
     if name == "ddim":
-        # "trailing" spacing starts at the last training step, where pure noise matches the schedule.
-        scheduler = DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
-    else:
-        scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
-    return DiffusersSampler(scheduler, diffusion, num_steps)
+        return DDIMSampler(diffusion, num_steps)
+    return DPMSolverSampler(diffusion, num_steps)
