@@ -557,6 +557,8 @@ def test_spacing_power_errors():
             make_sampler(name, d, 200)
     with pytest.raises(ValueError, match="num_steps=1000 with spacing_power=1 puts two steps"):
         make_sampler("dpm-solver++", IDDPM(), T)  # (T - 1) k / T: two of them round to the same step
+    with pytest.raises(ValueError, match="one below 0"):  # DDIM's last: round(1000 * 0.1 ** 4) - 1 = -1
+        make_sampler("ddim", IDDPM(spacing_power=4.0), 10)
 
 
 def test_gaussian_diffusion_rejects_bad_betas():

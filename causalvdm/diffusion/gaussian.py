@@ -272,7 +272,7 @@ class GaussianDiffusion:
         steps = np.round(moved).astype(np.int64) + offset
         if (np.diff(steps) >= 0).any() or steps[-1] < 0:
             raise ValueError(f"num_steps={len(even)} with spacing_power={self.spacing_power:g} puts two steps on "
-                             f"the same timestep; take fewer steps or a power closer to 1")
+                             f"the same timestep or one below 0; take fewer steps or a power closer to 1")
         return steps
 
 
