@@ -127,7 +127,7 @@ class RepeatDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        n = len(self.dataset)
-        item = self.dataset.get(index % n, copy=index % len(self) // n)
+        n, i = len(self.dataset), index % len(self)
+        item = self.dataset.get(i % n, copy=i // n)
         item["index"] = index
         return item
