@@ -101,3 +101,10 @@ def test_streams_table_and_ratio_line(tmp_path, capsys):
     for row in rows:
         assert row["fps"] > 0 and row["p95"] >= row["p50"] > 0 and row["seq_fps"] > 0
         assert math.isclose(row["gflops"] / row["fps"], rows[0]["gflops"] / rows[0]["fps"])
+
+
+def test_streams_refuses_a_compile_mode_the_engine_does_not_use(capsys):
+    """The engine compiles its tick in the default mode: a mode with CUDA graphs is refused, not silently dropped."""
+    with pytest.raises(SystemExit):
+        streams.main(["--config", TINY, "--compile", "reduce-overhead"])
+    assert "default mode (no CUDA graphs)" in capsys.readouterr().err

@@ -4,7 +4,8 @@ after another by separate generators.
     python tools/benchmark_streams.py --config configs/demo/captions.py --text --denoise-steps 3
     python tools/benchmark_streams.py --preset paper --streams 1,2,4,8,16 --cache-dtypes model,int8 --compile
 
-For each count N of --streams, cache storage of --cache-dtypes and mode (eager, and compiled with --compile), all N
+For each count N of --streams, cache storage of --cache-dtypes and mode (eager, and compiled with --compile: the
+engine's tick through torch.compile's default mode, without CUDA graphs, so no other mode is taken), all N
 streams open at once and run until each has --chunks chunks (after an untimed warm-up round on the same engine).
 Printed per row: aggregate frames/s, chunk latency p50 / p95 over every stream's chunks, time to first chunk (mean),
 the same N streams generated one after another (frames/s, p95 chunk latency), the KV pool's MiB, peak memory, the
@@ -109,6 +110,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sequential", action="store_true", help="skip the one-after-another baseline")
     args = parser.parse_args(argv)
     resolve_args(parser, args, [args.dtype])
+    if args.compile not in (None, "default"):
+        parser.error(f"--compile {args.compile}: the stream engine compiles its tick in torch.compile's default mode "
+                     "(no CUDA graphs); give --compile without a mode")
     with one_line_errors():
         model, diffusion, ar, first, text = setup(args)
         model.to(getattr(torch, args.dtypes[0]))
