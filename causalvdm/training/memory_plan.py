@@ -9,6 +9,8 @@ measured CPU peaks; tools/plan_memory.py prints the table. All figures are bytes
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from causalvdm.config import AutoregressiveSettings
 from causalvdm.diffusion import prefix_lengths
@@ -91,12 +93,44 @@ def kv_cache_bytes(depth: int, rows: int, tokens_per_frame: int, hidden: int, sl
     return temporal + vectors * spatial_frames * hidden // heads * dtype.itemsize
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Attention as the fused kernels (flash, memory-efficient, cuDNN; CUDA's and the CPU's) keep it for backward:
+    q, k, v, the mask, the output (..., L, Ev) and a float32 log-sum-exp per query row (..., L), where the meta
+    device's math path keeps the (L, S) scores and probabilities too. Only traced, so never differentiated."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        rows = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        out = q.new_empty(*rows, q.shape[-2], v.shape[-1])
+        lse = q.new_empty(*rows, q.shape[-2], dtype=torch.float32)
+        if mask is not None and mask.dtype == torch.bool:  # the kernels keep it as an additive mask in q's dtype
+            mask = mask.new_empty(mask.shape, dtype=q.dtype)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("_FusedAttention only counts what a training forward saves; it has no backward")
+
+
+class _AsFusedAttention(TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention through _FusedAttention while a trace counts saved bytes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v, *rest = args
+            return _FusedAttention.apply(q, k, v, kwargs.get("attn_mask", rest[0] if rest else None))
+        return func(*args, **kwargs)
+
+
 def saved_activation_bytes(model, batch: int, frames: int, height: int, width: int, dtype: torch.dtype,
                            chunk: tuple[int, int], grad_checkpointing: bool) -> int:
     """Bytes autograd keeps from a training forward on latents (batch, C, frames, height, width), counted on meta.
 
     `model` must be on the meta device. Each storage is counted once (views and the weights themselves are free:
-    the weights are counted elsewhere). bf16 autocast is approximated by a model and inputs in bf16.
+    the weights are counted elsewhere). bf16 autocast is approximated by a model and inputs in bf16; attention
+    keeps what the fused kernels keep (_FusedAttention), not the meta device's math path.
     """
     model = model.to(dtype).train()
     model.grad_checkpointing = grad_checkpointing
@@ -118,7 +152,7 @@ def saved_activation_bytes(model, batch: int, frames: int, height: int, width: i
     y = torch.zeros(batch, model.model_max_length, cc, dtype=dtype, device=meta) if cc else None
     drop = torch.zeros(batch, dtype=torch.bool, device=meta) if cc else None
     offset = model.sample_tpe_offset(batch)  # on the CPU, like the positions it shifts
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _AsFusedAttention():
         model(x, t, y=y, chunk=chunk, tpe_offset=offset, text_drop=drop)
     return sum(saved.values())
 
