@@ -95,8 +95,11 @@ def test_streams_table_and_ratio_line(tmp_path, capsys):
     assert streams.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"streams_8_over_1=\S+ p95_8_over_1=\S+", last), last
-    rows = json.loads(out.read_text())["rows"]
+    figures = json.loads(out.read_text())
+    rows = figures["rows"]
     assert [(row["streams"], row["cache"]) for row in rows] == [(1, "model"), (8, "model"), (1, "int8"), (8, "int8")]
+    assert figures["streams_8_over_1"] == rows[1]["fps"] / rows[0]["fps"]
+    assert figures["p95_8_over_1"] == rows[1]["p95"] / rows[0]["p95"]
     assert rows[2]["pool_mb"] < rows[0]["pool_mb"] and rows[1]["pool_mb"] == 8 * rows[0]["pool_mb"]
     for row in rows:
         assert row["fps"] > 0 and row["p95"] >= row["p50"] > 0 and row["seq_fps"] > 0

@@ -61,6 +61,7 @@ def test_cpu_rehearsal_keeps_the_limits_and_a_timed_out_step_keeps_its_rows(tmp_
     steps = {name: s["status"] for name, s in report["steps"].items()}
     assert steps["env"] == steps["imports"] == steps["ar_eager"] == "ok", output
     assert steps["train"] == "timeout" and steps["ar_compiled"] == "skipped" and not report["ok"]
+    assert steps["streams"] == "ok" and report["streams"]["streams_8_over_1"] > 0, output
     assert steps["pytest_cuda"] in ("ok", "timeout", "skipped")  # the last step gets what the budget has left
     assert report["environment"]["cuda_available"] is False and report["environment"]["imports"]["missing"] == {}
 
@@ -73,4 +74,4 @@ def test_cpu_rehearsal_keeps_the_limits_and_a_timed_out_step_keeps_its_rows(tmp_
     assert report["ar_eager"]["max_rel_diff"] < 1e-4 and cache["mfu_vs_matmul"] > 0
     with tarfile.open(out / "logs.tar.gz") as logs:
         names = set(logs.getnames())
-    assert {"steps.tsv", "logs/env.log", "logs/train.log", "logs/ar_eager.log"} <= names, names
+    assert {"steps.tsv", "logs/env.log", "logs/train.log", "logs/ar_eager.log", "logs/streams.log"} <= names, names

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a fresh GPU machine without network yields the figures: environment facts, an install from wheels/
 # (made by tools/gpu_wheels.sh on a networked machine) that leaves the machine's torch alone, a bf16 matrix product
-# timed on the spot, the paper-setting inference benchmark eager, XL/2 training throughput, the same inference
-# compiled with CUDA graphs, then the CUDA tests.
+# timed on the spot, the paper-setting inference benchmark eager, XL/2 training throughput, the stream engine at the
+# paper's size, the same inference compiled with CUDA graphs, then the CUDA tests.
 #
 #     OUT=DIR bash tools/gpu_check.sh     # DIR defaults to outputs/gpu_check
 #
@@ -19,16 +19,18 @@
 #                     grows with the context; its 4th chunk has the full queue), the speed-up over the chunks both
 #                     ran                                                                        -> ar_eager.json
 #   train        80   XL/2 training, gradient checkpointing on then off, 3 + 15 steps each     -> train.json
+#   streams      60   the stream engine, --preset paper, 1 and 8 streams of 4 chunks of 4 denoising steps, and
+#                     the same streams one after another: frames/s, p95 latency, 8 over 1     -> streams.json
 #   ar_compiled 150   --preset paper, cache mode, --compile reduce-overhead (CUDA graphs), with dynamo's graph
 #                     count and inductor's CUDA-graph skips (must be 0); compiling is most of it -> ar_compiled.json
 #   pytest_cuda  75   pytest -m cuda, over the test files that mark one
-# With nvidia-smi's 10 s the caps add up to the default budget, GPU_CHECK_BUDGET=520 seconds: a step that hangs
+# With nvidia-smi's 10 s the caps add up to the default budget, GPU_CHECK_BUDGET=580 seconds: a step that hangs
 # costs only its own cap, only the last step can be cut short by the budget, and one left with under 10 s is
 # skipped. Each benchmark writes its JSON as each
 # measurement ends, so a step stopped by its timeout keeps what it measured. After every step, gpu_check.json
 # (every figure, each step's status, time and note, each TFLOP/s also against the measured product) and
 # logs.tar.gz (each step's log and the step table) are written again, so a call cut short still returns the
-# figures so far. $OUT holds at most 7 files: those two and the JSON named above.
+# figures so far. $OUT holds at most 8 files: those two and the JSON named above.
 #
 # Without a CUDA device the same steps run what a CPU can: the product in float32 at 1024, the benchmarks on
 # configs/debug/tiny.py, `pytest -m cuda` reporting its skips; ar_compiled is skipped. Exit status 0 when no step
@@ -46,13 +48,13 @@ ROOT=$(pwd)
 OUT="${OUT:-outputs/gpu_check}"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-rm -f "$OUT"/{gpu_check,env,matmul,ar_eager,train,ar_compiled}.json "$OUT/logs.tar.gz"  # no older run's figures
+rm -f "$OUT"/{gpu_check,env,matmul,ar_eager,train,streams,ar_compiled}.json "$OUT/logs.tar.gz"  # no older run's figures
 WORK=$(mktemp -d)  # logs and the step table, outside $OUT: only the archive of them goes back
 trap 'rm -rf "$WORK"' EXIT
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 : > "$WORK/steps.tsv"
-BUDGET="${GPU_CHECK_BUDGET:-520}"
+BUDGET="${GPU_CHECK_BUDGET:-580}"
 RESERVE=10  # per step: timeout's 5 s between TERM and KILL, then the merge
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python
@@ -118,7 +120,7 @@ matmul = read("matmul")
 report["matmul"] = matmul
 measured = matmul["tflops"] if matmul else None
 # Each figure of model TFLOP/s also against the product's measured rate, the ceiling this GPU shows today.
-for name in ("ar_eager", "train", "ar_compiled"):
+for name in ("ar_eager", "train", "streams", "ar_compiled"):
     data = read(name)
     if data is None:
         continue
@@ -261,6 +263,8 @@ if [[ $GPU == 1 ]]; then
     --modes cache,recompute --recompute-frames 33 --json "$OUT/ar_eager.json"
   step train 80 "$PY" tools/benchmark_train.py --grad-checkpointing both --warmup-steps 3 --steps 15 \
     --json "$OUT/train.json"
+  step streams 60 "$PY" tools/benchmark_streams.py --preset paper --device cuda --streams 1,8 --chunks 4 \
+    --denoise-steps 4 --json "$OUT/streams.json"
   # TORCH_LOGS: why a graph recompiled or ran without CUDA graphs, in the log
   step ar_compiled 150 env TORCH_LOGS=recompiles,cudagraphs "$PY" tools/benchmark_speedup.py --preset paper \
     --device cuda --dtype bfloat16 --compile reduce-overhead --modes cache --json "$OUT/ar_compiled.json"
@@ -269,6 +273,8 @@ else
     --recompute-frames 17 --denoise-steps 2 --modes cache,recompute --json "$OUT/ar_eager.json"
   step train 80 "$PY" tools/benchmark_train.py --config configs/debug/tiny.py --grad-checkpointing both \
     --warmup-steps 1 --steps 1 --json "$OUT/train.json"
+  step streams 60 "$PY" tools/benchmark_streams.py --config configs/debug/tiny.py --streams 1,8 --chunks 2 \
+    --denoise-steps 2 --json "$OUT/streams.json"
   skip ar_compiled "no CUDA device: CUDA graphs need one (the benchmarks above ran on configs/debug/tiny.py)"
 fi
 
@@ -304,6 +310,12 @@ for name in ("ar_eager", "ar_compiled"):
               f"(bound {data['bound']:.2f}x)")
     if "cudagraph_skips" in data:
         print(f"{name}: {data['compiled_graphs']} compiled graph(s), {data['cudagraph_skips']} CUDA-graph skip(s)")
+streams = report.get("streams") or {}
+for row in streams.get("rows", []):
+    print(f"streams {row['streams']} {row['mode']}: {row['fps']:.1f} frames/s, p95 {row['p95']:.3f} s, one after "
+          f"another {row.get('seq_fps', float('nan')):.1f} frames/s, {row['gflops'] / 1e3:.1f} TFLOP/s")
+if "streams_8_over_1" in streams:
+    print(f"streams: 8 over 1 {streams['streams_8_over_1']:.2f}x frames/s, p95 {streams['p95_8_over_1']:.2f}x")
 for run in (report.get("train") or {}).get("runs", []):
     gc = "on" if run["grad_checkpointing"] else "off"
     if run["status"] == "ok":

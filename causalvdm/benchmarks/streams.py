@@ -27,6 +27,7 @@ from causalvdm.cli.common import one_line_errors, positive_int
 from causalvdm.models.kv_quant import CACHE_DTYPES
 from causalvdm.serving import StreamEngine
 from causalvdm.utils.flops import device_peak_tflops, forward_flops
+from causalvdm.utils.io import write_json
 from causalvdm.utils.memory import peak_memory_mb, reset_peak_memory
 
 STORAGE = ("model", *CACHE_DTYPES)
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
                         seq = run_sequential(args, model, diffusion, ar, n, args.chunks, first, text)
                         row.update(seq_fps=seq["fps"], seq_p95=seq["p95"])
                     results.append(row)
+                    if args.json:  # after each row, so a run stopped by a timeout keeps what it measured
+                        write_json(args.json, dict(rows=results))
                     baseline = f"{'-':>8} {'-':>8}"
                     if "seq_fps" in row:
                         baseline = f"{row['seq_fps']:8.2f} {row['seq_p95']:8.3f}"
@@ -161,6 +164,6 @@ def main(argv=None) -> int:
     summary = dict(rows=results, graphs=compiled_graphs() if args.compile else None)
     line = "streams_8_over_1=n/a p95_8_over_1=n/a (run with 1 and 8 in --streams)"
     if 1 in base and 8 in base:
-        line = (f"streams_8_over_1={base[8]['fps'] / base[1]['fps']:.2f} "
-                f"p95_8_over_1={base[8]['p95'] / base[1]['p95']:.2f}")
+        summary.update(streams_8_over_1=base[8]["fps"] / base[1]["fps"], p95_8_over_1=base[8]["p95"] / base[1]["p95"])
+        line = f"streams_8_over_1={summary['streams_8_over_1']:.2f} p95_8_over_1={summary['p95_8_over_1']:.2f}"
     return finish(args, summary, line)
