@@ -25,7 +25,9 @@ class PatchEmbed3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, D, T, h, w)
-        return x.flatten(3).permute(0, 2, 3, 1)  # (B, T, h*w, D)
+        # Copied to (B, T, S, D) order: a permuted view would carry the conv's layout into the residual stream, and
+        # every residual add would mix two layouts (on CUDA, the slow strided element-wise kernel).
+        return x.flatten(3).permute(0, 2, 3, 1).contiguous()  # (B, T, h*w, D)
 
 
 class TimestepEmbedder(nn.Module):
