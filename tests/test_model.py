@@ -261,8 +261,8 @@ def test_head_kernel_adds_each_tokens_neighbours(make_model):
 
 def test_residual_stream_keeps_one_layout(make_model):
     """The tokens (B, T, S, D) leave the patch embedding and every block with D innermost. The embedding used to
-    hand on a permuted view of its conv's (B, D, T, S) output, so each residual add mixed two layouts: CUDA's strided
-    element-wise kernels then took 38% of an H200's time in the paper-size stream engine."""
+    hand on a permuted view of its conv's (B, D, T, S) output, so each residual add mixed two layouts and ran as a
+    strided element-wise kernel (those took 38% of an H200's time in the paper-size stream engine, most by count)."""
     model = make_model(tpe_mode="cyclic").train()
     x, t, y = _inputs(model)
     assert model.x_embedder(x).is_contiguous()
