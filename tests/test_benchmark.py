@@ -4,8 +4,10 @@ config: the printed summary lines and the JSON figures (no timing targets); the 
 import json
 import math
 import re
+import types
 
 import pytest
+import torch
 
 from causalvdm.utils.flops import peak_tflops
 from causalvdm.benchmarks import speedup, steady_state, step, streams
@@ -111,3 +113,25 @@ def test_streams_refuses_a_compile_mode_the_engine_does_not_use(capsys):
     with pytest.raises(SystemExit):
         streams.main(["--config", TINY, "--compile", "reduce-overhead"])
     assert "default mode (no CUDA graphs)" in capsys.readouterr().err
+
+
+def test_streams_baseline_leaves_out_its_warm_up(monkeypatch):
+    """The one-after-another baseline runs an untimed stream first: the first generator's slow chunk (its kernel
+    plans) is in neither the frames counted nor the p95 latency."""
+    made = []
+
+    class Generator:
+        def __init__(self):
+            self.chunk_times = []
+            made.append(self)
+
+        def iter_chunks(self, first, frames, y=None, mask=None, seed=0):
+            for _ in range((frames - first.shape[2]) // 4):
+                self.chunk_times.append(100.0 if len(made) == 1 else 0.01)
+                yield torch.zeros(1, 1, 4, 1, 1)
+
+    monkeypatch.setattr(streams, "make_generator", lambda *args: Generator())
+    ar = types.SimpleNamespace(chunk_size=4)
+    figures = streams.run_sequential(None, None, None, ar, 3, 2, torch.zeros(1, 1, 1, 1, 1), (None, None))
+    assert len(made) == 4 and made[0].chunk_times == [100.0]  # the warm-up: one chunk
+    assert figures["p95"] == 0.01 and sum(len(g.chunk_times) for g in made[1:]) == 3 * 2

@@ -5,12 +5,13 @@ after another by separate generators.
     python tools/benchmark_streams.py --preset paper --streams 1,2,4,8,16 --cache-dtypes model,int8 --compile
 
 For each count N of --streams, cache storage of --cache-dtypes and mode (eager, and compiled with --compile: the
-engine's tick through torch.compile's default mode, without CUDA graphs, so no other mode is taken), all N
-streams open at once and run until each has --chunks chunks (after an untimed warm-up round on the same engine).
-Printed per row: aggregate frames/s, chunk latency p50 / p95 over every stream's chunks, time to first chunk (mean),
-the same N streams generated one after another (frames/s, p95 chunk latency), the KV pool's MiB, peak memory, the
-model FLOP rate achieved and the FLOP-bound frames/s: the device's dense peak over the model FLOPs of a frame (a
-GPU's from the table in utils/flops.py, elsewhere the rate of a large matrix product measured first). The last line is
+engine's tick through torch.compile's default mode, without CUDA graphs, so no other mode is taken), all N streams open
+at once and run until each has --chunks chunks (after an untimed warm-up round on the same engine; the one-after-another
+baseline starts with an untimed stream of one chunk). Printed per row: aggregate frames/s, chunk latency p50 / p95 over
+every stream's chunks, time to first chunk (mean), the same N streams generated one after another (frames/s, p95 chunk
+latency), the KV pool's MiB, peak memory, the model FLOP rate achieved and the FLOP-bound frames/s: the device's dense
+peak over the model FLOPs of a frame (a GPU's from the table in utils/flops.py, elsewhere the rate of a large matrix
+product measured first). The last line is
     streams_8_over_1=<r> p95_8_over_1=<q>
 (aggregate frames/s at 8 streams over 1 stream, and their p95 chunk latencies; targets >= 3 and <= 3), eager, for
 the first cache storage.
@@ -83,12 +84,19 @@ def run_engine(engine: StreamEngine, streams: int, chunks: int, first, text) -> 
 
 
 def run_sequential(args, model, diffusion, ar, streams: int, chunks: int, first, text) -> dict:
-    """The same streams one after another, each by its own generator -> frames/s and p95 chunk latency."""
+    """The same streams one after another, each by its own generator -> frames/s and p95 chunk latency.
+
+    An untimed stream of one chunk goes first, as the engine's warm-up round does: the generator's first calls pay for
+    kernel plans of its own shapes (on an H200 the first row's baseline ran at under half the speed of the later rows')."""
+    n0 = first.shape[2]
+    for _ in make_generator(args, model, diffusion, ar, "cache").iter_chunks(first, n0 + ar.chunk_size, y=text[0],
+                                                                             mask=text[1], seed=0):
+        pass
+    synchronize(first.device)
     latencies, frames = [], 0
     start = time.perf_counter()
     for seed in range(streams):
         gen = make_generator(args, model, diffusion, ar, "cache")
-        n0 = first.shape[2]
         for latents in gen.iter_chunks(first, n0 + chunks * ar.chunk_size, y=text[0], mask=text[1], seed=seed):
             frames += latents.shape[2]
         latencies += gen.chunk_times
