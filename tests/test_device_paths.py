@@ -233,7 +233,7 @@ def test_pooled_call_sends_rows_not_tokens():
         engine.open(torch.randn(1, model.in_channels, 1, 4, 4), seed=seed)
     while engine._denoise_context is None:  # the first tick writes the given frames
         engine.step()
-    index = engine._denoise_context[1].cache._index
+    index = engine._denoise_context.call.cache._index
     rows_tokens, _, frames, _ = index.shape
     assert index.device == META and index.untyped_storage().nbytes() == rows_tokens * frames * index.element_size()
 

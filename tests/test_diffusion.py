@@ -547,6 +547,23 @@ def test_ddim_step_against_float64():
             assert a_next == 1.0 and torch.allclose(got, x0, rtol=0, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", ["ddim", "iddpm"])
+def test_step_rows_equals_each_row_stepped_alone(name):
+    """step_rows, each row at its own step index (the stream engine's one call for all its streams), gives every row
+    exactly what `step` gives it alone, in float32 and bf16, with and without guidance's variance channels."""
+    diffusion = IDDPM(learn_sigma=name == "iddpm")
+    sampler = make_sampler(name, diffusion, 5)
+    steps = [3, 0, 4, 1, 3]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _rand(5, 3, 2, 4, 4, seed=1).to(dtype)
+        out = _rand(5, 6 if diffusion.learn_sigma else 3, 2, 4, 4, seed=2)
+        noise = _rand(5, 3, 2, 4, 4, seed=3)
+        together = sampler.step_rows(out, torch.tensor(steps), x, noise)
+        alone = torch.cat([sampler.step(out[j:j + 1], i, x[j:j + 1], noise=noise[j:j + 1])
+                           for j, i in enumerate(steps)])
+        assert together.dtype == dtype and torch.equal(together, alone)
+
 def test_spacing_power_errors():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="spacing_power must be a finite number > 0"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from causalvdm.diffusion import IDDPM
 from causalvdm.models.utils import randomize_weights
@@ -101,6 +102,7 @@ CASES = {
     "perturbed-prefix-iddpm": (dict(tpe_mode="cyclic", max_tpe_len=9), dict(prefix_perturb_t=50, sampler="iddpm")),
     "int8-cache": (dict(tpe_mode="cyclic", max_tpe_len=9), dict(cache_dtype="int8")),
     "fp8-cache-no-guidance": (dict(tpe_mode="rope"), dict(cache_dtype="float8_e4m3fn", cfg_scale=1.0)),
+    "dpm-solver": (dict(tpe_mode="cyclic", max_tpe_len=9), dict(sampler="dpm-solver++")),  # steps stream by stream
 }
 
 
@@ -188,3 +190,34 @@ def test_compiled_tick_compiles_once(make_model):
         videos[compile] = torch.cat(chunks, dim=2)
     assert counters["stats"]["unique_graphs"] == 1
     assert (videos[True] - videos[False]).abs().max() <= 1e-5 * videos[False].abs().max()
+
+
+class _Kernels(TorchDispatchMode):
+    """Counts the ops a block of code runs that make new tensors (a view launches no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "iddpm"])
+def test_a_tick_runs_as_many_ops_for_six_streams_as_for_two(make_model, sampler):
+    """A denoising tick between chunk boundaries (no stream joins, leaves or ends a chunk) is one call for all
+    streams, guided and unguided: its ops, each a kernel launch on a GPU, do not grow with the streams."""
+    model = make_model(tpe_mode="cyclic", max_tpe_len=9)
+    y, = captions(1)
+    kernels = {}
+    for n in (2, 6):
+        engine = StreamEngine(model, IDDPM(), latent_size=(H, W), max_rows=12, **settings(sampler=sampler))
+        for i in range(n):
+            engine.open(None, y=y if i % 2 else None, seed=i)  # every other stream guided: two rows
+        engine.step()  # the first step of every stream's chunk, and the call's context
+        counter = _Kernels()
+        with counter:
+            assert engine.step() == []  # the second of three: no chunk ends
+        kernels[n] = counter.count
+    assert kernels[2] == kernels[6], kernels

@@ -44,10 +44,15 @@ class IDDPMSampler:
 
         noise: this step's noise (B, C, ...), e.g. from `step_noise`; else it is drawn from `generator`.
         """
-        t = torch.full((x_t.shape[0],), self.diffusion.num_timesteps - 1 - i, dtype=torch.long, device=x_t.device)
         if noise is None:
             device = generator.device if generator is not None else x_t.device
             noise = torch.randn(x_t.shape, generator=generator, device=device).to(x_t.device)
+        return self.step_rows(model_output, torch.full((x_t.shape[0],), i, device=x_t.device), x_t, noise)
+
+    def step_rows(self, model_output: torch.Tensor, steps: torch.Tensor, x_t: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+        """`step` for rows each at its own step index: steps (B,) long on x_t's device, noise (B, C, ...)."""
+        t = (self.diffusion.num_timesteps - 1) - steps
         return self.diffusion.p_sample(model_output, x_t, t, noise)
 
 
@@ -66,7 +71,12 @@ class DDIMSampler:
         steps = diffusion.spaced(total * np.arange(num_steps, 0, -1) / num_steps, total, offset=-1)  # (S,) high -> low
         self._steps = steps.tolist()
         self.timesteps = torch.from_numpy(diffusion.timestep_map[steps]).long()  # (S,) what the model is given
-        self._abar_next = np.append(diffusion.alphas_cumprod[steps[1:]], 1.0)  # (S,) alpha-bar after each step
+        abar_next = np.append(diffusion.alphas_cumprod[steps[1:]], 1.0).tolist()  # (S,) alpha-bar after each step
+        # Per step: the diffusion step, sqrt(abar_next) and sqrt(1 - abar_next), each rounded once to float32, as a
+        # Python float multiplying a float32 tensor is; copied to a device once (see `_on`).
+        self._tables = (torch.tensor(self._steps), torch.tensor([a**0.5 for a in abar_next], dtype=torch.float32),
+                        torch.tensor([(1 - a) ** 0.5 for a in abar_next], dtype=torch.float32))
+        self._device_tables = {}
 
     def reset(self) -> None:
         """Nothing to reset: each step depends on the current x only."""
@@ -77,12 +87,23 @@ class DDIMSampler:
 
     def step(self, model_output: torch.Tensor, i: int, x_t: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
         """x at step i (B, C, ...) and the model output (B, C or 2C, ...) there -> x at step i + 1 (deterministic)."""
-        pred = model_output[:, : x_t.shape[1]]
         # made on the device, not copied there: a host-to-device copy at every step would make the host wait
-        t = torch.full((x_t.shape[0],), self._steps[i], dtype=torch.long, device=x_t.device)
-        x_start, eps = self.diffusion.predict_xstart(pred, x_t, t), self.diffusion.predict_eps(pred, x_t, t)
-        abar_next = float(self._abar_next[i])
-        return (abar_next**0.5 * x_start + (1 - abar_next) ** 0.5 * eps).to(x_t.dtype)
+        return self.step_rows(model_output, torch.full((x_t.shape[0],), i, device=x_t.device), x_t)
+
+    def step_rows(self, model_output: torch.Tensor, steps: torch.Tensor, x_t: torch.Tensor,
+                  noise=None) -> torch.Tensor:
+        """`step` for rows each at its own step index: steps (B,) long on x_t's device."""
+        pred = model_output[:, : x_t.shape[1]]
+        step_t, keep, add = (table[steps] for table in self._on(x_t.device))
+        x_start, eps = self.diffusion.predict_xstart(pred, x_t, step_t), self.diffusion.predict_eps(pred, x_t, step_t)
+        shape = (-1,) + (1,) * (x_t.dim() - 1)
+        return (keep.view(shape) * x_start + add.view(shape) * eps).to(x_t.dtype)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The per-step tables on `device`, copied there once (a copy at every step would make the host wait)."""
+        if device not in self._device_tables:
+            self._device_tables[device] = tuple(table.to(device) for table in self._tables)
+        return self._device_tables[device]
 
 
 class DPMSolverSampler:
@@ -131,7 +152,9 @@ def make_sampler(name: str, diffusion: GaussianDiffusion, num_steps: int):
 
     The result has .timesteps (S,) long model-input timesteps (high -> low), .reset(),
     .step_noise(shape, generator, device) -> (S, *shape) or None and
-    .step(model_output, i, x_t, generator=None, noise=None) -> x_prev.
+    .step(model_output, i, x_t, generator=None, noise=None) -> x_prev; the stateless ones ('iddpm', 'ddim') also
+    .step_rows(model_output, steps, x_t, noise) for rows each at its own step (the stream engine steps every stream
+    in one call).
     """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")

@@ -92,6 +92,36 @@ class Stream:
     stats: StreamStats = field(default_factory=StreamStats)
 
 
+class _DenoiseContext:
+    """What a run of denoising calls with the same streams shares: the CallContext, and index tables on the device.
+
+    Over the N denoising streams (in order) and the call's R rows: source (R,) the stream each row takes x and t
+    from (N: none, zeros); first (N,) each stream's first row; guided (G,) the guided streams and unconditional (G,)
+    their second rows (None without guidance); step0 (N,) their step indices now, each one more at every call.
+    """
+
+    def __init__(self, key, call, streams: list[Stream], rows: int, device: torch.device):
+        self.key, self.call = key, call
+        source = torch.full((rows,), len(streams), dtype=torch.long)
+        for j, s in enumerate(streams):
+            source[s.start:s.start + s.rows] = j
+        guided = [j for j, s in enumerate(streams) if s.guided]
+        tables = [source, torch.tensor([s.start for s in streams]), torch.tensor(guided, dtype=torch.long),
+                  torch.tensor([streams[j].start + 1 for j in guided], dtype=torch.long),
+                  torch.tensor([s.step for s in streams])]
+        # One copy to the device (each copy from the host waits for the device's queue)
+        on_device = torch.cat(tables).to(device).split([len(table) for table in tables])
+        self.source, self.first, guided_rows, unconditional, self.step0 = on_device
+        self.guided, self.unconditional = (guided_rows, unconditional) if guided else (None, None)
+        self.calls = 0
+
+    def steps(self) -> torch.Tensor:
+        """(N,) the streams' step indices at this call (every stream of the context steps at every call)."""
+        steps = self.step0 + self.calls if self.calls else self.step0
+        self.calls += 1
+        return steps
+
+
 class StreamEngine:
     """One model, a fixed pool of `max_rows` cache rows, many streams advanced together (see the module docstring).
 
@@ -109,7 +139,9 @@ class StreamEngine:
         check_layout(model, chunk_size, max_cond_frames, sink_frames)
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        make_sampler(sampler, diffusion, num_steps)  # a one-line error for a bad name or step count, now
+        # One sampler steps every stream at once where it keeps no state between steps (DDIM, IDDPM); DPM-Solver++
+        # keeps each stream's multistep history in the stream's own. A bad name or step count fails here, in one line.
+        self.sampler = make_sampler(sampler, diffusion, num_steps)
         self.model, self.diffusion, self.vae = model, diffusion, vae
         self.height, self.width = latent_size
         self.max_rows = max_rows
@@ -125,7 +157,8 @@ class StreamEngine:
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count()
         self.compiled = compile
-        self._denoise_context = None  # (what it was made for, the CallContext of the denoising call)
+        self._denoise_context: _DenoiseContext | None = None
+        self._timesteps = self.sampler.timesteps.to(self.device)  # (S,) the model's timestep at each step
         self._step_call = torch.compile(model.step, dynamic=False) if compile else model.step
 
     # ------------------------------------------------------------------------------ streams
@@ -293,32 +326,44 @@ class StreamEngine:
         return [RowBlock(s.start, s.rows, s.cache, s.id in ids) for s in self.streams.values()]
 
     def _denoise(self, streams: list[Stream]) -> list[Stream]:
-        """One denoising step of `streams` in one call -> those whose chunk is now denoised (x holds its latents)."""
+        """One denoising step of `streams` in one call -> those whose chunk is now denoised (x holds its latents).
+
+        Every per-stream part of the tick (its rows of x and t, guidance, the sampler's step) is one call over all of
+        them, through index tables made with the call's context: a tick's kernel launches do not grow with the
+        streams, where a small model's tick on a GPU is bound by its launches."""
         c, k = self.model.in_channels, self.chunk_size
         rows, pool, text = self._call_rows()
-        x = torch.zeros(rows, c, k, self.height, self.width, device=self.device)
-        t = torch.zeros(rows, k, dtype=torch.long, device=self.device)
-        for s in streams:
-            x[s.start:s.start + s.rows] = s.x
-            t[s.start:s.start + s.rows] = s.sampler.timesteps[s.step]
         # The context changes when a stream joins, leaves, pauses or begins a chunk, not at every step: made once
         # for the steps in between, as the generator makes it once per chunk.
         active = {s.id for s in streams}
         key = (rows, tuple((s.id, s.start, s.rows, s.id in active, s.cache.next_position, s.chunk)
                            for s in self.streams.values()))
-        if self._denoise_context is None or self._denoise_context[0] != key:
+        context = self._denoise_context
+        if context is None or context.key != key:
             call = PooledCall(pool, self._blocks(streams), k, self.tokens_per_frame, self.model.chunk_bidirectional)
-            self._denoise_context = (key, pooled_context(self.model, call, text, self.height, self.width, write=False))
-        out = self._step_call(x, t, self._denoise_context[1])  # (R, 2C, k, h, w)
+            context = _DenoiseContext(key, pooled_context(self.model, call, text, self.height, self.width, write=False),
+                                      streams, rows, self.device)
+            self._denoise_context = context
+        steps = context.steps()  # (N,) each stream's step index, on the device
+        x_streams = torch.cat([s.x for s in streams])  # (N, C, k, h, w)
+        zero = x_streams.new_zeros(1, *x_streams.shape[1:])  # rows of no denoising stream
+        x = torch.cat([x_streams, zero])[context.source]  # (R, C, k, h, w)
+        t = torch.cat([self._timesteps[steps], self._timesteps.new_zeros(1)])[context.source, None].expand(rows, k)
+        out = self._step_call(x, t, context.call)  # (R, 2C, k, h, w)
+        pred = out[context.first]  # (N, 2C, k, h, w)
+        if context.guided is not None:
+            pred[context.guided] = guide(pred[context.guided], out[context.unconditional], self.cfg_scale, c)
+        if hasattr(self.sampler, "step_rows"):
+            noise = None if streams[0].noises is None else torch.cat([s.noises[s.step] for s in streams])
+            new_x = self.sampler.step_rows(pred, steps, x_streams, noise).split(1)
+        else:
+            new_x = [s.sampler.step(pred[j:j + 1], s.step, s.x, s.generator,
+                                    None if s.noises is None else s.noises[s.step]) for j, s in enumerate(streams)]
         done = []
-        for s in streams:
-            rows = out[s.start:s.start + s.rows]
-            if s.guided:
-                rows = guide(rows[:1], rows[1:], self.cfg_scale, c)
-            noise = None if s.noises is None else s.noises[s.step]
-            s.x = s.sampler.step(rows, s.step, s.x, s.generator, noise)
+        for s, x_next in zip(streams, new_x):
+            s.x = x_next
             s.step += 1
-            if s.step == len(s.sampler.timesteps):
+            if s.step == len(self._timesteps):
                 done.append(s)
         return done
 
