@@ -206,18 +206,23 @@ class _Kernels(TorchDispatchMode):
 
 @pytest.mark.parametrize("sampler", ["ddim", "iddpm"])
 def test_a_tick_runs_as_many_ops_for_six_streams_as_for_two(make_model, sampler):
-    """A denoising tick between chunk boundaries (no stream joins, leaves or ends a chunk) is one call for all
-    streams, guided and unguided: its ops, each a kernel launch on a GPU, do not grow with the streams."""
+    """A denoising tick is one call for all streams, guided and unguided: its ops, each a kernel launch on a GPU,
+    do not grow with the streams, between chunk boundaries and in a tick whose call is made anew because one stream
+    paused (the others' tables are kept from the call before)."""
     model = make_model(tpe_mode="cyclic", max_tpe_len=9)
     y, = captions(1)
-    kernels = {}
+    steady, after_pause = {}, {}
     for n in (2, 6):
-        engine = StreamEngine(model, IDDPM(), latent_size=(H, W), max_rows=12, **settings(sampler=sampler))
+        engine = StreamEngine(model, IDDPM(), latent_size=(H, W), max_rows=12, **settings(sampler=sampler,
+                                                                                        num_steps=4))
         for i in range(n):
             engine.open(None, y=y if i % 2 else None, seed=i)  # every other stream guided: two rows
         engine.step()  # the first step of every stream's chunk, and the call's context
-        counter = _Kernels()
-        with counter:
-            assert engine.step() == []  # the second of three: no chunk ends
-        kernels[n] = counter.count
-    assert kernels[2] == kernels[6], kernels
+        for counts in (steady, after_pause):
+            if counts is after_pause:
+                engine.pause(0)
+            counter = _Kernels()
+            with counter:
+                assert engine.step() == []  # no chunk ends
+            counts[n] = counter.count
+    assert steady[2] == steady[6] and after_pause[2] == after_pause[6], (steady, after_pause)

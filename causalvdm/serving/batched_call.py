@@ -19,14 +19,41 @@ from causalvdm.models.positional import rope_cos_sin, sincos_2d, tpe_index
 
 
 @dataclass
+class RowTables:
+    """A stream's part of a pooled call's tables, made on the host: its frames' positions and slots (T,), its mask
+    over the slots (T, padded_slots) and its spatial-prefix mask ((1, C + S); None: every key)."""
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+    spatial: torch.Tensor | None
+
+
+@dataclass
 class RowBlock:
     """The rows `start`.. `start + count` of the pool that one stream's `cache` holds; `active`: in this call (its
-    cache's call begun for the call's frames)."""
+    cache's call begun for the call's frames); `tables`: its RowTables for the call, when its owner kept them from an
+    earlier call (else they are made)."""
 
     start: int
     count: int
     cache: KVCache
     active: bool
+    tables: RowTables | None = None
+
+
+def row_tables(block: RowBlock, num_frames: int, tokens_per_frame: int, bidirectional: bool) -> RowTables:
+    """A block's RowTables for a call of `num_frames` frames. A block not in the call stages into the slots its own
+    next frames take (no queue holds them) and sees only those."""
+    cache = block.cache
+    if block.active:
+        positions = cache.call_positions
+        return RowTables(positions, cache.slots_of(positions), cache.attn_mask(bidirectional, "cpu"),
+                         cache.spatial.mask(tokens_per_frame, "cpu"))
+    mine = cache.slots_of(torch.arange(cache.next_position, cache.next_position + num_frames))
+    mask = torch.zeros(num_frames, cache.padded_slots, dtype=torch.bool)
+    mask[:, mine] = staged_mask(num_frames, False)
+    return RowTables(torch.arange(num_frames), mine, mask, None)
 
 
 class TextPool:
@@ -77,15 +104,12 @@ class PooledSpatial:
     """The spatial prefix of a pooled call: reads take the pool's rings under each row's mask, a write keeps the
     spatial keys/values of the frames of the streams in the call, each in its own ring."""
 
-    def __init__(self, pool: KVCache, blocks: list[RowBlock], num_frames: int, tokens_per_frame: int, device):
+    def __init__(self, pool: KVCache, blocks: list[RowBlock], per_row: list[RowTables], num_frames: int,
+                 tokens_per_frame: int, device):
+        """per_row: each row's RowTables (its block's, or an idle row's)."""
         self.pool, self.blocks, self.num_frames = pool.spatial, blocks, num_frames
-        slots = self.pool.slots
-        masks = torch.ones(pool.batch_size, slots * tokens_per_frame + tokens_per_frame, dtype=torch.bool)
-        for block in blocks:
-            if block.active:
-                mask = block.cache.spatial.mask(tokens_per_frame, "cpu")
-                if mask is not None:
-                    masks[block.start:block.start + block.count] = mask
+        every_key = torch.ones(1, self.pool.slots * tokens_per_frame + tokens_per_frame, dtype=torch.bool)
+        masks = torch.cat([every_key if row.spatial is None else row.spatial for row in per_row])  # (R, C + S)
         self._mask = masks.to(device).repeat_interleave(num_frames, dim=0)[:, None, None]  # (R*T, 1, 1, C + S)
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -113,22 +137,17 @@ class PooledCall:
         self.num_frames = num_frames
         device = pool.k[0].device
         rows, t = pool.batch_size, num_frames
-        slots = torch.arange(t).repeat(rows, 1)  # idle rows: the first slots, hidden from everyone
-        masks = torch.zeros(rows, t, pool.padded_slots, dtype=torch.bool)
-        masks[:, :, :t] = staged_mask(t, False)
-        positions = torch.arange(t).repeat(rows, 1)
-        for block in blocks:
-            rows_of = slice(block.start, block.start + block.count)
-            cache = block.cache
-            if block.active:
-                positions[rows_of] = cache.call_positions
-                slots[rows_of] = cache.slots_of(cache.call_positions)
-                masks[rows_of] = cache.attn_mask(bidirectional, "cpu")
-            else:  # the slots its own next frames take: no queue holds them
-                mine = cache.slots_of(torch.arange(cache.next_position, cache.next_position + t))
-                slots[rows_of] = mine
-                masks[rows_of] = False
-                masks[rows_of, :, mine] = staged_mask(t, False)
+        idle_mask = torch.zeros(t, pool.padded_slots, dtype=torch.bool)
+        idle_mask[:, :t] = staged_mask(t, False)
+        idle = RowTables(torch.arange(t), torch.arange(t), idle_mask, None)  # the first slots, hidden from everyone
+        tables = [block.tables or row_tables(block, t, tokens_per_frame, bidirectional) for block in blocks]
+        per_row = [idle] * rows
+        for block, table in zip(blocks, tables):
+            per_row[block.start:block.start + block.count] = [table] * block.count
+        # one stack per table: a call's host work does not grow with its streams
+        positions, slots, masks = (torch.stack([getattr(row, name) for row in per_row])
+                                   for name in ("positions", "slots", "mask"))
+        self.tables = tables  # the blocks' RowTables, for the caller to keep
         self.positions = positions  # (R, T) on the CPU
         heads, head_dim = pool.k[0].shape[1], pool.k[0].shape[3]
         # Per row to the device, per token there: a copy of an expanded tensor to another device is a full one (the
@@ -137,7 +156,7 @@ class PooledCall:
         self._index = token_slots[:, None, :, None].expand(-1, heads, -1, head_dim)  # a view: (R*S, H, T, Dh)
         self._scale_index = self._index[..., :1]
         self.mask = masks.to(device).repeat_interleave(tokens_per_frame, dim=0)[:, None]  # (R*S, 1, T, slots)
-        self.spatial = PooledSpatial(pool, blocks, t, tokens_per_frame, device)
+        self.spatial = PooledSpatial(pool, blocks, per_row, t, tokens_per_frame, device)
 
     def stage(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write every row's keys/values (R*S, H, T, Dh) of `layer` into its own slots."""
@@ -175,8 +194,9 @@ def pooled_context(model, call: PooledCall, text: TextContext | None, height: in
         cos, sin = (z.view(rows, t, -1).to(device).repeat_interleave(tokens, dim=0)[:, None] for z in (cos, sin))
         rope = (cos, sin)  # (R*S, 1, T, Dh)
     else:
-        index = torch.cat([tpe_index(row, model.tpe_mode, model.max_tpe_len, None, call.sink_frames)
-                           for row in call.positions])  # (R, T)
+        # element-wise in the positions: every row at once
+        index = tpe_index(call.positions.flatten(), model.tpe_mode, model.max_tpe_len, None, call.sink_frames)
+        index = index.view(rows, t)  # (R, T)
         tpe = model.pos_embed_temporal[index.to(device)].to(dtype)
     ph, pw = model.patch_size[1:]
     pos_spatial = sincos_2d(model.hidden_size, height // ph, width // pw, model.space_scale).to(device, dtype)

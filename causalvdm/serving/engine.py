@@ -102,15 +102,14 @@ class _DenoiseContext:
 
     def __init__(self, key, call, streams: list[Stream], rows: int, device: torch.device):
         self.key, self.call = key, call
-        source = torch.full((rows,), len(streams), dtype=torch.long)
+        source = [len(streams)] * rows
         for j, s in enumerate(streams):
-            source[s.start:s.start + s.rows] = j
+            source[s.start:s.start + s.rows] = [j] * s.rows
         guided = [j for j, s in enumerate(streams) if s.guided]
-        tables = [source, torch.tensor([s.start for s in streams]), torch.tensor(guided, dtype=torch.long),
-                  torch.tensor([streams[j].start + 1 for j in guided], dtype=torch.long),
-                  torch.tensor([s.step for s in streams])]
+        tables = [source, [s.start for s in streams], guided, [streams[j].start + 1 for j in guided],
+                  [s.step for s in streams]]
         # One copy to the device (each copy from the host waits for the device's queue)
-        on_device = torch.cat(tables).to(device).split([len(table) for table in tables])
+        on_device = torch.tensor(sum(tables, []), dtype=torch.long).to(device).split([len(t) for t in tables])
         self.source, self.first, guided_rows, unconditional, self.step0 = on_device
         self.guided, self.unconditional = (guided_rows, unconditional) if guided else (None, None)
         self.calls = 0
@@ -158,6 +157,7 @@ class StreamEngine:
         self._ids = itertools.count()
         self.compiled = compile
         self._denoise_context: _DenoiseContext | None = None
+        self._row_tables: dict[int, dict] = {}  # per stream, per kind of call: (its state, its RowTables)
         self._timesteps = self.sampler.timesteps.to(self.device)  # (S,) the model's timestep at each step
         self._step_call = torch.compile(model.step, dynamic=False) if compile else model.step
 
@@ -281,6 +281,7 @@ class StreamEngine:
     def close(self, stream_id: int) -> None:
         """Close a stream: its rows are zeroed and free for the next one."""
         stream = self.streams.pop(self._stream(stream_id).id)
+        self._row_tables.pop(stream.id, None)
         stream.cache.clear()
         self.text.clear(stream.start, stream.rows)
 
@@ -321,9 +322,26 @@ class StreamEngine:
             return rows, self.pool, self.text.context
         return rows, self.pool.rows(0, rows), self.text.first(rows)
 
-    def _blocks(self, active: list[Stream]) -> list[RowBlock]:
+    def _pooled_call(self, active: list[Stream], pool, num_frames: int, bidirectional: bool) -> PooledCall:
+        """The PooledCall of a call where `active` take part, every stream's tables kept for the next calls: a stream
+        that has not moved since (its rows, position and chunk) gives its kept ones, so a call made because one
+        stream began a chunk does not make every other stream's tables again."""
         ids = {s.id for s in active}
-        return [RowBlock(s.start, s.rows, s.cache, s.id in ids) for s in self.streams.values()]
+        streams = list(self.streams.values())
+        blocks, states = [], []
+        for s in streams:
+            block = RowBlock(s.start, s.rows, s.cache, s.id in ids)
+            variant = (block.active, num_frames, bidirectional)
+            state = (s.start, s.rows, s.cache.next_position, s.chunk)
+            kept = self._row_tables.setdefault(s.id, {}).get(variant)
+            if kept is not None and kept[0] == state:
+                block.tables = kept[1]
+            blocks.append(block)
+            states.append((variant, state))
+        call = PooledCall(pool, blocks, num_frames, self.tokens_per_frame, bidirectional)
+        for s, (variant, state), tables in zip(streams, states, call.tables):
+            self._row_tables[s.id][variant] = (state, tables)
+        return call
 
     def _denoise(self, streams: list[Stream]) -> list[Stream]:
         """One denoising step of `streams` in one call -> those whose chunk is now denoised (x holds its latents).
@@ -340,7 +358,7 @@ class StreamEngine:
                            for s in self.streams.values()))
         context = self._denoise_context
         if context is None or context.key != key:
-            call = PooledCall(pool, self._blocks(streams), k, self.tokens_per_frame, self.model.chunk_bidirectional)
+            call = self._pooled_call(streams, pool, k, self.model.chunk_bidirectional)
             context = _DenoiseContext(key, pooled_context(self.model, call, text, self.height, self.width, write=False),
                                       streams, rows, self.device)
             self._denoise_context = context
@@ -393,7 +411,7 @@ class StreamEngine:
         for stream, frames in writes:
             self.model.begin_call(stream.cache, num_frames, self.height, self.width)
             x[stream.start:stream.start + stream.rows] = frames
-        call = PooledCall(pool, self._blocks([s for s, _ in writes]), num_frames, self.tokens_per_frame, False)
+        call = self._pooled_call([s for s, _ in writes], pool, num_frames, False)
         ctx = pooled_context(self.model, call, text, self.height, self.width, write=True)
         t = torch.zeros(rows, num_frames, dtype=torch.long, device=self.device)
         self.model._trunk(x, t, ctx, kv_only_last=True)
