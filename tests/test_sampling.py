@@ -225,6 +225,21 @@ def test_writer_mp4_and_contact_sheet(tmp_path):
         StreamingVideoWriter(tmp_path / "odd.mp4", 8, 31, 24)
 
 
+
+def test_writer_encodes_the_same_frames_to_the_same_video(tmp_path):
+    """The same frames written four times decode to the same pixels: figures read from a written mp4 (the demo's
+    token grid) repeat. Left to PyAV's encode, the rgb -> yuv420p conversion gave other pixels from run to run."""
+    pixels = torch.linspace(0, 255, 32)
+    frames = ((pixels[None, :, None, None] + pixels[None, None, :, None] * torch.arange(1, 10)[:, None, None, None]
+               + torch.tensor([0.0, 60, 120])) % 256).to(torch.uint8).numpy()  # (9, 32, 32, 3) gradients
+    videos = []
+    for i in range(4):
+        with StreamingVideoWriter(tmp_path / f"{i}.mp4", fps=12, width=32, height=32, crf=4) as writer:
+            writer.write(frames[:5])
+            writer.write(frames[5:])
+        videos.append(_read_mp4(tmp_path / f"{i}.mp4")[0])
+    assert all(np.array_equal(np.stack(videos[0]), np.stack(video)) for video in videos[1:])
+
 def test_psnr():
     a = torch.zeros(3, 2, 4, 4)
     b = a.clone()

@@ -46,7 +46,10 @@ class StreamingVideoWriter:
         if frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
             raise ValueError(f"frames must be (T, {self.height}, {self.width}, 3), got {frames.shape}")
         for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            # Converted to the stream's yuv420p here: left to `encode`, the conversion gives other pixels from run to
+            # run (the same frames encoded twice differed in half their decoded values), this one the same ones.
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24").reformat(
+                format="yuv420p")
             self._container.mux(self._stream.encode(video_frame))
         self.num_frames += len(frames)
 
