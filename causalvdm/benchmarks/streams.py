@@ -87,7 +87,7 @@ def run_sequential(args, model, diffusion, ar, streams: int, chunks: int, first,
     """The same streams one after another, each by its own generator -> frames/s and p95 chunk latency.
 
     An untimed stream of one chunk goes first, as the engine's warm-up round does: the generator's first calls pay for
-    kernel plans of its own shapes (on an H200 the first row's baseline ran at under half the speed of the later rows')."""
+    kernel plans of its own shapes (on an H200 the first row's baseline ran at under half the later rows' speed)."""
     n0 = first.shape[2]
     for _ in make_generator(args, model, diffusion, ar, "cache").iter_chunks(first, n0 + ar.chunk_size, y=text[0],
                                                                              mask=text[1], seed=0):
