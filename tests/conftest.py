@@ -1,4 +1,7 @@
+import getpass
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(2)
+
+# Inductor's on-disk cache keys leave out ATEN_CPU_CAPABILITY, which decides the kernels it generates: a run under the
+# AVX2 kernels after a native one would load the native run's compiled wrappers and fail ("tuple args required").
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    cache = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{capability}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
 
 
 @pytest.fixture
