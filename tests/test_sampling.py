@@ -141,6 +141,18 @@ def test_seed_determines_the_video(make_model):
     assert torch.equal(a[:, :, :1], first)
 
 
+def test_a_seed_makes_one_video_whatever_the_given_frames_dtype(make_model):
+    """The chunks' noise and the prefix perturbation are drawn in float32 (as the stream engine draws them): given
+    frames in bf16 or float64 make the video the same values in float32 make, to the bit."""
+    model, diffusion = _bounded(make_model)
+    first, y, mask = _inputs(model)
+    first = first.to(torch.bfloat16).float()  # values every dtype below holds exactly
+    gen = AutoregressiveGenerator(model, diffusion, "iddpm", 3, 4, 9, prefix_perturb_t=20)
+    videos = [gen.generate(first.to(dtype), 13, y, mask, seed=5).float() for dtype in (torch.float32, torch.bfloat16,
+                                                                                       torch.float64)]
+    assert torch.equal(videos[0], videos[1]) and torch.equal(videos[0], videos[2])
+
+
 @pytest.mark.numerics
 def test_resume_from_saved_cache_after_wrap(make_model, tmp_path):
     model, diffusion = _bounded(make_model)

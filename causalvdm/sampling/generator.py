@@ -53,11 +53,11 @@ def video_text(model, y, mask, batch_size: int, guided: bool):
 
 
 def perturb(diffusion, frames: torch.Tensor, level: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Forward-noise clean frames (B, C, T, h, w) to timestep `level`, as the training prefix was (noise drawn on the
-    CPU from `generator`); `level` 0 leaves them as they are."""
+    """Forward-noise clean frames (B, C, T, h, w) to timestep `level`, as the training prefix was (noise drawn in
+    float32 on the CPU from `generator`, whatever the frames' dtype); `level` 0 leaves them as they are."""
     if level == 0 or frames.shape[2] == 0:
         return frames
-    noise = torch.randn(frames.shape, generator=generator, dtype=frames.dtype).to(frames.device)
+    noise = torch.randn(frames.shape, generator=generator, dtype=torch.float32).to(frames.device, frames.dtype)
     t = torch.full((frames.shape[0],), level, dtype=torch.long, device=frames.device)
     return diffusion.q_sample(frames, t, noise)
 
@@ -152,7 +152,7 @@ class AutoregressiveGenerator:
         self._check_first(first_latents)
         b, _, n0 = first_latents.shape[:3]
         self._start(b, n0, y, mask, y is not None if guided is None else guided)
-        frames = self._perturb(first_latents.to(self.device), generator)
+        frames = self._perturb(first_latents.to(self.device, torch.float32), generator)  # latents are float32 here
         keep_first = self.model.spatial_prefix == "first_frame" and self.mode == "cache"
         self._written = WrittenFrames(frames, self.sink_frames, self.max_cond_frames, keep_first)
         self._written.keep(frames)
@@ -312,7 +312,8 @@ class AutoregressiveGenerator:
             if n0 + j * self.chunk_size in schedule:
                 self.switch_prompt(*schedule[n0 + j * self.chunk_size], recache=recache)
             gen = chunk_generator(seed, j)
-            noise = torch.randn((b, c, self.chunk_size, h, w), generator=gen, dtype=first_latents.dtype)
+            # float32 whatever the given frames' dtype: a seed makes one video, here and in the stream engine
+            noise = torch.randn((b, c, self.chunk_size, h, w), generator=gen, dtype=torch.float32)
             latents = self.denoise_chunk(noise, gen)
             self.commit(latents, gen)
             self._sync()
