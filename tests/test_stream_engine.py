@@ -226,3 +226,42 @@ def test_a_tick_runs_as_many_ops_for_six_streams_as_for_two(make_model, sampler)
                 assert engine.step() == []  # no chunk ends
             counts[n] = counter.count
     assert steady[2] == steady[6] and after_pause[2] == after_pause[6], (steady, after_pause)
+
+
+@pytest.mark.numerics
+def test_a_write_runs_on_the_writing_streams_rows_only(make_model, monkeypatch):
+    """A cache write runs the model over the rows from its first writing stream's to its last's: one stream's rows
+    when it alone ends a chunk, every row around a stream that goes on denoising between two that end together; in
+    float64 every stream's chunks stay the generator's alone (1e-12 of the largest value)."""
+    model = make_model(tpe_mode="cyclic", max_tpe_len=9, spatial_prefix="prev_frames_2").double()
+    kw = settings()
+    y1, y2 = captions(2)
+    engine = StreamEngine(model, IDDPM(), latent_size=(H, W), max_rows=6, **kw)
+    write_rows = []
+    trunk = model._trunk
+
+    def spy(x, t, ctx, kv_only_last=False):
+        if kv_only_last:
+            write_rows.append(x.shape[0])
+        return trunk(x, t, ctx, kv_only_last=kv_only_last)
+
+    monkeypatch.setattr(model, "_trunk", spy)
+    videos = {}
+    for seed, y in ((1, y1), (2, None), (3, y2)):  # rows 0-1 (guided), 2, 3-4 (guided)
+        first = latents(1, seed)
+        videos[engine.open(first, y=y, seed=seed)] = dict(first=first, y=y, seed=seed, chunks={})
+    middle = list(videos)[1]
+    engine.pause(middle)  # tick 0 writes the first frames; paused in tick 1, it ends its chunks a tick after the others
+    for tick in range(12):
+        if tick == 2:
+            engine.pause(middle, False)
+        for chunk in engine.step():
+            videos[chunk.stream]["chunks"][chunk.index] = chunk.latents
+    assert write_rows[0] == 5 and set(write_rows[1:]) == {5, 1}, write_rows  # the first frames, then chunk by chunk
+    for video in videos.values():
+        last = max(video["chunks"])
+        reference = AutoregressiveGenerator(model, IDDPM(), **kw).generate(
+            video["first"], 1 + (last + 1) * kw["chunk_size"], y=video["y"], seed=video["seed"])
+        for index, chunk in video["chunks"].items():
+            expected = reference[:, :, 1 + index * 2:3 + index * 2]
+            assert (chunk - expected).abs().max() <= 1e-12 * expected.abs().max()

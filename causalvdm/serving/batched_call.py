@@ -83,12 +83,12 @@ class TextPool:
         for (k, v), (text_k, text_v) in zip(self.context.kv, text.kv):
             k[rows], v[rows] = text_k, text_v
 
-    def first(self, rows: int) -> TextContext | None:
-        """The captions of the first `rows` rows (views)."""
+    def rows(self, start: int, count: int) -> TextContext | None:
+        """The captions of rows start.. start + count (views)."""
         if self.context is None:
             return None
-        c = self.context
-        return TextContext(c.tokens[:rows], c.mask[:rows], [(k[:rows], v[:rows]) for k, v in c.kv])
+        c, rows = self.context, slice(start, start + count)
+        return TextContext(c.tokens[rows], c.mask[rows], [(k[rows], v[rows]) for k, v in c.kv])
 
     def clear(self, start: int, count: int) -> None:
         """Forget the caption of rows start.. start + count."""

@@ -312,25 +312,30 @@ class StreamEngine:
             self._begin_chunk(stream)
         return out
 
-    def _call_rows(self) -> tuple[int, object, object]:
-        """Rows a call runs on -> (count, the pool's cache over them, their text). Compiled: every row (one graph);
-        eager: up to the last row in use, so a pool with few streams does not pay for its empty rows."""
-        rows = self.max_rows
-        if not self.compiled:
-            rows = max((s.start + s.rows for s in self.streams.values()), default=1)
-        if rows == self.max_rows:
-            return rows, self.pool, self.text.context
-        return rows, self.pool.rows(0, rows), self.text.first(rows)
+    def _call_rows(self) -> int:
+        """Rows a denoising call runs on, from the first. Compiled: every row (one graph); eager: up to the last row
+        in use, so a pool with few streams does not pay for its empty rows."""
+        if self.compiled:
+            return self.max_rows
+        return max((s.start + s.rows for s in self.streams.values()), default=1)
 
-    def _pooled_call(self, active: list[Stream], pool, num_frames: int, bidirectional: bool) -> PooledCall:
-        """The PooledCall of a call where `active` take part, every stream's tables kept for the next calls: a stream
-        that has not moved since (its rows, position and chunk) gives its kept ones, so a call made because one
-        stream began a chunk does not make every other stream's tables again."""
+    def _span(self, start: int, count: int) -> tuple[object, object]:
+        """The pool's cache and the text over rows start.. start + count (the pool's own when that is every row)."""
+        if start == 0 and count == self.max_rows:
+            return self.pool, self.text.context
+        return self.pool.rows(start, count), self.text.rows(start, count)
+
+    def _pooled_call(self, active: list[Stream], first: int, pool, num_frames: int,
+                     bidirectional: bool) -> PooledCall:
+        """The PooledCall of a call over the pool's rows from `first` (`pool`: a cache over them) where `active` take
+        part, every stream's tables kept for the next calls: a stream that has not moved since (its rows, position
+        and chunk) gives its kept ones, so a call made because one stream began a chunk does not make every other
+        stream's tables again."""
         ids = {s.id for s in active}
-        streams = list(self.streams.values())
+        streams = [s for s in self.streams.values() if first <= s.start and s.start + s.rows <= first + pool.batch_size]
         blocks, states = [], []
         for s in streams:
-            block = RowBlock(s.start, s.rows, s.cache, s.id in ids)
+            block = RowBlock(s.start - first, s.rows, s.cache, s.id in ids)
             variant = (block.active, num_frames, bidirectional)
             state = (s.start, s.rows, s.cache.next_position, s.chunk)
             kept = self._row_tables.setdefault(s.id, {}).get(variant)
@@ -350,7 +355,8 @@ class StreamEngine:
         them, through index tables made with the call's context: a tick's kernel launches do not grow with the
         streams, where a small model's tick on a GPU is bound by its launches."""
         c, k = self.model.in_channels, self.chunk_size
-        rows, pool, text = self._call_rows()
+        rows = self._call_rows()
+        pool, text = self._span(0, rows)
         # The context changes when a stream joins, leaves, pauses or begins a chunk, not at every step: made once
         # for the steps in between, as the generator makes it once per chunk.
         active = {s.id for s in streams}
@@ -358,7 +364,7 @@ class StreamEngine:
                            for s in self.streams.values()))
         context = self._denoise_context
         if context is None or context.key != key:
-            call = self._pooled_call(streams, pool, k, self.model.chunk_bidirectional)
+            call = self._pooled_call(streams, 0, pool, k, self.model.chunk_bidirectional)
             context = _DenoiseContext(key, pooled_context(self.model, call, text, self.height, self.width, write=False),
                                       streams, rows, self.device)
             self._denoise_context = context
@@ -405,13 +411,18 @@ class StreamEngine:
             pieces = later
 
     def _write_call(self, writes: list[tuple[Stream, torch.Tensor]], num_frames: int) -> None:
+        """One cache write of `writes` over the rows from their first stream's to their last's: with streams at
+        different points of their chunks, most writes are one stream's, and the pool's other rows would be work for
+        nothing."""
         c = self.model.in_channels
-        rows, pool, text = self._call_rows()
+        first = min(s.start for s, _ in writes)
+        rows = max(s.start + s.rows for s, _ in writes) - first
+        pool, text = self._span(first, rows)
         x = torch.zeros(rows, c, num_frames, self.height, self.width, device=self.device)
         for stream, frames in writes:
             self.model.begin_call(stream.cache, num_frames, self.height, self.width)
-            x[stream.start:stream.start + stream.rows] = frames
-        call = self._pooled_call([s for s, _ in writes], pool, num_frames, False)
+            x[stream.start - first:stream.start - first + stream.rows] = frames
+        call = self._pooled_call([s for s, _ in writes], first, pool, num_frames, False)
         ctx = pooled_context(self.model, call, text, self.height, self.width, write=True)
         t = torch.zeros(rows, num_frames, dtype=torch.long, device=self.device)
         self.model._trunk(x, t, ctx, kv_only_last=True)
