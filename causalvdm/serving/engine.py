@@ -4,9 +4,10 @@ batched model call (continuous batching, as LLM servers batch sequences).
 A stream's state is bounded: its rows of a preallocated pool of KV-cache rows (`max_rows`; a guided stream takes
 two, conditional and null caption), its caption, its sampler and the latents of the chunk it is denoising. A tick
 (`step`) runs one denoising step of every stream that is denoising, whatever its chunk, step index, caption or
-guidance, as one call over the whole pool; then one batched t = 0 pass writes the chunks just finished and the first
-frames of streams just opened into their caches, and one VAE call decodes the finished chunks. A stream's frames
-equal those of the same video made alone by `AutoregressiveGenerator` with the same seed and settings.
+guidance, as one call over the whole pool; then one batched t = 0 pass over the writing streams' rows writes the
+chunks just finished and the first frames of streams just opened into their caches, and one VAE call decodes the
+finished chunks. A stream's frames equal those of the same video made alone by `AutoregressiveGenerator` with the
+same seed and settings.
 """
 
 import itertools
