@@ -387,7 +387,8 @@ def test_load_tool_reports_every_viewer(saved_pipe, capsys):
     port = _free_port()
     proc = _start_server(saved_pipe, port, "--max-rows", "4")
     try:
-        assert serve_load.main(["--url", f"http://127.0.0.1:{port}", "--viewers", "1,3", "--seconds", "1"]) == 0
+        assert serve_load.main(["--url", f"http://127.0.0.1:{port}", "--viewers", "1,3", "--seconds", "1",
+                                "--stagger", "0.2"]) == 0
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -1,13 +1,14 @@
 """Load a running live server with N websocket viewers and report what each gets (tools/load_serve.py).
 
     bash scripts/serve.sh --ckpt CKPT --clips data/demo_long/captions.jsonl --max-rows 16 &
-    python tools/load_serve.py --url http://127.0.0.1:8765 --viewers 1,4,8,16 --seconds 20
+    python tools/load_serve.py --url http://127.0.0.1:8765 --viewers 1,4,8,16 --seconds 20 [--stagger 0.5]
 
-For each N of --viewers, N viewers connect at once, each starts a stream (the first clip's first frame if the
-server has clips, its captions in turn, seed = the viewer's number) and counts the frames it receives for
---seconds after its first one. Printed per N: delivered frames/s per viewer (mean and lowest), the p95 interval
-between frames, dropped frames (the server's count for the viewer), and how many viewers keep up with the
-server's playback rate. The streams are stopped before the next N. The last line is
+For each N of --viewers, N viewers connect, at once or --stagger seconds apart (as viewers arrive, each at another
+point of its chunks), each starts a stream (the first clip's first frame if the server has clips, its captions in
+turn, seed = the viewer's number), and all count the frames they receive for --seconds from the moment the last of
+them has its first frame. Printed per N: delivered frames/s per viewer (mean and lowest), the p95 interval between
+frames, dropped frames (the server's count for the viewer), and how many viewers keep up with the server's playback
+rate. The streams are stopped before the next N. The last line is
     viewers=<N> min_fps=<f> keep_up=<k>/<N>
 for the largest N.
 """
@@ -20,25 +21,42 @@ import time
 
 from aiohttp import ClientSession, WSMsgType
 
-from causalvdm.cli.common import ArgumentParser, positive_float, positive_int
+from causalvdm.cli.common import ArgumentParser, non_negative_float, positive_float, positive_int
 
 
-async def one_viewer(session, url: str, number: int, status: dict, seconds: float) -> dict:
-    """One viewer's stream -> frames/s, p95 frame interval (s), dropped frames."""
+class AllWatching:
+    """Set when every one of `viewers` has its first frame: from then on all their streams run."""
+
+    def __init__(self, viewers: int):
+        self.waiting, self.since = viewers, None
+
+    def first_frame(self) -> None:
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.since = time.perf_counter()
+
+
+async def one_viewer(session, url: str, number: int, status: dict, seconds: float, delay: float,
+                     watching: AllWatching) -> dict:
+    """One viewer's stream, started after `delay` seconds -> frames/s, p95 frame interval (s), dropped frames, over
+    the `seconds` after every viewer has its first frame."""
+    await asyncio.sleep(delay)
     start = dict(type="start", seed=number)
     if status["clips"]:
         start.update(clip=0, frame=0)
     if status["captions"]:
         start["caption"] = status["captions"][number % len(status["captions"])]
-    arrivals, dropped, first = [], 0, None
+    arrivals, dropped, seen = [], 0, False
     async with session.ws_connect(url) as ws:
         await ws.send_json(start)
-        while first is None or time.perf_counter() - first < seconds:
+        while watching.since is None or time.perf_counter() - watching.since < seconds:
             msg = await ws.receive(timeout=max(60.0, seconds))
             if msg.type == WSMsgType.BINARY:
-                now = time.perf_counter()
-                first = first or now
-                arrivals.append(now)
+                if not seen:
+                    seen = True
+                    watching.first_frame()
+                if watching.since is not None:
+                    arrivals.append(time.perf_counter())
             elif msg.type == WSMsgType.TEXT:
                 message = json.loads(msg.data)
                 if message["type"] == "error":
@@ -48,8 +66,8 @@ async def one_viewer(session, url: str, number: int, status: dict, seconds: floa
                 raise RuntimeError(f"viewer {number}: the socket closed ({msg.extra})")
         await ws.send_json(dict(type="stop"))
     gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:])) or [float("inf")]
-    return dict(fps=(len(arrivals) - 1) / max(arrivals[-1] - arrivals[0], 1e-9), p95=gaps[int(0.95 * (len(gaps) - 1))],
-                dropped=dropped, frames=len(arrivals))
+    fps = (len(arrivals) - 1) / max(arrivals[-1] - arrivals[0], 1e-9) if len(arrivals) > 1 else 0.0
+    return dict(fps=fps, p95=gaps[int(0.95 * (len(gaps) - 1))], dropped=dropped, frames=len(arrivals))
 
 
 async def run(args) -> list[dict]:
@@ -61,7 +79,9 @@ async def run(args) -> list[dict]:
         print(f"{'viewers':>7} {'fps_mean':>8} {'fps_min':>8} {'p95_gap_s':>9} {'dropped':>7} {'keep_up':>7}  "
               f"(playback {status['playback_fps']} fps)")
         for n in args.viewers:
-            results = await asyncio.gather(*(one_viewer(session, ws_url, i, status, args.seconds) for i in range(n)))
+            watching = AllWatching(n)
+            results = await asyncio.gather(*(one_viewer(session, ws_url, i, status, args.seconds, i * args.stagger,
+                                                        watching) for i in range(n)))
             fps = [r["fps"] for r in results]
             row = dict(viewers=n, fps_mean=statistics.mean(fps), fps_min=min(fps),
                        p95=max(r["p95"] for r in results), dropped=sum(r["dropped"] for r in results),
@@ -79,8 +99,10 @@ def main(argv=None) -> int:
     parser.add_argument("--viewers", type=lambda text: [positive_int(n) for n in text.split(",")],
                         default=[1, 4, 8, 16],
                         help="comma-separated viewer counts (default 1,4,8,16)")
-    parser.add_argument("--seconds", type=positive_float, default=20.0, help="seconds each viewer counts frames "
-                        "after its first (default 20)")
+    parser.add_argument("--seconds", type=positive_float, default=20.0, help="seconds the viewers count frames, "
+                        "from when the last of them has its first (default 20)")
+    parser.add_argument("--stagger", type=non_negative_float, default=0.0, help="seconds between one viewer's start "
+                        "and the next's (default 0: all at once)")
     args = parser.parse_args(argv)
     try:
         rows = asyncio.run(run(args))
