@@ -235,3 +235,23 @@ def test_output_convolutions_keep_cached_chunks_exact(make_model):
                      batch_size=2)
     assert {r["reference"] for r in results} == {"recompute", "naive"}
     assert max(r["max_abs_diff"] for r in results) <= 1e-4
+
+
+@pytest.mark.parametrize("cache_dtype", [None, "int8", "float8_e4m3fn"])
+def test_take_copies_rows_in_order_and_put_writes_back_only_them(cache_dtype):
+    # Four rows of 3 tokens, every buffer element distinct; rows 3 and 1 taken, changed, put back.
+    pool = KVCache(num_layers=2, batch_size=4, max_cond_frames=2, chunk_size=1, cache_dtype=cache_dtype)
+    pool.allocate(3, 2, 4, torch.float32, "cpu")
+    for i, buffer in enumerate(pool.buffers):
+        buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(i)).to(buffer.dtype))
+    before = [buffer.clone() for buffer in pool.buffers]
+    rows = torch.tensor([3, 1])
+    taken = pool.take(rows)
+    assert taken.batch_size == 2 and len(taken.buffers) == len(pool.buffers)
+    for mine, theirs in zip(pool.buffers, taken.buffers):
+        assert torch.equal(theirs.view(2, 3, *theirs.shape[1:]), mine.view(4, 3, *mine.shape[1:])[rows])
+        theirs.copy_(torch.ones_like(theirs))
+    pool.put(taken, rows)
+    for mine, old in zip(pool.buffers, before):
+        mine, old = mine.view(4, 3, *mine.shape[1:]), old.view(4, 3, *old.shape[1:])
+        assert torch.equal(mine[rows], torch.ones_like(mine[rows])) and torch.equal(mine[[0, 2]], old[[0, 2]])

@@ -206,6 +206,31 @@ class KVCache:
         other.spatial = self.spatial.rows(start, count)
         return other
 
+    def take(self, rows: torch.Tensor) -> "KVCache":
+        """An empty cache of len(rows) rows holding copies of the temporal keys/values (and 8-bit scales) of those
+        rows (R,) of this one's, in that order: a cache write over streams whose rows do not lie side by side.
+        `put` writes them back; its spatial ring stays empty (a pooled write stages into each stream's own)."""
+        other = KVCache(self.num_layers, len(rows), self.max_cond_frames, self.chunk_size, self.spatial_prefix,
+                        self.sink_frames, self.rotate_sink, self.cache_dtype)
+        index = self._token_rows(rows)
+        other.k, other.v = [t.index_select(0, index) for t in self.k], [t.index_select(0, index) for t in self.v]
+        other.k_scale = [t.index_select(0, index) for t in self.k_scale]
+        other.v_scale = [t.index_select(0, index) for t in self.v_scale]
+        other.dtype = self.dtype
+        return other
+
+    def put(self, taken: "KVCache", rows: torch.Tensor) -> None:
+        """Write the temporal keys/values (and scales) of a cache `take(rows)` made back into those rows."""
+        index = self._token_rows(rows)
+        for mine, theirs in zip((*self.k, *self.v, *self.k_scale, *self.v_scale),
+                                (*taken.k, *taken.v, *taken.k_scale, *taken.v_scale)):
+            as_bytes(mine).index_copy_(0, index, as_bytes(theirs))  # 8-bit floats have no index_copy
+
+    def _token_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The buffers' token rows (R*S,) of cache rows (R,), on their device."""
+        tokens = self.k[0].shape[0] // self.batch_size
+        return (rows[:, None] * tokens + torch.arange(tokens)).flatten().to(self.k[0].device)
+
     def clear(self) -> None:
         """`reset()`, and zero every buffer, so nothing of the frames held is left in memory."""
         self.reset()
