@@ -36,12 +36,15 @@ def latents(n0: int, seed: int) -> torch.Tensor:
     return torch.randn(1, C, n0, H, W, generator=torch.Generator().manual_seed(seed))
 
 
-def run_streams(model, kw: dict, dtype=torch.float64):
+def run_streams(model, kw: dict, gather_writes: bool = True):
     """Five streams through one engine (see the comments), then each stream's chunks against the generator's
-    -> the largest difference relative to the largest value, over every chunk of every stream."""
+    -> the largest difference relative to the largest value, over every chunk of every stream. Out of step, their
+    cache writes are gathered from rows apart (gather_writes) or run over the rows between too."""
     diffusion = IDDPM()
     y1, y2 = captions(2)
-    engine = StreamEngine(model, diffusion, latent_size=(H, W), max_rows=8, **kw)
+    engine = StreamEngine(model, diffusion, latent_size=(H, W), max_rows=8, gather_writes=gather_writes, **kw)
+    take, gathered = engine.pool.take, []
+    engine.pool.take = lambda rows: gathered.append(rows.tolist()) or take(rows)
     videos = {}  # stream id -> dict(first, y, seed, switches, recache, chunks {index: latents})
 
     def open_stream(n0, y, seed, **extra):
@@ -78,6 +81,7 @@ def run_streams(model, kw: dict, dtype=torch.float64):
         for chunk in engine.step():
             videos[chunk.stream]["chunks"][chunk.index] = chunk.latents
     assert {a, b, c, d, e} == set(videos) and all(len(v["chunks"]) >= 3 for v in videos.values())
+    assert bool(gathered) == gather_writes, gathered
     worst = 0.0
     for video in videos.values():
         n0, k = video["first"].shape[2], kw["chunk_size"]
@@ -107,13 +111,14 @@ CASES = {
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("gather_writes", [True, False])
 @pytest.mark.parametrize("case", list(CASES))
-def test_streams_equal_generator_alone_float64(make_model, case):
-    """Joins, leaves, switches with and without re-encoding, a branch, a pause and a reopened row, in float64:
-    exact."""
+def test_streams_equal_generator_alone_float64(make_model, case, gather_writes):
+    """Joins, leaves, switches with and without re-encoding, a branch, a pause and a reopened row, in float64, with
+    cache writes gathered from rows apart or not: exact."""
     model_kw, kw = CASES[case]
     model = make_model(**model_kw).double()
-    assert run_streams(model, settings(**kw)) <= 1e-12
+    assert run_streams(model, settings(**kw), gather_writes) <= 1e-12
 
 
 @pytest.mark.numerics
@@ -229,14 +234,16 @@ def test_a_tick_runs_as_many_ops_for_six_streams_as_for_two(make_model, sampler)
 
 
 @pytest.mark.numerics
-def test_a_write_runs_on_the_writing_streams_rows_only(make_model, monkeypatch):
-    """A cache write runs the model over the rows from its first writing stream's to its last's: one stream's rows
-    when it alone ends a chunk, every row around a stream that goes on denoising between two that end together; in
-    float64 every stream's chunks stay the generator's alone (1e-12 of the largest value)."""
+@pytest.mark.parametrize("gather_writes, apart", [(False, 5), (True, 4)])
+def test_a_write_runs_on_the_writing_streams_rows_only(make_model, monkeypatch, gather_writes, apart):
+    """A cache write runs the model on its writing streams' rows: one stream's rows when it alone ends a chunk;
+    around a stream that goes on denoising between two that end together, on every row from the first writer's to
+    the last's, or on the two writers' rows alone (gather_writes). In float64 every stream's chunks stay the
+    generator's alone (1e-12 of the largest value)."""
     model = make_model(tpe_mode="cyclic", max_tpe_len=9, spatial_prefix="prev_frames_2").double()
     kw = settings()
     y1, y2 = captions(2)
-    engine = StreamEngine(model, IDDPM(), latent_size=(H, W), max_rows=6, **kw)
+    engine = StreamEngine(model, IDDPM(), latent_size=(H, W), max_rows=6, gather_writes=gather_writes, **kw)
     write_rows = []
     trunk = model._trunk
 
@@ -257,7 +264,7 @@ def test_a_write_runs_on_the_writing_streams_rows_only(make_model, monkeypatch):
             engine.pause(middle, False)
         for chunk in engine.step():
             videos[chunk.stream]["chunks"][chunk.index] = chunk.latents
-    assert write_rows[0] == 5 and set(write_rows[1:]) == {5, 1}, write_rows  # the first frames, then chunk by chunk
+    assert write_rows[0] == 5 and set(write_rows[1:]) == {apart, 1}, write_rows  # the first frames, then by chunk
     for video in videos.values():
         last = max(video["chunks"])
         reference = AutoregressiveGenerator(model, IDDPM(), **kw).generate(

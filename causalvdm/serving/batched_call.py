@@ -90,6 +90,13 @@ class TextPool:
         c, rows = self.context, slice(start, start + count)
         return TextContext(c.tokens[rows], c.mask[rows], [(k[rows], v[rows]) for k, v in c.kv])
 
+    def take(self, rows: torch.Tensor) -> TextContext | None:
+        """The captions of rows (R,), in that order (copies)."""
+        if self.context is None:
+            return None
+        c, rows = self.context, rows.to(self.context.tokens.device)
+        return TextContext(c.tokens[rows], c.mask[rows], [(k[rows], v[rows]) for k, v in c.kv])
+
     def clear(self, start: int, count: int) -> None:
         """Forget the caption of rows start.. start + count."""
         if self.context is None:

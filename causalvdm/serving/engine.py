@@ -5,9 +5,9 @@ A stream's state is bounded: its rows of a preallocated pool of KV-cache rows (`
 two, conditional and null caption), its caption, its sampler and the latents of the chunk it is denoising. A tick
 (`step`) runs one denoising step of every stream that is denoising, whatever its chunk, step index, caption or
 guidance, as one call over the whole pool; then one batched t = 0 pass over the writing streams' rows writes the
-chunks just finished and the first frames of streams just opened into their caches, and one VAE call decodes the
-finished chunks. A stream's frames equal those of the same video made alone by `AutoregressiveGenerator` with the
-same seed and settings.
+chunks just finished and the first frames of streams just opened into their caches (on the CPU, their rows copied
+together when others lie between: `gather_writes`), and one VAE call decodes the finished chunks. A stream's frames
+equal those of the same video made alone by `AutoregressiveGenerator` with the same seed and settings.
 """
 
 import itertools
@@ -129,13 +129,17 @@ class StreamEngine:
     num_steps, chunk_size, max_cond_frames, cfg_scale, prefix_perturb_t, sink_frames, cache_dtype: as
     `AutoregressiveGenerator`'s, for every stream; fps: the playback rate a stream must keep up with;
     compile: torch.compile the tick's model call over every row of the pool (shapes never change, so it compiles
-    once); eager calls run on the rows up to the last one in use.
+    once); eager calls run on the rows up to the last one in use; gather_writes: a cache write runs on its writing
+    streams' rows alone, copied side by side and back, not on every row from the first writer's to the last's
+    (None: on the CPU, where every row costs its arithmetic and a copy little; not on a GPU, where a small model's
+    call costs its kernel launches, which the copies would add to).
     """
 
     def __init__(self, model, diffusion, vae=None, *, latent_size: tuple[int, int], max_rows: int = 8,
                  sampler: str = "ddim", num_steps: int = 25, chunk_size: int = 8, max_cond_frames: int = 25,
                  cfg_scale: float = 1.0, prefix_perturb_t: int = 0, sink_frames: int = 0,
-                 cache_dtype: str | None = None, fps: float = 8.0, compile: bool = False):
+                 cache_dtype: str | None = None, fps: float = 8.0, compile: bool = False,
+                 gather_writes: bool | None = None):
         check_layout(model, chunk_size, max_cond_frames, sink_frames)
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -161,6 +165,7 @@ class StreamEngine:
         self._row_tables: dict[int, dict] = {}  # per stream, per kind of call: (its state, its RowTables)
         self._timesteps = self.sampler.timesteps.to(self.device)  # (S,) the model's timestep at each step
         self._step_call = torch.compile(model.step, dynamic=False) if compile else model.step
+        self.gather_writes = self.device.type == "cpu" if gather_writes is None else gather_writes
 
     # ------------------------------------------------------------------------------ streams
     @property
@@ -326,17 +331,17 @@ class StreamEngine:
             return self.pool, self.text.context
         return self.pool.rows(start, count), self.text.rows(start, count)
 
-    def _pooled_call(self, active: list[Stream], first: int, pool, num_frames: int,
+    def _pooled_call(self, active: list[Stream], placed: list[tuple[Stream, int]], pool, num_frames: int,
                      bidirectional: bool) -> PooledCall:
-        """The PooledCall of a call over the pool's rows from `first` (`pool`: a cache over them) where `active` take
-        part, every stream's tables kept for the next calls: a stream that has not moved since (its rows, position
-        and chunk) gives its kept ones, so a call made because one stream began a chunk does not make every other
-        stream's tables again."""
+        """The PooledCall of a call over `pool` (a cache over some of the pool's rows) holding the `placed` streams,
+        each from the given row of it, where `active` take part; every stream's tables kept for the next calls: a
+        stream that has not moved since (its rows, position and chunk) gives its kept ones, so a call made because
+        one stream began a chunk does not make every other stream's tables again."""
         ids = {s.id for s in active}
-        streams = [s for s in self.streams.values() if first <= s.start and s.start + s.rows <= first + pool.batch_size]
+        streams = [s for s, _ in placed]
         blocks, states = [], []
-        for s in streams:
-            block = RowBlock(s.start - first, s.rows, s.cache, s.id in ids)
+        for s, row in placed:
+            block = RowBlock(row, s.rows, s.cache, s.id in ids)
             variant = (block.active, num_frames, bidirectional)
             state = (s.start, s.rows, s.cache.next_position, s.chunk)
             kept = self._row_tables.setdefault(s.id, {}).get(variant)
@@ -365,7 +370,8 @@ class StreamEngine:
                            for s in self.streams.values()))
         context = self._denoise_context
         if context is None or context.key != key:
-            call = self._pooled_call(streams, 0, pool, k, self.model.chunk_bidirectional)
+            placed = [(s, s.start) for s in self.streams.values()]
+            call = self._pooled_call(streams, placed, pool, k, self.model.chunk_bidirectional)
             context = _DenoiseContext(key, pooled_context(self.model, call, text, self.height, self.width, write=False),
                                       streams, rows, self.device)
             self._denoise_context = context
@@ -412,22 +418,37 @@ class StreamEngine:
             pieces = later
 
     def _write_call(self, writes: list[tuple[Stream, torch.Tensor]], num_frames: int) -> None:
-        """One cache write of `writes` over the rows from their first stream's to their last's: with streams at
-        different points of their chunks, most writes are one stream's, and the pool's other rows would be work for
-        nothing."""
+        """One cache write of `writes` over their streams' rows: with streams at different points of their chunks,
+        most writes are one stream's or a few, and the pool's other rows would be work for nothing. The rows from
+        the first writer's to the last's, or (`gather_writes`, when others lie between) the writers' rows copied
+        side by side, and their keys/values copied back after."""
         c = self.model.in_channels
-        first = min(s.start for s, _ in writes)
-        rows = max(s.start + s.rows for s, _ in writes) - first
-        pool, text = self._span(first, rows)
-        x = torch.zeros(rows, c, num_frames, self.height, self.width, device=self.device)
-        for stream, frames in writes:
+        for stream, _ in writes:
             self.model.begin_call(stream.cache, num_frames, self.height, self.width)
-            x[stream.start - first:stream.start - first + stream.rows] = frames
-        call = self._pooled_call([s for s, _ in writes], first, pool, num_frames, False)
+        first = min(s.start for s, _ in writes)
+        span = max(s.start + s.rows for s, _ in writes) - first
+        streams = [s for s, _ in writes]
+        taken = None
+        if self.gather_writes and sum(s.rows for s in streams) < span:
+            taken = torch.cat([torch.arange(s.start, s.start + s.rows) for s in streams])
+            pool, text = self.pool.take(taken), self.text.take(taken)
+            placed = list(zip(streams, itertools.accumulate([0] + [s.rows for s in streams[:-1]])))
+        else:
+            pool, text = self._span(first, span)
+            placed = [(s, s.start - first) for s in self.streams.values()
+                      if first <= s.start and s.start + s.rows <= first + span]
+        rows = pool.batch_size
+        x = torch.zeros(rows, c, num_frames, self.height, self.width, device=self.device)
+        row = dict((s.id, r) for s, r in placed)
+        for stream, frames in writes:
+            x[row[stream.id]:row[stream.id] + stream.rows] = frames
+        call = self._pooled_call(streams, placed, pool, num_frames, False)
         ctx = pooled_context(self.model, call, text, self.height, self.width, write=True)
         t = torch.zeros(rows, num_frames, dtype=torch.long, device=self.device)
         self.model._trunk(x, t, ctx, kv_only_last=True)
-        for stream, _ in writes:
+        if taken is not None:
+            self.pool.put(pool, taken)
+        for stream in streams:
             stream.cache.commit()
 
     def _finish(self, finished: list[Stream]) -> list[FinishedChunk]:
