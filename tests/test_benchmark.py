@@ -108,6 +108,37 @@ def test_streams_table_and_ratio_line(tmp_path, capsys):
         assert math.isclose(row["gflops"] / row["fps"], rows[0]["gflops"] / rows[0]["fps"])
 
 
+def test_streams_stagger_and_ways_of_writing(tmp_path, monkeypatch):
+    """--stagger opens the streams that many ticks apart; --writes runs a row per way of writing, each on an engine
+    built with it (gather: True, span: False)."""
+    made = []
+
+    class Engine(streams.StreamEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.ticks, self.opened_at = 0, []
+            made.append(self)
+
+        def open(self, *args, **kwargs):
+            self.opened_at.append(self.ticks)
+            return super().open(*args, **kwargs)
+
+        def step(self):
+            self.ticks += 1
+            return super().step()
+
+    monkeypatch.setattr(streams, "StreamEngine", Engine)
+    out = tmp_path / "streams.json"
+    argv = ["--config", TINY, "--streams", "3", "--chunks", "1", "--denoise-steps", "2", "--stagger", "2",
+            "--writes", "gather,span", "--no-sequential", "--json", str(out)]
+    assert streams.main(argv) == 0
+    assert [row["writes"] for row in json.loads(out.read_text())["rows"]] == ["gather", "span"]
+    assert [engine.gather_writes for engine in made] == [True, False]
+    for engine in made:  # the warm-up round, then the timed one
+        first, second = engine.opened_at[:3], engine.opened_at[3:]
+        assert first == [0, 2, 4] and [t - second[0] for t in second] == [0, 2, 4], engine.opened_at
+
+
 def test_streams_refuses_a_compile_mode_the_engine_does_not_use(capsys):
     """The engine compiles its tick in the default mode: a mode with CUDA graphs is refused, not silently dropped."""
     with pytest.raises(SystemExit):

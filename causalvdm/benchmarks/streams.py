@@ -3,10 +3,13 @@ after another by separate generators.
 
     python tools/benchmark_streams.py --config configs/demo/captions.py --text --denoise-steps 3
     python tools/benchmark_streams.py --preset paper --streams 1,2,4,8,16 --cache-dtypes model,int8 --compile
+    python tools/benchmark_streams.py --config configs/demo/captions.py --text --streams 16 --stagger 1 \
+        --writes gather,span --no-sequential
 
-For each count N of --streams, cache storage of --cache-dtypes and mode (eager, and compiled with --compile: the
-engine's tick through torch.compile's default mode, without CUDA graphs, so no other mode is taken), all N streams open
-at once and run until each has --chunks chunks (after an untimed warm-up round on the same engine; the one-after-another
+For each count N of --streams, cache storage of --cache-dtypes, way of writing --writes and mode (eager, and compiled
+with --compile: the engine's tick through torch.compile's default mode, without CUDA graphs, so no other mode is
+taken), N streams open at once (or --stagger ticks apart, as viewers arrive, the ticks until the last opens untimed)
+and run until each has --chunks chunks (after an untimed warm-up round on the same engine; the one-after-another
 baseline starts with an untimed stream of one chunk). Printed per row: aggregate frames/s, chunk latency p50 / p95 over
 every stream's chunks, time to first chunk (mean), the same N streams generated one after another (frames/s, p95 chunk
 latency), the KV pool's MiB, peak memory, the model FLOP rate achieved and the FLOP-bound frames/s: the device's dense
@@ -14,9 +17,10 @@ peak over the model FLOPs of a frame (a GPU's from the table in utils/flops.py, 
 product measured first). The last line is
     streams_8_over_1=<r> p95_8_over_1=<q>
 (aggregate frames/s at 8 streams over 1 stream, and their p95 chunk latencies; targets >= 3 and <= 3), eager, for
-the first cache storage.
+the first cache storage and the first of --writes.
 """
 
+import itertools
 import statistics
 import time
 
@@ -24,7 +28,7 @@ import torch
 
 from causalvdm.benchmarks.ar import (compiled_graphs, finish, make_generator, name_list, new_parser, print_load,
                                      resolve_args, setup, synchronize)
-from causalvdm.cli.common import one_line_errors, positive_int
+from causalvdm.cli.common import non_negative_int, one_line_errors, positive_int
 from causalvdm.models.kv_quant import CACHE_DTYPES
 from causalvdm.serving import StreamEngine
 from causalvdm.utils.flops import device_peak_tflops, forward_flops
@@ -32,6 +36,7 @@ from causalvdm.utils.io import write_json
 from causalvdm.utils.memory import peak_memory_mb, reset_peak_memory
 
 STORAGE = ("model", *CACHE_DTYPES)
+WRITES = {"auto": None, "gather": True, "span": False}  # --writes -> StreamEngine's gather_writes
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,9 +66,15 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repe
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def run_engine(engine: StreamEngine, streams: int, chunks: int, first, text) -> dict:
-    """Open `streams` streams at once and tick until each has `chunks` chunks -> figures of the round."""
-    ids = [engine.open(first, y=text[0], mask=text[1], seed=i) for i in range(streams)]
+def run_engine(engine: StreamEngine, streams: int, chunks: int, first, text, stagger: int = 0) -> dict:
+    """Open `streams` streams, `stagger` ticks apart (0: at once), and tick until each has `chunks` chunks from when
+    the last one opened -> figures of the round."""
+    ids = []
+    for i in range(streams):
+        if i:
+            for _ in range(stagger):
+                engine.step()
+        ids.append(engine.open(first, y=text[0], mask=text[1], seed=i))
     done = {sid: 0 for sid in ids}
     latencies = []
     synchronize(engine.device)
@@ -116,6 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dtypes", type=name_list(STORAGE), default=["model"], help="comma-separated KV "
                         "storage: model (the weights' dtype), int8, float8_e4m3fn (default model)")
     parser.add_argument("--dtype", default="auto", help="weights: float32, bfloat16 or auto (bf16 on CUDA)")
+    parser.add_argument("--stagger", type=non_negative_int, default=0, help="ticks between one stream's opening and "
+                        "the next's, as viewers arrive out of step (default 0: all at once)")
+    parser.add_argument("--writes", type=name_list(WRITES), default=["auto"], help="comma-separated ways a cache "
+                        "write of streams whose rows lie apart runs: gather (their rows copied together), span (every "
+                        "row from the first writer's to the last's), auto (the engine's default: gather on the CPU, "
+                        "span on a GPU) (default auto)")
     parser.add_argument("--no-sequential", action="store_true", help="skip the one-after-another baseline")
     args = parser.parse_args(argv)
     resolve_args(parser, args, [args.dtype])
@@ -135,9 +152,9 @@ def main(argv=None) -> int:
         print(f"FLOP bound: {peak:.3f} TFLOP/s ({source})")
         modes = ["eager", "compiled"] if args.compile else ["eager"]
         results = []
-        print(f"{'streams':>7} {'cache':>13} {'mode':>8} {'frames/s':>9} {'p50_s':>7} {'p95_s':>7} {'first_s':>8} "
+        print(f"{'streams':>7} {'cache':>13} {'writes':>6} {'mode':>8} {'frames/s':>9} {'p50_s':>7} {'p95_s':>7} {'first_s':>8} "
               f"{'seq_fps':>8} {'seq_p95':>8} {'pool_mb':>8} {'peak_mb':>8} {'gflop/s':>8} {'bound_fps':>9}")
-        for storage in args.cache_dtypes:
+        for storage, writes in itertools.product(args.cache_dtypes, args.writes):
             for mode in modes:
                 for n in args.streams:
                     engine = StreamEngine(model, diffusion, None, latent_size=(h, w), max_rows=n * rows_per_stream,
@@ -145,17 +162,17 @@ def main(argv=None) -> int:
                                           max_cond_frames=ar.max_cond_frames, cfg_scale=args.cfg_scale,
                                           prefix_perturb_t=ar.prefix_perturb_t, sink_frames=ar.sink_frames,
                                           cache_dtype=None if storage == "model" else storage,
-                                          compile=mode == "compiled")
-                    run_engine(engine, n, 1, first, text)  # warm-up: first-call allocations, compilation
+                                          compile=mode == "compiled", gather_writes=WRITES[writes])
+                    run_engine(engine, n, 1, first, text, args.stagger)  # warm-up: allocations, compilation
                     reset_peak_memory(args.device)
-                    row = run_engine(engine, n, args.chunks, first, text)
-                    row.update(streams=n, cache=storage, mode=mode, pool_mb=engine.pool.nbytes / 2**20,
+                    row = run_engine(engine, n, args.chunks, first, text, args.stagger)
+                    row.update(streams=n, cache=storage, writes=writes, mode=mode, pool_mb=engine.pool.nbytes / 2**20,
                                peak_mb=peak_memory_mb(args.device))
                     per_frame = flops_per_frame(model, engine, text_tokens, rows_per_stream)
                     # Every tick runs all the pool's rows, so the work per frame is per stream as in a lone one.
                     row["gflops"] = row["fps"] * per_frame / 1e9
                     row["bound_fps"] = peak * 1e12 / per_frame
-                    if not args.no_sequential and mode == "eager":
+                    if not args.no_sequential and mode == "eager" and writes == args.writes[0]:
                         seq = run_sequential(args, model, diffusion, ar, n, args.chunks, first, text)
                         row.update(seq_fps=seq["fps"], seq_p95=seq["p95"])
                     results.append(row)
@@ -164,11 +181,12 @@ def main(argv=None) -> int:
                     baseline = f"{'-':>8} {'-':>8}"
                     if "seq_fps" in row:
                         baseline = f"{row['seq_fps']:8.2f} {row['seq_p95']:8.3f}"
-                    print(f"{n:7d} {storage:>13} {mode:>8} {row['fps']:9.2f} {row['p50']:7.3f} {row['p95']:7.3f} "
+                    print(f"{n:7d} {storage:>13} {writes:>6} {mode:>8} {row['fps']:9.2f} {row['p50']:7.3f} {row['p95']:7.3f} "
                           f"{row['first_chunk']:8.3f} {baseline} {row['pool_mb']:8.1f} {row['peak_mb']:8.0f} "
                           f"{row['gflops']:8.1f} {row['bound_fps']:9.1f}", flush=True)
         print_load(args)
-    base = {r["streams"]: r for r in results if r["mode"] == "eager" and r["cache"] == args.cache_dtypes[0]}
+    base = {r["streams"]: r for r in results
+            if r["mode"] == "eager" and r["cache"] == args.cache_dtypes[0] and r["writes"] == args.writes[0]}
     summary = dict(rows=results, graphs=compiled_graphs() if args.compile else None)
     line = "streams_8_over_1=n/a p95_8_over_1=n/a (run with 1 and 8 in --streams)"
     if 1 in base and 8 in base:
