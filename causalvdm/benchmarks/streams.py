@@ -152,8 +152,9 @@ def main(argv=None) -> int:
         print(f"FLOP bound: {peak:.3f} TFLOP/s ({source})")
         modes = ["eager", "compiled"] if args.compile else ["eager"]
         results = []
-        print(f"{'streams':>7} {'cache':>13} {'writes':>6} {'mode':>8} {'frames/s':>9} {'p50_s':>7} {'p95_s':>7} {'first_s':>8} "
-              f"{'seq_fps':>8} {'seq_p95':>8} {'pool_mb':>8} {'peak_mb':>8} {'gflop/s':>8} {'bound_fps':>9}")
+        print(f"{'streams':>7} {'cache':>13} {'writes':>6} {'mode':>8} {'frames/s':>9} {'p50_s':>7} {'p95_s':>7} "
+              f"{'first_s':>8} {'seq_fps':>8} {'seq_p95':>8} {'pool_mb':>8} {'peak_mb':>8} {'gflop/s':>8} "
+              f"{'bound_fps':>9}")
         for storage, writes in itertools.product(args.cache_dtypes, args.writes):
             for mode in modes:
                 for n in args.streams:
@@ -181,9 +182,9 @@ def main(argv=None) -> int:
                     baseline = f"{'-':>8} {'-':>8}"
                     if "seq_fps" in row:
                         baseline = f"{row['seq_fps']:8.2f} {row['seq_p95']:8.3f}"
-                    print(f"{n:7d} {storage:>13} {writes:>6} {mode:>8} {row['fps']:9.2f} {row['p50']:7.3f} {row['p95']:7.3f} "
-                          f"{row['first_chunk']:8.3f} {baseline} {row['pool_mb']:8.1f} {row['peak_mb']:8.0f} "
-                          f"{row['gflops']:8.1f} {row['bound_fps']:9.1f}", flush=True)
+                    print(f"{n:7d} {storage:>13} {writes:>6} {mode:>8} {row['fps']:9.2f} {row['p50']:7.3f} "
+                          f"{row['p95']:7.3f} {row['first_chunk']:8.3f} {baseline} {row['pool_mb']:8.1f} "
+                          f"{row['peak_mb']:8.0f} {row['gflops']:8.1f} {row['bound_fps']:9.1f}", flush=True)
         print_load(args)
     base = {r["streams"]: r for r in results
             if r["mode"] == "eager" and r["cache"] == args.cache_dtypes[0] and r["writes"] == args.writes[0]}

@@ -439,7 +439,7 @@ class StreamEngine:
                       if first <= s.start and s.start + s.rows <= first + span]
         rows = pool.batch_size
         x = torch.zeros(rows, c, num_frames, self.height, self.width, device=self.device)
-        row = dict((s.id, r) for s, r in placed)
+        row = {s.id: r for s, r in placed}
         for stream, frames in writes:
             x[row[stream.id]:row[stream.id] + stream.rows] = frames
         call = self._pooled_call(streams, placed, pool, num_frames, False)
