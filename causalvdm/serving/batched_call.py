@@ -83,18 +83,13 @@ class TextPool:
         for (k, v), (text_k, text_v) in zip(self.context.kv, text.kv):
             k[rows], v[rows] = text_k, text_v
 
-    def rows(self, start: int, count: int) -> TextContext | None:
-        """The captions of rows start.. start + count (views)."""
+    def rows(self, rows: slice | torch.Tensor) -> TextContext | None:
+        """The captions of some rows: a slice of them (views), or an index (R,) of rows in that order (copies)."""
         if self.context is None:
             return None
-        c, rows = self.context, slice(start, start + count)
-        return TextContext(c.tokens[rows], c.mask[rows], [(k[rows], v[rows]) for k, v in c.kv])
-
-    def take(self, rows: torch.Tensor) -> TextContext | None:
-        """The captions of rows (R,), in that order (copies)."""
-        if self.context is None:
-            return None
-        c, rows = self.context, rows.to(self.context.tokens.device)
+        c = self.context
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(c.tokens.device)
         return TextContext(c.tokens[rows], c.mask[rows], [(k[rows], v[rows]) for k, v in c.kv])
 
     def clear(self, start: int, count: int) -> None:

@@ -329,7 +329,7 @@ class StreamEngine:
         """The pool's cache and the text over rows start.. start + count (the pool's own when that is every row)."""
         if start == 0 and count == self.max_rows:
             return self.pool, self.text.context
-        return self.pool.rows(start, count), self.text.rows(start, count)
+        return self.pool.rows(start, count), self.text.rows(slice(start, start + count))
 
     def _pooled_call(self, active: list[Stream], placed: list[tuple[Stream, int]], pool, num_frames: int,
                      bidirectional: bool) -> PooledCall:
@@ -431,7 +431,7 @@ class StreamEngine:
         taken = None
         if self.gather_writes and sum(s.rows for s in streams) < span:
             taken = torch.cat([torch.arange(s.start, s.start + s.rows) for s in streams])
-            pool, text = self.pool.take(taken), self.text.take(taken)
+            pool, text = self.pool.take(taken), self.text.rows(taken)
             placed = list(zip(streams, itertools.accumulate([0] + [s.rows for s in streams[:-1]])))
         else:
             pool, text = self._span(first, span)
