@@ -1,6 +1,6 @@
 """README.md and docs/*.md against the code: every command in a code block names a script or tool that exists and
-passes only flags that tool's --help knows, every relative link resolves, the README links every docs page and
-stays short. The --help outputs are read once per tool, three at a time."""
+passes only flags that tool's --help knows, every relative link (and its #heading) resolves, the README links every
+docs page and stays short. The --help outputs are read once per tool, three at a time."""
 
 import re
 import shlex
@@ -180,13 +180,33 @@ def test_made_up_flag_is_caught(helps):
     assert unknown_flags(parsed, helps) == {"--no-such-flag"}
 
 
+def anchors(page: Path) -> set[str]:
+    """The #fragments a page's headings answer to, as GitHub makes them: lower case, punctuation dropped,
+    spaces to hyphens, a repeated heading numbered -1, -2, ..."""
+    seen, out = {}, set()
+    for heading in re.findall(r"^#+ (.+)$", prose(page.read_text()), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        out.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+def test_anchors_follow_github(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# The street's token grid\n## Is it the model or the drift?\n```bash\n# a comment\n```\n"
+                    "### On an H200\n### On an H200\n")
+    assert anchors(page) == {"the-streets-token-grid", "is-it-the-model-or-the-drift", "on-an-h200", "on-an-h200-1"}
+
+
 def test_relative_links_resolve():
     broken = []
     for page in PAGES:
         for target in LINK.findall(prose(page.read_text())):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"[a-z]+:", target):
                 continue
-            if not (page.parent / target.split("#")[0]).exists():
+            path, _, fragment = target.partition("#")
+            linked = page.parent / path if path else page
+            if not linked.exists() or (fragment and linked.suffix == ".md" and fragment not in anchors(linked)):
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, "\n".join(broken)
 

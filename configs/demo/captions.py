@@ -4,8 +4,8 @@
 # Pixels go through the lossless space-to-depth PixelVAE (factor 4) and 2x2 patches: a token is 8x8 pixels. The
 # model predicts the clean frame (x-prediction), so it never has to carry the noise of a token's 192 values; its
 # output head reads each token's neighbours, a residual conv pair over each output frame sees across token borders and
-# the loss charges errors that jump at a border, so the tokens do not show as tiles. docs/demo.md says what else was
-# tried and what each measured.
+# the loss charges errors that jump at a border, so the tokens do not show as tiles. docs/demo_recipe.md says what
+# else was tried and what each measured.
 # The captions are encoded by WordHashEncoder (a fixed vector per word), so nothing is downloaded.
 data_root = "data/demo_long"
 chunk_size = 4
