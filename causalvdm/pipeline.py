@@ -94,6 +94,11 @@ class CausalVDMPipeline:
         return self.recorder.drift
 
     @property
+    def token_pixels(self) -> tuple[int, int]:
+        """(height, width) in pixels of one model token: the VAE's downsampling times the patch size."""
+        return tuple(self.vae.downsample * p for p in self.model.patch_size[1:])
+
+    @property
     def contact_sheet(self) -> ContactSheetCollector | None:
         """The last video's contact-sheet frames; `.save(path)` writes the PNG (`self.recorder.contact_sheet`)."""
         return self.recorder.contact_sheet
@@ -331,8 +336,8 @@ class CausalVDMPipeline:
         `recorder`; `self.info` (settings, timings and the recorder's summary) when done."""
         n0 = first.shape[2]
         written = 0
-        token = tuple(self.vae.downsample * p for p in self.model.patch_size[1:])  # one token in pixels
-        recorder.begin(settings.num_frames, settings.eval_len or self.model.max_tpe_len, pixels, reference, token)
+        recorder.begin(settings.num_frames, settings.eval_len or self.model.max_tpe_len, pixels, reference,
+                       self.token_pixels)
         if n0:
             with torch.inference_mode():
                 video = self.vae.decode(first)[0]  # (3, n0, H, W)

@@ -109,14 +109,19 @@ def test_forced_makes_each_chunk_from_the_real_past(demo_run, capsys):
                              "--out", str(out), "--seed", "3"]) == 0
     sky = json.loads(out.read_text())["shots"][0]
     assert sky["name"] == "sky" and [c["frames"] for c in sky["chunks"]] == [[1, 4], [5, 8], [9, 12]]
+    assert sky["token"] == [4, 4]  # PixelVAE factor 2 x 2x2 patches
     real = demo_videos.read_pixels(clips / "sky.mp4", (16, 16))
     pipe = causalvdm.CausalVDMPipeline.from_pretrained(ckpt)
     for chunk in sky["chunks"][:2]:  # past frames that all fit the cache: the sampler's own way in, from the file
         start = chunk["frames"][0]
         video = pipe(first_video=str(clips / "sky.mp4"), first_frames=start, num_frames=start + 4,
                      prompt="a blue sky", seed=3)
-        truth = real[start:start + 4]
-        assert chunk["psnr"] == pytest.approx(float(psnr(torch.from_numpy(video[start:]), truth).mean()), abs=1e-4)
+        made, truth = torch.from_numpy(video[start:]), real[start:start + 4]
+        assert chunk["psnr"] == pytest.approx(float(psnr(made, truth).mean()), abs=1e-4)
         assert chunk["psnr_repeat_last"] == pytest.approx(float(psnr(real[start - 1:start].expand_as(truth),
                                                                      truth).mean()))
-    assert "sky" in capsys.readouterr().out
+        assert chunk["token_grid"] == token_grid_ratio(made, (4, 4)).tolist()
+        assert chunk["token_grid_real"] == token_grid_ratio(truth, (4, 4)).tolist()
+    grid = max(g for c in sky["chunks"] for g in c["token_grid"])
+    grid_real = max(g for c in sky["chunks"] for g in c["token_grid_real"])
+    assert f"token grid max {grid:.2f} / real {grid_real:.2f}" in capsys.readouterr().out

@@ -16,7 +16,9 @@ It writes it all to SAMPLES/report.json.
 `forced` tells a model that never learned the shots from one whose own frames lead it astray: it makes every chunk
 of every shot from that shot's real past frames (as many as the cache holds) under its caption, and prints each
 chunk's PSNR against its real frames beside repeating the last real frame before it. Below that copy, the model has
-not learned the shots; above it but with the continuation below, its own frames are what it goes wrong on.
+not learned the shots; above it but with the continuation below, its own frames are what it goes wrong on. It also
+keeps the token-grid ratio of every made frame beside the real frame's: tokens that show given the real past are the
+model's own, not its drift's.
 """
 
 import json
@@ -94,8 +96,10 @@ def switch_report(name: str, samples: Path, old: torch.Tensor, new: torch.Tensor
 
 def forced_report(pipe: CausalVDMPipeline, name: str, real: torch.Tensor, caption: str, seed: int) -> dict:
     """Every chunk of the shot `real` (T, H, W, 3) uint8 made from its real past frames (at most the cache's
-    max_cond_frames) -> dict(name, chunks=[dict(frames=[first, last], psnr, psnr_repeat_last)]), mean PSNRs in dB."""
+    max_cond_frames) -> dict(name, token, chunks=[dict(frames=[first, last], psnr, psnr_repeat_last, token_grid,
+    token_grid_real)]): mean PSNRs in dB, and the token-grid ratio of each made frame and of the real one."""
     k, context = pipe.autoregressive.chunk_size, pipe.autoregressive.max_cond_frames
+    token = pipe.token_pixels
     pixels = real.permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W) in [-1, 1], as the pipeline takes them
     chunks = []
     for start in range(1, real.shape[0] - k + 1, k):
@@ -104,16 +108,22 @@ def forced_report(pipe: CausalVDMPipeline, name: str, real: torch.Tensor, captio
                      num_frames=start - first + k, prompt=caption, seed=seed)
         made, truth = torch.from_numpy(video[start - first:]), real[start:start + k]
         chunks.append(dict(frames=[start, start + k - 1], psnr=float(psnr(made, truth).mean()),
-                           psnr_repeat_last=float(psnr(real[start - 1:start].expand_as(truth), truth).mean())))
-    return dict(name=name, chunks=chunks)
+                           psnr_repeat_last=float(psnr(real[start - 1:start].expand_as(truth), truth).mean()),
+                           token_grid=token_grid_ratio(made, token).tolist(),
+                           token_grid_real=token_grid_ratio(truth, token).tolist()))
+    return dict(name=name, token=list(token), chunks=chunks)
 
 
 def print_forced(shots: list[dict]) -> None:
-    """Per shot, each chunk's PSNR made from the real past / repeating the last real frame, and their means."""
+    """Per shot, each chunk's PSNR made from the real past / repeating the last real frame, their means, and the
+    largest token-grid ratio of the made frames beside the real ones'."""
     for shot in shots:
-        cells = " ".join(f"{c['frames'][0]}:{c['psnr']:.1f}/{c['psnr_repeat_last']:.1f}" for c in shot["chunks"])
-        made, copy = (sum(c[key] for c in shot["chunks"]) / len(shot["chunks"]) for key in ("psnr", "psnr_repeat_last"))
-        print(f"{shot['name']:<24} mean {made:.2f}/{copy:.2f} dB   by first frame of the chunk: {cells}")
+        chunks = shot["chunks"]
+        cells = " ".join(f"{c['frames'][0]}:{c['psnr']:.1f}/{c['psnr_repeat_last']:.1f}" for c in chunks)
+        made, copy = (sum(c[key] for c in chunks) / len(chunks) for key in ("psnr", "psnr_repeat_last"))
+        grid, grid_real = (max(g for c in chunks for g in c[key]) for key in ("token_grid", "token_grid_real"))
+        print(f"{shot['name']:<24} mean {made:.2f}/{copy:.2f} dB   token grid max {grid:.2f} / real {grid_real:.2f}   "
+              f"by first frame of the chunk: {cells}")
 
 
 def print_report(report: dict) -> None:

@@ -297,8 +297,7 @@ class LiveServer:
             raise BadMessage(str(err)) from err
         viewer.streams[sid] = []
         viewer.keys[sid] = secrets.token_urlsafe(16)
-        token = tuple(self.pipe.vae.downsample * p for p in self.pipe.model.patch_size[1:])  # one token in pixels
-        viewer.drift[sid] = DriftMonitor(token=token)
+        viewer.drift[sid] = DriftMonitor(token=self.pipe.token_pixels)
         self._owners[sid] = viewer
         return sid
 
