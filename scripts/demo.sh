@@ -14,6 +14,12 @@
 #   SHOTS="bikes-187 carphone_pristine-051" bash scripts/demo.sh two_shots   # other shots of data/demo_long
 #   DISTILL=1 bash scripts/demo.sh                                              # + the few-step student
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,15p' "$0"; exit 0
+fi
+if [[ $# -gt 1 || "${1:-}" == -* ]]; then  # a flag would otherwise become the experiment's name
+  echo "error: scripts/demo.sh takes one optional experiment name, got: $* (see --help)" >&2; exit 2
+fi
 cd "$(dirname "$0")/.."
 exp=${1:-caption_demo}
 shots=${SHOTS:-bikes-076 carphone_pristine-000 bigbuckbunny-000}

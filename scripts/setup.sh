@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment (or the active one), a CPU build of torch where no
 # GPU is present, then causalvdm in editable mode with its test extras. A second run takes seconds.
+#   bash scripts/setup.sh          (scripts/demo.sh and scripts/test.sh run it first)
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,4p' "$0"; exit 0
+fi
+if [[ $# -gt 0 ]]; then
+  echo "error: scripts/setup.sh takes no arguments, got: $* (see --help)" >&2; exit 2
+fi
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.13.0

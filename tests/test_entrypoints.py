@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from causalvdm.data.video_io import read_video_frames
-from conftest import run_entrypoint, run_in_parallel, selected_params
+from conftest import ROOT, run_entrypoint, run_in_parallel, selected_params
 from test_sampling import sample_setup  # noqa: F401  (a fixture: tiny config, checkpoints, image, video)
 from test_training import _config
 
@@ -289,6 +289,19 @@ def test_bad_input_gets_one_line(case, outcomes):
     assert len(errors) == 1, result.stderr[-3000:]
     assert re.search(case.expect, errors[0]), errors[0]
     assert not products, products
+
+
+@pytest.mark.parametrize("script, argv", [("scripts/demo.sh", ("--bogus",)), ("scripts/demo.sh", ("one", "two")),
+                                          ("scripts/setup.sh", ("--upgrade",))])
+def test_a_stray_argument_stops_a_script_before_it_starts(script, argv, tmp_path):
+    # A flag the demo does not know would otherwise name its experiment and start 15 minutes of work; the timeout
+    # fails the test long before that.
+    result = run_entrypoint(script, *argv, cwd=tmp_path, timeout=30)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and argv[0] in errors[0], result.stderr
+    assert not result.stdout and not (ROOT / "outputs" / argv[0]).exists()
+    usage = run_entrypoint(script, "--help", cwd=tmp_path, timeout=30)
+    assert usage.returncode == 0 and f"bash {script}" in usage.stdout, usage.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):
