@@ -29,6 +29,7 @@ from causalvdm.models.pretrained import load_pretrained, split_init_fields
 from causalvdm.models.saved_config import check_saved_config
 from causalvdm.registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, ConfigError, build
 from causalvdm.sampling import AutoregressiveGenerator
+from causalvdm.sampling.deblock import deblock_frames, token_pixels
 from causalvdm.sampling.drift import DriftMonitor
 from causalvdm.sampling.recorder import VideoRecorder
 from causalvdm.sampling.settings import SampleSettings, image_size_of
@@ -96,7 +97,7 @@ class CausalVDMPipeline:
     @property
     def token_pixels(self) -> tuple[int, int]:
         """(height, width) in pixels of one model token: the VAE's downsampling times the patch size."""
-        return tuple(self.vae.downsample * p for p in self.model.patch_size[1:])
+        return token_pixels(self.vae, self.model)
 
     @property
     def contact_sheet(self) -> ContactSheetCollector | None:
@@ -203,7 +204,7 @@ class CausalVDMPipeline:
 
     def stream_engine(self, max_rows: int = 8, sampler: str | None = None, num_steps: int | None = None,
                       cfg_scale: float | None = None, cache_dtype: str | None = None,
-                      compile: bool = False) -> StreamEngine:
+                      compile: bool = False, deblock: float | None = None) -> StreamEngine:
         """A StreamEngine over this pipeline's model, diffusion and VAE, with its chunking, queue, sink and sampling
         defaults (each overridable here), for streams of its image size."""
         ar, s = self.autoregressive, self.defaults
@@ -214,14 +215,16 @@ class CausalVDMPipeline:
                             chunk_size=ar.chunk_size, max_cond_frames=ar.max_cond_frames,
                             cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                             prefix_perturb_t=ar.prefix_perturb_t, sink_frames=ar.sink_frames,
-                            cache_dtype=cache_dtype or s.cache_dtype, fps=s.fps, compile=compile)
+                            cache_dtype=cache_dtype or s.cache_dtype, fps=s.fps, compile=compile,
+                            deblock=s.deblock if deblock is None else deblock)
 
     # ------------------------------------------------------------------------------ sampling
     def __call__(self, first_image=None, first_video=None, first_frames: int | None = None, first_latents=None,
                  prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                  sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
                  mode: str | None = None, writer=None, output_type: str | None = "np", prompts=None,
-                 recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None):
+                 recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None,
+                 deblock: float | None = None):
         """Sample one video -> uint8 (T, H, W, 3) ('np'), float (3, T, H, W) in [-1, 1] ('pt') or None.
 
         Arguments as for `iter_chunks`; writer: anything with `write(frames (t, H, W, 3) uint8)`, e.g. a
@@ -232,7 +235,7 @@ class CausalVDMPipeline:
         chunks = []
         for pixels in self.iter_chunks(first_image, first_video, first_frames, first_latents, prompt, num_frames,
                                        seed, sampler, num_steps, cfg_scale, mode, output_type="pt", prompts=prompts,
-                                       recache_on_switch=recache_on_switch, recorder=recorder):
+                                       recache_on_switch=recache_on_switch, recorder=recorder, deblock=deblock):
             frames = to_uint8(pixels) if writer is not None or output_type == "np" else None
             if writer is not None:
                 writer.write(frames)
@@ -246,7 +249,8 @@ class CausalVDMPipeline:
                     prompt: str | None = None, num_frames: int | None = None, seed: int | None = None,
                     sampler: str | None = None, num_steps: int | None = None, cfg_scale: float | None = None,
                     mode: str | None = None, output_type: str = "np", prompts=None,
-                    recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None):
+                    recache_on_switch: bool | None = None, recorder: VideoRecorder | None = None,
+                    deblock: float | None = None):
         """Yield the decoded video, given frames first, then chunk by chunk: uint8 (t, H, W, 3) or float (3, t, H, W).
 
         Given frames, at most one of: first_image (a path or uint8 (H, W, 3)); first_video (a path or float
@@ -255,6 +259,7 @@ class CausalVDMPipeline:
         prompts: prompt switches [{"frame": j, "prompt": "..."}], each j a chunk boundary (n0 + i * chunk_size);
         recache_on_switch: re-encode the cached frames in view under the new prompt (else they keep the old one).
         recorder: a VideoRecorder fed each decoded chunk (default: a new one); it becomes `self.recorder`.
+        deblock: strength of the filter on the generated frames' token borders (`sampling.deblock`; 0 off).
         The other arguments default to `self.defaults`. Checks run at call time; `self.info` is set when done.
         """
         if output_type not in ("np", "pt"):
@@ -265,7 +270,8 @@ class CausalVDMPipeline:
             raise ValueError("give at most one of first_image, first_video and first_latents")
         settings = SampleSettings.from_cfg(asdict(self.defaults), dict(  # the call's values, checked like the config's
             first_frames=first_frames, prompt=prompt, num_frames=num_frames, seed=seed, sampler=sampler,
-            num_steps=num_steps, cfg_scale=cfg_scale, mode=mode, prompts=prompts, recache_on_switch=recache_on_switch))
+            num_steps=num_steps, cfg_scale=cfg_scale, mode=mode, prompts=prompts, recache_on_switch=recache_on_switch,
+            deblock=deblock))
         settings = replace(settings, num_frames=settings.num_frames or self.model.max_tpe_len,
                            first_image=_source_name(first_image), first_video=_source_name(first_video))
         generator = self._generator(settings.sampler, settings.num_steps, settings.cfg_scale, settings.mode)
@@ -332,8 +338,9 @@ class CausalVDMPipeline:
 
     def _decode(self, first, chunks, pixels, reference, settings: SampleSettings, generator, start: float,
                 recorder: VideoRecorder):
-        """Decode the given frames, then each chunk as it is generated -> pixels (3, t, H, W), each recorded by
-        `recorder`; `self.info` (settings, timings and the recorder's summary) when done."""
+        """Decode the given frames, then each chunk as it is generated (its token borders deblocked by
+        `settings.deblock`) -> pixels (3, t, H, W), each recorded by `recorder`; `self.info` (settings, timings and
+        the recorder's summary) when done."""
         n0 = first.shape[2]
         written = 0
         recorder.begin(settings.num_frames, settings.eval_len or self.model.max_tpe_len, pixels, reference,
@@ -347,7 +354,7 @@ class CausalVDMPipeline:
         total = generator.num_chunks(n0, settings.num_frames)
         for latents in tqdm(chunks, total=total, desc="chunks", disable=not self.progress):
             with torch.inference_mode():
-                video = self.vae.decode(latents)[0]  # (3, k, H, W)
+                video = deblock_frames(self.vae.decode(latents)[0], self.token_pixels, settings.deblock)  # (3, k, H, W)
             recorder.add(video)
             written += video.shape[1]
             yield video

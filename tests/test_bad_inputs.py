@@ -299,6 +299,7 @@ def test_pipeline_call_checks_its_arguments(sample_setup):
     for kwargs, message in ((dict(num_frames=0), r"sample\.num_frames must be >= 1, got 0"),
                             (dict(cfg_scale=float("nan")), r"sample\.cfg_scale must be a finite number"),
                             (dict(num_steps=-1), r"sample\.num_steps must be >= 1"),
-                            (dict(mode="fast"), r"sample\.mode must be 'cache' or 'recompute'")):
+                            (dict(mode="fast"), r"sample\.mode must be 'cache' or 'recompute'"),
+                            (dict(deblock=-1.0), r"sample\.deblock must be >= 0, got -1\.0")):
         with pytest.raises(ConfigError, match=message):
             pipe(**kwargs)

@@ -198,6 +198,8 @@ SAMPLE_CASES = [
     Case("steps 0", SAMPLE + ("--num-steps", "0"), r"argument --num-steps: must be >= 1"),
     Case("given frames 0", SAMPLE + ("--first-frames", "0"), r"argument --first-frames: must be >= 1"),
     Case("seed negative", SAMPLE + ("--seed", "-1"), r"argument --seed: must be >= 0"),
+    Case("deblocking negative", SAMPLE + ("--deblock", "-1"), r"argument --deblock: must be >= 0"),
+    Case("config deblocking negative", SAMPLE + _options("sample.deblock=-0.5"), r"sample\.deblock must be >= 0"),
     Case("eval length 0", SAMPLE + ("--eval-len", "0"), r"argument --eval-len: must be >= 1"),
     Case("steps a word", SAMPLE + ("--num-steps", "many"), r"argument --num-steps: expected an integer, got 'many'"),
     Case("unknown mode", SAMPLE + ("--mode", "fast"), r"argument --mode: invalid choice: 'fast'"),

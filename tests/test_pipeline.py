@@ -151,3 +151,28 @@ def test_stream_engine_of_a_pipeline_gives_its_frames(run_dir, sample_setup):
         frames += [chunk.frames for chunk in engine.step() if chunk.stream == sid]
     video = torch.cat(frames, dim=2)[0, :, :expected.shape[1] - 1]
     assert (video - expected[:, 1:]).abs().max() <= 1e-5 * expected.abs().max()  # random weights: values in hundreds
+
+
+def test_deblocking_filters_the_generated_frames_only(run_dir, sample_setup):
+    """deblock: the given frame as it is, the generated ones as `deblock_frames` of those made without it (the
+    latents, so every later chunk, unchanged); a stream engine's frames the same."""
+    from causalvdm.data.video_io import read_image
+    from causalvdm.sampling.deblock import deblock_frames
+
+    pipe = CausalVDMPipeline.from_pretrained(run_dir / "checkpoints" / "step_00000010")
+    args = dict(first_image=sample_setup / "first.png", num_frames=9, seed=3, output_type="pt")
+    raw = pipe(**args)  # (3, T, H, W)
+    strength = 3000.0  # random weights make values in the hundreds: a strength that filters some borders of those
+    expected = torch.cat([raw[:, :1], deblock_frames(raw[:, 1:], pipe.token_pixels, strength)], dim=1)
+    assert 0 < (expected != raw).float().mean() < 0.5
+    assert torch.equal(pipe(**args, deblock=strength), expected)
+    assert pipe.info["settings"]["deblock"] == strength
+
+    engine = pipe.stream_engine(max_rows=2, deblock=strength)
+    pixels = video_transform(torch.from_numpy(read_image(sample_setup / "first.png"))[None], pipe.image_size)
+    sid = engine.open(pipe.vae.encode(pixels[None].to(pipe.device)), seed=3)
+    frames = []
+    while sum(f.shape[2] for f in frames) < expected.shape[1] - 1:
+        frames += [chunk.frames for chunk in engine.step() if chunk.stream == sid]
+    video = torch.cat(frames, dim=2)[0, :, :expected.shape[1] - 1]
+    assert (video - expected[:, 1:]).abs().max() <= 1e-5 * expected.abs().max()

@@ -69,6 +69,10 @@ def parse_args(argv=None):
     parser.add_argument("--crf", type=x264_crf,
                         help="H.264 quality of the mp4, x264 CRF 1-51, lower is closer to the frames; small frames "
                              "need a low one (default: sample.crf, 18)")
+    parser.add_argument("--deblock", type=non_negative_float, metavar="STRENGTH", help="soften the small steps the "
+                        "model's token grid leaves at token borders of the generated frames, as a video codec's "
+                        "deblocking filter does at its block borders; 0 off, 1 the demo's strength; the model's "
+                        "latents are not changed (default: sample.deblock, 0)")
     parser.add_argument("--seed", type=non_negative_int, help="seed of all sampling noise (default: sample.seed)")
     parser.add_argument("--sampler", help="iddpm | ddim | dpm-solver++ (default: sample.sampler)")
     parser.add_argument("--num-steps", type=positive_int, help="denoising steps per chunk (default: sample.num_steps)")
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
                      fps=args.fps, crf=args.crf, seed=args.seed, sampler=args.sampler, num_steps=args.num_steps,
                      cfg_scale=args.cfg_scale, mode=args.mode, eval_len=args.eval_len, dtype=args.dtype,
                      compile=args.compile, prompts=args.prompts, recache_on_switch=args.recache_on_switch,
-                     cache_dtype=args.cache_dtype)
+                     cache_dtype=args.cache_dtype, deblock=args.deblock)
     with one_line_errors():
         config_path = str(args.config or pretrained_config_path(args.ckpt))
         cfg = load_config(config_path, args.cfg_options)

@@ -30,6 +30,9 @@ class SampleSettings:
     # x264 CRF of the mp4, 1-51, lower is closer to the frames (0, lossless, makes a file browsers do not play). At
     # 32x32 the codec's 4x4 / 8x8 blocks are token-sized, and 18 adds block edges of its own on top of the model's.
     crf: int = 18
+    # Deblocking of the generated frames' token borders (`sampling.deblock`), as a codec's filter at its block borders:
+    # 0 off, 1 the strength the demo uses; the model's own frames (and its cache) are never changed.
+    deblock: float = 0.0
     image_size: int | tuple[int, int] | None = None  # (H, W) of the frames (default: dataset.image_size)
     seed: int = 0
     mode: str = "cache"  # cache | recompute (the baseline without a cache)
@@ -59,7 +62,7 @@ class SampleSettings:
         settings = settings_from(cls, "sample", {**given, **overrides})
         settings.prompts = check_prompts(settings.prompts, "sample.prompts")
         check_range("sample", settings, 1, None, "num_steps", "num_frames", "fps", "first_frames", "eval_len")
-        check_range("sample", settings, 0, None, "seed", "cfg_scale")
+        check_range("sample", settings, 0, None, "seed", "cfg_scale", "deblock")
         check_range("sample", settings, 1, 51, "crf")
         if settings.mode not in ("cache", "recompute"):
             raise ConfigError(f"sample.mode must be 'cache' or 'recompute', got {settings.mode!r}")

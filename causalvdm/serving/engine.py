@@ -21,6 +21,7 @@ from causalvdm.diffusion import make_sampler
 from causalvdm.models.causal_stdit import guide
 from causalvdm.models.kv_quant import check_cache_dtype
 from causalvdm.models.layout import check_layout
+from causalvdm.sampling.deblock import deblock_frames, token_pixels
 from causalvdm.sampling.generator import chunk_generator, perturb, video_text
 from causalvdm.sampling.recompute import WrittenFrames
 from causalvdm.sampling.switching import reencode
@@ -132,17 +133,20 @@ class StreamEngine:
     once); eager calls run on the rows up to the last one in use; gather_writes: a cache write runs on its writing
     streams' rows alone, copied side by side and back, not on every row from the first writer's to the last's
     (None: on the CPU, where every row costs its arithmetic and a copy little; not on a GPU, where a small model's
-    call costs its kernel launches, which the copies would add to).
+    call costs its kernel launches, which the copies would add to); deblock: strength of the filter on the decoded
+    frames' token borders (`sampling.deblock`; 0 off).
     """
 
     def __init__(self, model, diffusion, vae=None, *, latent_size: tuple[int, int], max_rows: int = 8,
                  sampler: str = "ddim", num_steps: int = 25, chunk_size: int = 8, max_cond_frames: int = 25,
                  cfg_scale: float = 1.0, prefix_perturb_t: int = 0, sink_frames: int = 0,
                  cache_dtype: str | None = None, fps: float = 8.0, compile: bool = False,
-                 gather_writes: bool | None = None):
+                 gather_writes: bool | None = None, deblock: float = 0.0):
         check_layout(model, chunk_size, max_cond_frames, sink_frames)
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if deblock < 0:
+            raise ValueError(f"deblock must be >= 0, got {deblock}")
         # One sampler steps every stream at once where it keeps no state between steps (DDIM, IDDPM); DPM-Solver++
         # keeps each stream's multistep history in the stream's own. A bad name or step count fails here, in one line.
         self.sampler = make_sampler(sampler, diffusion, num_steps)
@@ -166,6 +170,7 @@ class StreamEngine:
         self._timesteps = self.sampler.timesteps.to(self.device)  # (S,) the model's timestep at each step
         self._step_call = torch.compile(model.step, dynamic=False) if compile else model.step
         self.gather_writes = self.device.type == "cpu" if gather_writes is None else gather_writes
+        self.deblock = deblock
 
     # ------------------------------------------------------------------------------ streams
     @property
@@ -456,7 +461,9 @@ class StreamEngine:
         if not finished:
             return []
         latents = torch.cat([s.x for s in finished])
-        frames = self.vae.decode(latents) if self.vae is not None else None
+        frames = None
+        if self.vae is not None:
+            frames = deblock_frames(self.vae.decode(latents), token_pixels(self.vae, self.model), self.deblock)
         now = time.perf_counter()
         out = []
         for i, s in enumerate(finished):

@@ -72,5 +72,7 @@ train = dict(
 # At a caption switch the cached frames are re-encoded under the new caption, as the switched training clips saw
 # their first frames (without it the model keeps more of the old shot).
 # crf 4: at 32x32 the mp4's 4x4 / 8x8 blocks are token-sized, and the default 18 adds block edges of its own.
+# deblock: the small steps still left at token borders (where the street's cyclist passes) are softened as a codec's
+# deblocking filter does, by at most 6 grey levels beside a border (sampling/deblock.py).
 sample = dict(sampler="ddim", num_steps=25, cfg_scale=1.0, num_frames=51, fps=12, image_size=(32, 32),
-              recache_on_switch=True, crf=4)
+              recache_on_switch=True, crf=4, deblock=1.0)
