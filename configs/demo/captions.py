@@ -4,8 +4,8 @@
 # Pixels go through the lossless space-to-depth PixelVAE (factor 4) and 2x2 patches: a token is 8x8 pixels. The
 # model predicts the clean frame (x-prediction), so it never has to carry the noise of a token's 192 values; its
 # output head reads each token's neighbours, a residual conv pair over each output frame sees across token borders and
-# the loss charges errors that jump at a border, so the tokens do not show as tiles. docs/demo_recipe.md says what
-# else was tried and what each measured.
+# the loss charges errors that jump at a border, so the tokens do not show as tiles; the sampler deblocks the small
+# steps left at their borders. docs/demo_recipe.md says what else was tried and what each measured.
 # The captions are encoded by WordHashEncoder (a fixed vector per word), so nothing is downloaded.
 data_root = "data/demo_long"
 chunk_size = 4
@@ -23,7 +23,7 @@ model = dict(
     tpe_mode="cyclic",
     max_tpe_len=9,
     learn_sigma=False,  # no variance head: the whole loss goes to the clean frame (DDIM does not use a variance)
-    spatial_prefix="prev_frames_1",  # a chunk's spatial attention also reads the frame before it: motion across tokens
+    spatial_prefix="prev_frames_2",  # a chunk's spatial attention also reads the two frames before it (motion)
     head_kernel=3,  # the output head convolves the 4x4 token grid: a token's output sees its neighbours' features
     output_refine=64,
 )
