@@ -59,6 +59,6 @@ if [[ "${DISTILL:-0}" == 1 ]]; then
   bash scripts/sample.sh --ckpt "$student" --first-video "data/demo_long/$first.mp4" --first-frames 1 --num-frames 51 \
     --prompt "$caption" --out "outputs/$student_exp/samples" --name continuation --overwrite
   "$PY" tools/compare_student.py --teacher "$ckpt" --student "$student" --video "data/demo_long/$first.mp4" \
-    --prompt "$caption" --num-frames 51 --train-frames 17 --long-frames 201 --out "outputs/$student_exp"
+    --prompt "$caption" --num-frames 51 --long-frames 201 --out "outputs/$student_exp"
   echo "watch the student live (about 8x faster): bash scripts/serve.sh --ckpt $student --clips data/demo_long/captions.jsonl"
 fi

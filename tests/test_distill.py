@@ -262,6 +262,29 @@ def test_student_beats_the_teacher_at_its_steps_and_samples_with_them(clip, teac
     torch.testing.assert_close(_next_chunks(again, clip), _next_chunks(student, clip))
 
 
+def test_compare_student_measures_the_chunks_of_the_training_length(clip, teacher, tmp_path):
+    """tools/compare_student.py (the teacher standing in for its student): by default the exposure-bias chunks are
+    those of the teacher's training length (9 frames: after 1 and 5 given frames), each chunk's given-context PSNR
+    the pipeline's own for that call; a training length whose chunks need more given frames than the cache holds is
+    one error line before anything is sampled."""
+    video = clip / "clip.mp4"
+    _run("tools/compare_student.py", "--teacher", teacher, "--student", teacher, "--video", video, "--num-frames", 9,
+         "--out", tmp_path / "cmp")
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["variants"]
+    assert list(rows) == ["teacher ddim-25", "student ddim-25"]  # the teacher at the student's steps: the same name
+    chunks = rows["teacher ddim-25"]["chunks"]
+    assert [c["frames"] for c in chunks] == [[1, 4], [5, 8]] and (tmp_path / "cmp" / "compare.png").is_file()
+    pipe = CausalVDMPipeline.from_pretrained(teacher)
+    pipe(first_video=str(video), first_frames=5, num_frames=9, seed=0, output_type=None)
+    assert chunks[1]["given_db"] == pytest.approx(float(np.mean(pipe.info["metrics"]["psnr"])), abs=1e-9)
+
+    proc = run_entrypoint("tools/compare_student.py", "--teacher", teacher, "--student", teacher, "--video", video,
+                          "--train-frames", 17, "--out", tmp_path / "cmp17")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: train_frames=17: the chunk after 9 given frames needs them all in view, and the model's cache holds 5 "
+        "(autoregressive.max_cond_frames); use the training clip length, model.max_tpe_len"]
+
+
 def test_distillation_resumes_bit_exact_and_runs_under_fsdp(clip, teacher, tmp_path):
     """scripts/train.sh: 4 steps in one go == 2 steps, then --resume auto for 2 more (weights bit for bit); FSDP2 and
     DDP over two processes follow the single process; validation clips sample with the student's steps."""

@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--student", required=True, help="the student's checkpoint directory or folder")
     parser.add_argument("--video", required=True, help="the real clip: frame 0 is given, the rest is the reference")
     parser.add_argument("--num-frames", type=positive_int, default=51, help="frames of each rollout (default 51)")
-    parser.add_argument("--train-frames", type=positive_int, default=17, help="the training clip length: the "
-                        "exposure-bias gap is measured on the chunks within it (default 17)")
+    parser.add_argument("--train-frames", type=positive_int, help="the training clip length: the exposure-bias gap "
+                        "is measured on the chunks within it (default: the teacher's model.max_tpe_len)")
     parser.add_argument("--long-frames", type=non_negative_int, default=0, help="also roll each one out this many "
                         "frames and report the drift of its last chunk (default 0: not run)")
     parser.add_argument("--prompt", default="", help="the caption every rollout is made under (default: none, the "
@@ -82,17 +82,17 @@ def main(argv=None) -> int:
         teacher = CausalVDMPipeline.from_pretrained(args.teacher)
         student = CausalVDMPipeline.from_pretrained(args.student)
         steps = student.defaults.num_steps
+        train_frames = args.train_frames or teacher.model.max_tpe_len
         variants = [Variant(f"teacher {teacher.defaults.sampler}-{teacher.defaults.num_steps}", teacher,
                             teacher.defaults.sampler, teacher.defaults.num_steps),
                     Variant(f"teacher {student.defaults.sampler}-{steps}", teacher, student.defaults.sampler, steps),
                     Variant(f"student {student.defaults.sampler}-{steps}", student, student.defaults.sampler, steps)]
-        result = compare(variants, args.video, args.num_frames, args.train_frames, args.seed,
-                         args.long_frames, args.prompt)
-    print_tables(result, args.train_frames, args.num_frames)
+        result = compare(variants, args.video, args.num_frames, train_frames, args.seed, args.long_frames, args.prompt)
+    print_tables(result, train_frames, args.num_frames)
     (out / "compare.json").write_text(json.dumps(dict(video=args.video, teacher=args.teacher, student=args.student,
                                                       variants=result), indent=2))
     plot_curves(result, out / "compare.png", title=f"{Path(args.video).stem}: own rollout from the first frame",
-                train_frames=args.train_frames)
+                train_frames=train_frames)
     print(f"\n{out / 'compare.json'}  {out / 'compare.png'}")
     return 0
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from causalvdm.registry import ConfigError
 
 
 @dataclass
@@ -46,6 +47,13 @@ def compare(variants: list[Variant], video, num_frames: int, train_frames: int, 
     rollout's last chunk (see `beyond_band`); beyond_band_long: the same for a `long_frames` rollout (0: not run).
     prompt: the caption of every rollout ("" : the null caption).
     """
+    for v in variants:  # checked before any sampling: each measured chunk's given frames must fit the model's queue
+        k, queue = v.pipe.generator.chunk_size, v.pipe.generator.max_cond_frames
+        too_many = [n0 for n0 in chunk_starts(k, train_frames) if n0 > queue]
+        if too_many:
+            raise ConfigError(f"train_frames={train_frames}: the chunk after {too_many[0]} given frames needs them all "
+                              f"in view, and the model's cache holds {queue} (autoregressive.max_cond_frames); "
+                              "use the training clip length, model.max_tpe_len")
     result = {}
     for v in variants:
         common = dict(first_video=video, prompt=prompt, seed=seed, sampler=v.sampler, num_steps=v.num_steps,
