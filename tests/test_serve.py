@@ -323,6 +323,12 @@ def test_off_localhost_needs_a_token(saved_pipe):
     assert result.returncode == 2 and "give --token as well" in result.stderr
 
 
+def test_a_negative_deblocking_strength_is_refused(saved_pipe):
+    result = subprocess.run([sys.executable, "-m", "causalvdm.cli.serve", "--ckpt", str(saved_pipe), "--deblock",
+                             "-1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "argument --deblock: must be >= 0" in result.stderr
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium") and not os.environ.get("CI"),
                     reason="Debian's chromium is not installed here (.ci/run installs it, and CI never skips this)")
 def test_browser_watches_a_stream_and_switches_the_caption(saved_pipe, tmp_path):

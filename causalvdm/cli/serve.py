@@ -50,6 +50,9 @@ def parse_args(argv=None):
                         "or a few-step student's own)")
     parser.add_argument("--cfg-scale", type=non_negative_float, help="classifier-free guidance scale; 1 = none, one "
                         "pool row per stream (default: sample.cfg_scale)")
+    parser.add_argument("--deblock", type=non_negative_float, metavar="STRENGTH", help="soften the small steps the "
+                        "model's token grid leaves at token borders of the frames sent, as a video codec's deblocking "
+                        "filter does; 0 off, 1 the demo's strength (default: sample.deblock)")
     parser.add_argument("--clips", help="a .jsonl manifest of {\"path\", \"caption\"} rows: their frames can start a "
                             "stream and their captions are the page's suggestions (scripts/demo.sh writes one)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine's tick")
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
         cfg = load_config(str(args.config or pretrained_config_path(args.ckpt)), args.cfg_options)
         sample = SampleSettings.from_cfg(cfg.get("sample"), dict(ckpt=args.ckpt, cache_dtype=args.cache_dtype,
                                                                  sampler=args.sampler, num_steps=args.num_steps,
-                                                                 cfg_scale=args.cfg_scale))
+                                                                 cfg_scale=args.cfg_scale, deblock=args.deblock))
         pipe = CausalVDMPipeline.from_config(cfg, sample)
         engine = pipe.stream_engine(max_rows=args.max_rows, compile=args.compile)
         clips, captions = read_clips(args.clips) if args.clips else ([], [])
