@@ -31,7 +31,7 @@ class SampleSettings:
     # 32x32 the codec's 4x4 / 8x8 blocks are token-sized, and 18 adds block edges of its own on top of the model's.
     crf: int = 18
     # Deblocking of the generated frames' token borders (`sampling.deblock`), as a codec's filter at its block borders:
-    # 0 off, 1 the strength the demo uses; the model's own frames (and its cache) are never changed.
+    # 0 off, 1 the strength the demo uses; the latents, and so the cache and every later chunk, are never changed.
     deblock: float = 0.0
     image_size: int | tuple[int, int] | None = None  # (H, W) of the frames (default: dataset.image_size)
     seed: int = 0
