@@ -14,7 +14,7 @@ import causalvdm
 from causalvdm import CausalVDMPipeline
 from causalvdm.config import load_config
 from causalvdm.data.transforms import video_transform
-from causalvdm.data.video_io import iter_video_frames
+from causalvdm.data.video_io import iter_video_frames, read_image
 from causalvdm.models.utils import randomize_weights
 from causalvdm.sampling.writer import StreamingVideoWriter, to_uint8
 
@@ -138,25 +138,29 @@ def test_built_from_parts_matches_the_generator(sample_setup):
 def test_stream_engine_of_a_pipeline_gives_its_frames(run_dir, sample_setup):
     """pipe.stream_engine(): a stream opened from the first image's latents, beside another stream, decodes to the
     frames pipe() makes from that image with the same seed."""
-    from causalvdm.data.video_io import read_image
-
     pipe = CausalVDMPipeline.from_pretrained(run_dir / "checkpoints" / "step_00000010")
     expected = pipe(first_image=sample_setup / "first.png", seed=3, output_type="pt")  # (3, T, H, W)
-    engine = pipe.stream_engine(max_rows=4)
-    pixels = video_transform(torch.from_numpy(read_image(sample_setup / "first.png"))[None], pipe.image_size)
-    sid = engine.open(pipe.vae.encode(pixels[None].to(pipe.device)), seed=3)
-    engine.open(seed=4)
-    frames = []
-    while sum(f.shape[2] for f in frames) < expected.shape[1] - 1:
-        frames += [chunk.frames for chunk in engine.step() if chunk.stream == sid]
-    video = torch.cat(frames, dim=2)[0, :, :expected.shape[1] - 1]
+    video = _engine_video(pipe.stream_engine(max_rows=4), pipe, sample_setup / "first.png", 3, expected.shape[1] - 1,
+                          neighbour=True)
     assert (video - expected[:, 1:]).abs().max() <= 1e-5 * expected.abs().max()  # random weights: values in hundreds
+
+
+def _engine_video(engine, pipe, image, seed: int, frames: int, neighbour: bool = False) -> torch.Tensor:
+    """The first `frames` generated frames (3, frames, H, W) of a stream opened from `image`'s latents (beside another
+    stream when `neighbour`), stepped until they are all made."""
+    pixels = video_transform(torch.from_numpy(read_image(image))[None], pipe.image_size)
+    sid = engine.open(pipe.vae.encode(pixels[None].to(pipe.device)), seed=seed)
+    if neighbour:
+        engine.open(seed=seed + 1)
+    chunks = []
+    while sum(c.shape[2] for c in chunks) < frames:
+        chunks += [chunk.frames for chunk in engine.step() if chunk.stream == sid]
+    return torch.cat(chunks, dim=2)[0, :, :frames]
 
 
 def test_deblocking_filters_the_generated_frames_only(run_dir, sample_setup):
     """deblock: the given frame as it is, the generated ones as `deblock_frames` of those made without it (the
     latents, so every later chunk, unchanged); a stream engine's frames the same."""
-    from causalvdm.data.video_io import read_image
     from causalvdm.sampling.deblock import deblock_frames
 
     pipe = CausalVDMPipeline.from_pretrained(run_dir / "checkpoints" / "step_00000010")
@@ -168,11 +172,6 @@ def test_deblocking_filters_the_generated_frames_only(run_dir, sample_setup):
     assert torch.equal(pipe(**args, deblock=strength), expected)
     assert pipe.info["settings"]["deblock"] == strength
 
-    engine = pipe.stream_engine(max_rows=2, deblock=strength)
-    pixels = video_transform(torch.from_numpy(read_image(sample_setup / "first.png"))[None], pipe.image_size)
-    sid = engine.open(pipe.vae.encode(pixels[None].to(pipe.device)), seed=3)
-    frames = []
-    while sum(f.shape[2] for f in frames) < expected.shape[1] - 1:
-        frames += [chunk.frames for chunk in engine.step() if chunk.stream == sid]
-    video = torch.cat(frames, dim=2)[0, :, :expected.shape[1] - 1]
+    video = _engine_video(pipe.stream_engine(max_rows=2, deblock=strength), pipe, sample_setup / "first.png", 3,
+                          expected.shape[1] - 1)
     assert (video - expected[:, 1:]).abs().max() <= 1e-5 * expected.abs().max()
